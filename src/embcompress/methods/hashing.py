@@ -1,0 +1,71 @@
+"""The hashing trick (Weinberger et al., ICML 2009): rows share a table of m buckets.
+
+Baseline for MEmCom. Shapes: table (m, d); row i = table[h(i)], h = i mod m by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..config import MethodConfig, SpecError
+from ..frozen import HashedEmbedding
+from ..hashing import HashFunction
+from ..registry import register
+
+__all__ = ["HashConfig", "HashEmbedding", "bucket_means"]
+
+
+@dataclass(frozen=True)
+class HashConfig(MethodConfig):
+    method: ClassVar[str] = "hash"
+    buckets: int = field(default=1024, metadata={"help": "rows m of the shared table"})
+    hash: Literal["mod", "universal"] = field(default="mod", metadata={"help": "i mod m, or a stored universal hash"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the random initial table (nn.Embedding uses 1)"})
+
+    def validate(self) -> None:
+        if self.buckets < 1:
+            raise SpecError(f"hash: buckets must be >= 1, got {self.buckets}")
+
+
+def bucket_means(weight: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Least-squares shared rows: the mean of the rows hashed to each bucket (0 for empty ones)."""
+    sums = torch.zeros(num_buckets, weight.shape[1]).index_add_(0, buckets, weight)
+    counts = torch.bincount(buckets, minlength=num_buckets).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+@register
+class HashEmbedding(CompressedEmbedding):
+    """Rows hashed into a shared table of ``buckets`` rows."""
+
+    Config = HashConfig
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        cfg = self.config
+        self.hash = (HashFunction.from_dict(layout["hash"]) if layout
+                     else HashFunction.create(cfg.hash, cfg.buckets))
+        self.table = nn.Parameter(torch.randn(cfg.buckets, embedding_dim) * cfg.init_std)
+
+    def layout(self) -> dict[str, Any]:
+        return {"hash": self.hash.to_dict()}
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.hash(ids), self.table)
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor, *, progress: bool | None = None, **_: Any) -> "HashEmbedding":
+        weight = self._check_fit_weight(weight)
+        self.table.copy_(bucket_means(weight, self.hash(torch.arange(self.num_embeddings)), self.config.buckets))
+        return self
+
+    def export(self) -> HashedEmbedding:
+        return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                               hash=self.hash.to_dict(), table=self.table.detach().clone())

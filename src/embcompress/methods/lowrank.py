@@ -1,0 +1,77 @@
+"""Truncated-SVD baseline: E ~ U W with U (V, r) and W (r, d), linear.
+
+Shapes: codes U (V, r), basis W (r, d). Post hoc fit is the Eckart-Young optimum
+(U = U_r S_r, W = V_r^T from the SVD of the table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..config import MethodConfig, SpecError
+from ..frozen import FactorizedEmbedding
+from ..frozen.factors import ACTIVATIONS
+from ..registry import register
+
+__all__ = ["LowRankConfig", "LowRankEmbedding"]
+
+
+@dataclass(frozen=True)
+class LowRankConfig(MethodConfig):
+    method: ClassVar[str] = "lowrank"
+    rank: int = field(default=32, metadata={"help": "inner dimension r"})
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise SpecError(f"{self.method}: rank must be >= 1, got {self.rank}")
+
+
+@register
+class LowRankEmbedding(CompressedEmbedding):
+    """E = f(U) W (+ b); f is the identity here, a non-linearity in the distilled method."""
+
+    Config = LowRankConfig
+    activation = "identity"
+    use_bias = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        rank = self.config.rank
+        if rank > min(num_embeddings, embedding_dim):
+            raise SpecError(f"{self.config.method}: rank {rank} exceeds min(rows, dim) = "
+                            f"{min(num_embeddings, embedding_dim)}; choose a smaller rank")
+        # Entries of f(U) W start with variance ~1, like nn.Embedding's N(0, 1).
+        self.codes = nn.Parameter(torch.randn(num_embeddings, rank))
+        gain = 2.0 if self.activation == "relu" else 1.0  # relu halves the second moment
+        self.basis = nn.Parameter(torch.randn(rank, embedding_dim) * (gain / rank) ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(embedding_dim)) if self.use_bias else None
+
+    def activated_codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        codes = self.codes if ids is None else F.embedding(ids, self.codes)
+        return ACTIVATIONS[self.activation](codes)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.activated_codes(ids) @ self.basis
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor, **_: Any) -> "LowRankEmbedding":
+        weight = self._check_fit_weight(weight)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        rank = self.config.rank
+        self.codes.copy_(u[:, :rank] * s[:rank])
+        self.basis.copy_(vh[:rank])
+        return self
+
+    def export(self) -> FactorizedEmbedding:
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return FactorizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                                   activation=self.activation, codes=self.codes.detach().clone(),
+                                   basis=self.basis.detach().clone(), bias=bias)

@@ -1,0 +1,58 @@
+"""Scalar quantization baseline: fp16, or int8 / int4 with a per-row scale.
+
+Training keeps an fp32 table and fake-quantizes rows in the forward pass with a straight-through
+gradient, so the trained module and its export decode identically.
+Shapes: weight (V, d) while training; see ``frozen/scalar.py`` for what is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..config import MethodConfig
+from ..frozen import ScalarQuantizedEmbedding
+from ..frozen.scalar import dequantize, quantize_rows
+from ..registry import register
+
+__all__ = ["ScalarConfig", "ScalarEmbedding"]
+
+
+@dataclass(frozen=True)
+class ScalarConfig(MethodConfig):
+    method: ClassVar[str] = "scalar"
+    bits: Literal[16, 8, 4] = field(default=8, metadata={"help": "16 = fp16; 8 / 4 = signed ints with a per-row fp32 scale"})
+
+
+@register
+class ScalarEmbedding(CompressedEmbedding):
+    Config = ScalarConfig
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+
+    def _quantized(self, rows: torch.Tensor) -> torch.Tensor:
+        values, scale = quantize_rows(rows.detach(), self.config.bits)
+        return dequantize(values, scale, self.config.bits, self.embedding_dim)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)
+        return rows + (self._quantized(rows) - rows).detach()  # straight-through estimator
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor, **_: Any) -> "ScalarEmbedding":
+        self.weight.copy_(self._check_fit_weight(weight))
+        return self
+
+    @torch.no_grad()
+    def export(self) -> ScalarQuantizedEmbedding:
+        values, scale = quantize_rows(self.weight.detach(), self.config.bits)
+        return ScalarQuantizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                                        bits=self.config.bits, values=values, scale=scale)

@@ -1,0 +1,67 @@
+"""Input checks shared by every table: clear errors that name the problem and a valid alternative."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_ids", "check_weight", "check_table_shape", "normalize_padding_idx"]
+
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """Validate lookup ids like ``nn.Embedding`` would, with a more useful message."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of integers, got {type(ids).__name__}; "
+                        "wrap them with torch.as_tensor(ids, dtype=torch.long)")
+    if ids.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"ids must have an integer dtype, got {ids.dtype}; "
+                        "convert with ids.long() (float ids are not rounded silently)")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0:
+            raise IndexError(f"negative id {lo}: ids must lie in [0, {num_embeddings - 1}]")
+        if hi >= num_embeddings:
+            raise IndexError(f"id {hi} is out of range for a table of {num_embeddings} rows; "
+                             f"valid ids are 0..{num_embeddings - 1}")
+    return ids
+
+
+def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    """A finite 2-D float matrix as float32, or a clear error."""
+    if not isinstance(weight, torch.Tensor):
+        try:
+            import numpy as np
+
+            weight = torch.from_numpy(np.asarray(weight))
+        except Exception as exc:  # noqa: BLE001 - report what was passed
+            raise TypeError(f"{name} must be a 2-D tensor or array, got {type(weight).__name__}") from exc
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows x dim), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {weight.dtype}")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"{name} is empty: shape {tuple(weight.shape)}")
+    weight = weight.detach().to(torch.float32)
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        count = int((~finite).sum())
+        raise ValueError(f"{name} has {count} NaN or infinite values (first at row {bad[0]}, "
+                         f"column {bad[1]}); clean or drop those rows before compressing")
+    return weight.contiguous()
+
+
+def check_table_shape(num_embeddings: int, embedding_dim: int) -> None:
+    for label, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+
+
+def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    """Same rules as ``nn.Embedding``: negative counts from the end."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx {padding_idx} must be within [-{num_embeddings}, {num_embeddings - 1}]")
+    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx

@@ -1,0 +1,19 @@
+"""Conformance cases for every method: a test fails if a registered method has none.
+
+Each case: a spec, and the largest relative MSE its post hoc fit may leave on the synthetic
+matrix of ``synthetic_table`` (rows near a 6-dim subspace plus noise, 256 x 24).
+"""
+
+CASES: dict[str, list[tuple[str, float]]] = {
+    "hash": [("hash:buckets=64", 0.9), ("hash:buckets=40,hash=universal", 0.95)],
+    "scalar": [("scalar:bits=8", 1e-3), ("scalar:bits=4", 0.05), ("scalar:bits=16", 1e-5)],
+    "lowrank": [("lowrank:rank=6", 0.1)],
+    "distilled": [("distilled:rank=8", 0.3), ("distilled:rank=8,activation=tanh", 0.3)],
+    "dpq": [("dpq:variant=sx,groups=4,codewords=8", 0.5), ("dpq:variant=vq,groups=6,codewords=16", 0.5),
+            ("dpq:variant=sx,groups=4,codewords=8,shared=true,batchnorm=false", 0.6)],
+    "codes": [("codes:books=4,codewords=8", 0.6), ("codes:books=3,codewords=5", 0.7)],
+    "memcom": [("memcom:buckets=48", 0.8), ("memcom:buckets=48,bias=true,hash=universal", 0.8)],
+    "tt": [("tt:cores=2,rank=8", 0.8), ("tt:cores=3,rank=4", 0.9)],
+    "qr": [("qr:buckets=16", 0.9), ("qr:buckets=16,combine=add", 0.9), ("qr:buckets=16,combine=concat", 0.9)],
+    "pq": [("pq:groups=4,codewords=16", 0.5), ("pq:groups=6,codewords=5", 0.6)],
+}
