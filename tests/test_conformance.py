@@ -98,6 +98,8 @@ def test_byte_count_is_exact(spec, tmp_path):
     stored = frozen.stored_tensors()
     assert frozen.num_bytes() == sum(t.numel() * t.element_size() for t in stored.values())
     assert make(spec).num_bytes() == frozen.num_bytes()
+    table_class = embcompress.get_method(parse_spec(spec).method)
+    assert table_class.expected_bytes(parse_spec(spec), V, D) == frozen.num_bytes()
     path = embcompress.save(frozen, tmp_path / "t.emb")
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
@@ -183,3 +185,19 @@ def test_training_lowers_the_loss(spec):
         optimizer.step()
     after = loss_now()
     assert after < 0.9 * before, f"{spec}: loss {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("method", REGISTERED)
+@pytest.mark.parametrize("ratio", [4.0, 10.0])
+def test_budget_chooses_a_config_that_fits(method, ratio):
+    from embcompress.budget import config_for_budget
+
+    rows, dim = 2000, 32
+    limit = rows * dim * 4 / ratio
+    try:
+        config = config_for_budget(method, rows, dim, ratio=ratio)
+    except embcompress.SpecError as exc:
+        pytest.skip(f"{method} cannot reach {ratio}x here: {exc}")
+    table = embcompress.build(config, rows, dim)
+    assert table.num_bytes() <= limit
+    assert table.num_bytes() >= 0.5 * limit, f"{config.to_spec()} wastes the budget"

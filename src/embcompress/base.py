@@ -67,6 +67,20 @@ class CompressedEmbedding(nn.Module):
         """Values resolved from the table shape at construction (JSON), stored with the artifact."""
         return {}
 
+    @classmethod
+    def expected_bytes(cls, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> int:
+        """Exact artifact bytes for this config and table shape, without building anything."""
+        raise NotImplementedError
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> list[MethodConfig]:
+        """Configs to consider for a byte budget, best-quality-first among equal sizes.
+
+        ``base`` carries the fields the user fixed; vary the size knobs. ``embcompress.budget``
+        keeps the largest candidate that fits.
+        """
+        raise NotImplementedError
+
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last training forward (DPQ-VQ's centroid term), else None."""
         return None

@@ -57,6 +57,14 @@ class HashEmbedding(CompressedEmbedding):
     def layout(self) -> dict[str, Any]:
         return {"hash": self.hash.to_dict()}
 
+    @classmethod
+    def expected_bytes(cls, config: HashConfig, num_embeddings: int, embedding_dim: int) -> int:
+        return config.buckets * embedding_dim * 4
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: HashConfig) -> list[HashConfig]:
+        return [base.replace(buckets=m) for m in range(1, num_embeddings + 1)]
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(self.hash(ids), self.table)
 

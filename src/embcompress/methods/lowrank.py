@@ -53,6 +53,17 @@ class LowRankEmbedding(CompressedEmbedding):
         self.basis = nn.Parameter(torch.randn(rank, embedding_dim) * (gain / rank) ** 0.5)
         self.bias = nn.Parameter(torch.zeros(embedding_dim)) if self.use_bias else None
 
+    @classmethod
+    def expected_bytes(cls, config: LowRankConfig, num_embeddings: int, embedding_dim: int) -> int:
+        if config.rank > min(num_embeddings, embedding_dim):
+            raise SpecError(f"rank {config.rank} exceeds min(rows, dim)")
+        bias = embedding_dim if cls.use_bias else 0
+        return 4 * (num_embeddings * config.rank + config.rank * embedding_dim + bias)
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: LowRankConfig) -> list[LowRankConfig]:
+        return [base.replace(rank=r) for r in range(1, min(num_embeddings, embedding_dim) + 1)]
+
     def activated_codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         codes = self.codes if ids is None else F.embedding(ids, self.codes)
         return ACTIVATIONS[self.activation](codes)

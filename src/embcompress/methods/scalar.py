@@ -38,6 +38,17 @@ class ScalarEmbedding(CompressedEmbedding):
         super().__init__(num_embeddings, embedding_dim, config, padding_idx)
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
 
+    @classmethod
+    def expected_bytes(cls, config: ScalarConfig, num_embeddings: int, embedding_dim: int) -> int:
+        if config.bits == 16:
+            return num_embeddings * embedding_dim * 2
+        per_row = embedding_dim if config.bits == 8 else (embedding_dim + 1) // 2
+        return num_embeddings * (per_row + 4)  # values + fp32 scale
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: ScalarConfig) -> list[ScalarConfig]:
+        return [base.replace(bits=bits) for bits in (4, 8, 16)]
+
     def _quantized(self, rows: torch.Tensor) -> torch.Tensor:
         values, scale = quantize_rows(rows.detach(), self.config.bits)
         return dequantize(values, scale, self.config.bits, self.embedding_dim)

@@ -1,0 +1,55 @@
+"""Choose a method's hyperparameters from a byte budget.
+
+A budget is given as total bytes, bits per row, or a compression ratio against fp32; all count
+every byte the artifact holds (codes, codebooks, cores, scalars). The chosen config is the
+largest candidate of the method that fits, so it is reported and stored like any other spec.
+
+    >>> config_for_budget("codes", 400_000, 50, bits_per_row=80)
+"""
+
+from __future__ import annotations
+
+from .config import MethodConfig, SpecError, parse_spec
+from .registry import get_method
+
+__all__ = ["budget_bytes", "config_for_budget"]
+
+
+def budget_bytes(num_embeddings: int, embedding_dim: int, *, bytes: int | None = None,
+                 bits_per_row: float | None = None, ratio: float | None = None) -> int:
+    given = [name for name, value in (("bytes", bytes), ("bits_per_row", bits_per_row), ("ratio", ratio))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one budget of bytes, bits_per_row or ratio (got {given or 'none'})")
+    if bytes is not None:
+        total = int(bytes)
+    elif bits_per_row is not None:
+        total = int(num_embeddings * bits_per_row // 8)
+    else:
+        total = int(num_embeddings * embedding_dim * 4 / ratio)
+    if total <= 0:
+        raise ValueError(f"the budget must be positive, got {total} bytes")
+    return total
+
+
+def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding_dim: int, *,
+                      bytes: int | None = None, bits_per_row: float | None = None,
+                      ratio: float | None = None) -> MethodConfig:
+    """The method's config with the most bytes within the budget (fields set in ``spec`` are kept)."""
+    base = parse_spec(spec)
+    cls = get_method(base.method)
+    limit = budget_bytes(num_embeddings, embedding_dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
+    best, best_bytes, smallest = None, -1, None
+    for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base):
+        try:
+            size = cls.expected_bytes(candidate, num_embeddings, embedding_dim)
+        except SpecError:
+            continue  # not valid for this table shape
+        smallest = size if smallest is None else min(smallest, size)
+        if best_bytes < size <= limit:
+            best, best_bytes = candidate, size
+    if best is None:
+        floor = f"; its smallest setting needs {smallest} bytes" if smallest is not None else ""
+        raise SpecError(f"method {base.method!r} cannot fit a ({num_embeddings}, {embedding_dim}) table in "
+                        f"{limit} bytes{floor}; raise the budget or pick another method")
+    return best

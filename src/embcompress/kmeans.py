@@ -1,0 +1,79 @@
+"""k-means in torch (k-means++ seeding, Lloyd iterations), batched over independent groups.
+
+Used to start product quantizers (one k-means per sub-vector group), residual / additive codes,
+and DPQ's post hoc fit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kmeans", "assign", "squared_distances"]
+
+
+def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Batched ||x_i - c_k||^2: x (G, N, w), centroids (G, K, w) -> (G, N, K)."""
+    return (x.pow(2).sum(-1, keepdim=True) - 2 * x @ centroids.transpose(1, 2)
+            + centroids.pow(2).sum(-1).unsqueeze(1)).clamp_min_(0)
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+    """Nearest centroid per row, x (G, N, w) -> codes (G, N), computed in row chunks."""
+    return torch.cat([squared_distances(x[:, s:s + chunk], centroids).argmin(-1)
+                      for s in range(0, x.shape[1], chunk)], 1)
+
+
+def _plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    groups, n, _ = x.shape
+    first = torch.randint(0, n, (groups,), generator=generator)
+    centroids = [x[torch.arange(groups), first]]
+    closest = squared_distances(x, centroids[0].unsqueeze(1)).squeeze(-1)
+    for _ in range(1, k):
+        weights = closest + 1e-12
+        pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        new = x[torch.arange(groups), pick]
+        centroids.append(new)
+        closest = torch.minimum(closest, squared_distances(x, new.unsqueeze(1)).squeeze(-1))
+    return torch.stack(centroids, 1)
+
+
+@torch.no_grad()
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 20,
+    sample: int | None = 65536,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster each group of rows independently.
+
+    Args:
+        x: (N, w) or (G, N, w) float tensor.
+        k: clusters per group.
+        iters: Lloyd iterations.
+        sample: fit on at most this many rows (then assign all rows); None uses all.
+        seed: seeds the sampling and k-means++.
+    Returns:
+        centroids (G, k, w) and codes (G, N) (without the G axis for 2-D input).
+    """
+    squeeze = x.dim() == 2
+    x = x.unsqueeze(0) if squeeze else x
+    x = x.float()
+    groups, n, width = x.shape
+    generator = torch.Generator().manual_seed(seed)
+    fit_rows = x
+    if sample is not None and n > sample:
+        fit_rows = x[:, torch.randperm(n, generator=generator)[:sample]]
+    if k >= fit_rows.shape[1]:  # fewer rows than clusters: every row its own centroid
+        pad = fit_rows[:, torch.randint(0, fit_rows.shape[1], (k - fit_rows.shape[1],), generator=generator)]
+        centroids = torch.cat([fit_rows, pad], 1)
+    else:
+        centroids = _plus_plus(fit_rows, k, generator)
+        for _ in range(iters):
+            codes = assign(fit_rows, centroids)
+            sums = torch.zeros_like(centroids).scatter_add_(1, codes.unsqueeze(-1).expand(-1, -1, width), fit_rows)
+            counts = torch.zeros(groups, k).scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float))
+            empty = counts == 0
+            centroids = torch.where(empty.unsqueeze(-1), centroids, sums / counts.clamp_min(1).unsqueeze(-1))
+    codes = assign(x, centroids)
+    return (centroids[0], codes[0]) if squeeze else (centroids, codes)
