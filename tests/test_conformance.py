@@ -167,7 +167,7 @@ def test_training_lowers_the_loss(spec):
     label_of_row = torch.randint(0, classes, (rows,))
     ids = torch.randint(0, rows, (512, 6))
     labels = label_of_row[ids[:, 0]]  # the first token decides the class
-    model = BagClassifier(embcompress.build(spec, rows, 16), classes)
+    model = BagClassifier(embcompress.build(spec, rows, D), classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
 
     def loss_now():
@@ -177,7 +177,7 @@ def test_training_lowers_the_loss(spec):
 
     before = loss_now()
     model.train()
-    for step in range(60):
+    for step in range(150):
         batch = torch.randint(0, len(ids), (64,))
         loss = nn.functional.cross_entropy(model(ids[batch]), labels[batch]) + embcompress.aux_loss(model)
         optimizer.zero_grad()

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from ..bitpack import bits_for, pack_codes, packed_size, unpack_codes
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["CodebookEmbedding"]
+__all__ = ["CodebookEmbedding", "decode_codes"]
+
+
+def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> torch.Tensor:
+    """codes (N, books) int64, codebooks (books, K, width) -> rows (N, d). Differentiable in codebooks."""
+    books, codewords, width = codebooks.shape
+    offsets = torch.arange(books, device=codes.device) * codewords
+    parts = F.embedding(codes + offsets, codebooks.reshape(books * codewords, width))  # (N, books, width)
+    return parts.sum(1) if combine == "sum" else parts.reshape(codes.shape[0], books * width)
 
 
 @register_format
@@ -56,8 +64,6 @@ class CodebookEmbedding(FrozenEmbedding):
         self.codewords = codewords
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("codebooks", codebooks.detach().float().contiguous())
-        # Offsets turn (book, code) into a row of the flattened codebooks (not stored).
-        self.register_buffer("_book_offsets", torch.arange(books) * codewords, persistent=False)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, combine: str,
@@ -73,12 +79,7 @@ class CodebookEmbedding(FrozenEmbedding):
         return unpack_codes(self.packed, ids, self.books, self.bits)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        flat_rows = self.codes(ids) + self._book_offsets  # (N, books)
-        table = self.codebooks.reshape(self.books * self.codewords, -1)
-        parts = F.embedding(flat_rows, table)  # (N, books, width)
-        if self.combine == "sum":
-            return parts.sum(1)
-        return parts.reshape(ids.numel(), self.embedding_dim)
+        return decode_codes(self.codes(ids), self.codebooks, self.combine)
 
     def metadata(self) -> dict[str, Any]:
         return {"combine": self.combine, "bits": self.bits}

@@ -1,0 +1,89 @@
+"""k-means product quantization baseline (Jegou, Douze, Schmid; TPAMI 2011), post hoc.
+
+Each row is split into ``groups`` sub-vectors; each sub-vector is replaced by the nearest of
+``codewords`` centroids found by k-means on that group. Codes stay fixed while training; the
+codebooks remain trainable, so a model can fine-tune them end to end.
+Shapes: codes (V, groups) int64 (training state), codebooks (groups, codewords, d / groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..bitpack import bits_for, packed_size
+from ..config import MethodConfig, SpecError
+from ..frozen import CodebookEmbedding
+from ..frozen.codebook import decode_codes
+from ..kmeans import kmeans
+from ..registry import register
+
+__all__ = ["PQConfig", "ProductQuantizedEmbedding", "divisors"]
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@dataclass(frozen=True)
+class PQConfig(MethodConfig):
+    method: ClassVar[str] = "pq"
+    groups: int = field(default=8, metadata={"help": "sub-vectors per row (must divide the dim)"})
+    codewords: int = field(default=256, metadata={"help": "centroids per group (code bits = ceil(log2 K))"})
+    iters: int = field(default=25, metadata={"help": "k-means iterations of the post hoc fit"})
+
+    def validate(self) -> None:
+        if self.groups < 1 or not 2 <= self.codewords <= 65536 or self.iters < 0:
+            raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536, iters >= 0; got {self}")
+
+
+def check_groups(method: str, groups: int, embedding_dim: int) -> None:
+    if embedding_dim % groups:
+        raise SpecError(f"{method}: groups={groups} does not divide embedding_dim={embedding_dim}; "
+                        f"valid groups: {', '.join(map(str, divisors(embedding_dim)))}")
+
+
+@register
+class ProductQuantizedEmbedding(CompressedEmbedding):
+    Config = PQConfig
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        cfg = self.config
+        check_groups("pq", cfg.groups, embedding_dim)
+        # From scratch the codes are random (a structured hashing); from_pretrained replaces them.
+        self.register_buffer("codes", torch.randint(0, cfg.codewords, (num_embeddings, cfg.groups)))
+        self.codebooks = nn.Parameter(torch.randn(cfg.groups, cfg.codewords, embedding_dim // cfg.groups))
+
+    @classmethod
+    def expected_bytes(cls, config: PQConfig, num_embeddings: int, embedding_dim: int) -> int:
+        check_groups("pq", config.groups, embedding_dim)
+        return (packed_size(num_embeddings, config.groups, bits_for(config.codewords))
+                + 4 * config.codewords * embedding_dim)
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig) -> list[PQConfig]:
+        return [base.replace(groups=g, codewords=k) for k in (256, 16, 4096, 64, 4, 2)
+                for g in divisors(embedding_dim)]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return decode_codes(self.codes[ids], self.codebooks, "concat")
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor, **_: Any) -> "ProductQuantizedEmbedding":
+        weight = self._check_fit_weight(weight)
+        groups = self.config.groups
+        sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        centroids, codes = kmeans(sub, self.config.codewords, iters=self.config.iters, seed=seed)
+        self.codebooks.copy_(centroids)
+        self.codes.copy_(codes.T)
+        return self
+
+    def export(self) -> CodebookEmbedding:
+        return CodebookEmbedding.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)
