@@ -1,0 +1,401 @@
+"""Compositional codes (Shu & Nakayama, "Compressing Word Embeddings via Deep Compositional Code
+Learning", ICLR 2018, arXiv 1711.01068).
+
+A row's code is M integers in [0, K); its vector is the SUM of the M selected codewords
+(additive codes, not product quantization). Two states, recorded in :meth:`layout`:
+
+- ``"learning"`` (end-to-end training, the default after ``build``): a query table feeds the
+  paper's encoder (section 3.2) h = tanh(W1 q + b1), logits = W2 h + b2,
+  log_alpha = log(softplus(logits) + 1e-8) reshaped (M, K); a Gumbel-softmax sample (straight-through
+  hard by default, temperature annealed over training steps) selects the codewords. Eval = argmax.
+- ``"fixed"`` (after :meth:`CompositionalCodeEmbedding.freeze_codes` or a post hoc fit): integer codes
+  (a buffer) + trainable codebooks, the "codes + codebooks in, embeddings out" layer downstream models use.
+
+Shapes:
+    query      (V, d)         learning state only (training memory, never exported)
+    W1, b1     (H, d), (H,)   H = hidden (0 = the paper's M*K/2)
+    W2, b2     (M*K, H), (M*K,)
+    log_alpha  (N, M, K)      per looked-up row
+    codes      (V, M) int64   fixed state; exported bit-packed at ceil(log2 K) bits each
+    codebooks  (M, K, d)      row = sum_m codebooks[m, code_m]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..bitpack import bits_for, packed_size
+from ..config import MethodConfig, SpecError
+from ..frozen import CodebookEmbedding
+from ..frozen.codebook import decode_codes
+from ..kmeans import kmeans
+from ..progress import progress_bar
+from ..registry import register
+
+__all__ = ["CodesConfig", "CompositionalCodeEmbedding", "additive_refine", "least_squares_codebooks",
+           "icm_codes", "residual_kmeans"]
+
+log = logging.getLogger(__name__)
+
+STATES = ("learning", "fixed")
+_EPS = 1e-8  # the paper's log(softplus(.) + 1e-8), section 3.2
+
+
+@dataclass(frozen=True)
+class CodesConfig(MethodConfig):
+    method: ClassVar[str] = "codes"
+    books: int = field(default=32, metadata={"help": "M: codebooks per row; the row is the sum of M codewords"})
+    codewords: int = field(default=16, metadata={"help": "K: codewords per codebook (code bits = ceil(log2 K))"})
+    tau: float = field(default=1.0, metadata={"help": "initial Gumbel-softmax temperature of end-to-end training"})
+    tau_min: float = field(default=0.5, metadata={"help": "the temperature never anneals below this"})
+    anneal_rate: float = field(default=1e-4, metadata={
+        "help": "temperature = max(tau_min, tau * exp(-anneal_rate * step)), step = training forwards so far"})
+    hard: bool = field(default=True, metadata={
+        "help": "end-to-end forward uses the one-hot sample with the soft sample's gradient (straight-through)"})
+    hidden: int = field(default=0, metadata={"help": "encoder hidden size; 0 = the paper's M*K/2"})
+
+    def validate(self) -> None:
+        if self.books < 1:
+            raise SpecError(f"codes: books must be >= 1, got {self.books}")
+        if not 2 <= self.codewords <= 65536:
+            raise SpecError(f"codes: codewords must be in 2..65536, got {self.codewords}")
+        if not (self.tau > 0 and 0 < self.tau_min <= self.tau):
+            raise SpecError(f"codes: need 0 < tau_min <= tau, got tau={self.tau}, tau_min={self.tau_min}")
+        if not self.anneal_rate >= 0:
+            raise SpecError(f"codes: anneal_rate must be >= 0, got {self.anneal_rate}")
+        if self.hidden < 0:
+            raise SpecError(f"codes: hidden must be >= 0 (0 = books*codewords/2), got {self.hidden}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden or max(1, self.books * self.codewords // 2)
+
+
+# -- additive-code utilities (post hoc fit) -----------------------------------------------------
+
+def _sum_codewords(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    return decode_codes(codes, codebooks, "sum")
+
+
+@torch.no_grad()
+def residual_kmeans(x: torch.Tensor, books: int, codewords: int, iters: int = 15,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual quantization: k-means on what the previous books left. -> codebooks (M, K, d), codes (V, M)."""
+    residual = x.clone()
+    centroids, codes = [], []
+    for m in range(books):
+        c, a = kmeans(residual, codewords, iters=iters, seed=seed + m)
+        residual -= c[a]
+        centroids.append(c)
+        codes.append(a)
+    return torch.stack(centroids), torch.stack(codes, 1)
+
+
+@torch.no_grad()
+def least_squares_codebooks(x: torch.Tensor, codes: torch.Tensor, codewords: int,
+                            ridge: float = 1e-4) -> torch.Tensor:
+    """Codebooks minimizing ||sum_m C[m, codes_m] - x||^2 for fixed codes (normal equations).
+
+    B is the (V, M*K) one-hot code matrix; B^T B is built from per-pair code co-occurrence counts,
+    so the cost is O(V M^2) rather than O(V (MK)^2). The system is singular (a constant can move
+    between books) and unused codewords have no data: a small ridge picks the minimum-norm answer.
+    """
+    rows, books = codes.shape
+    size = books * codewords
+    flat = codes + torch.arange(books) * codewords  # (V, M) column index in B
+    gram = torch.zeros(size, size, dtype=torch.float64)
+    for m in range(books):
+        for n in range(m, books):
+            counts = torch.bincount(codes[:, m] * codewords + codes[:, n], minlength=codewords * codewords)
+            block = counts.reshape(codewords, codewords).double()
+            gram[m * codewords:(m + 1) * codewords, n * codewords:(n + 1) * codewords] = block
+            if n != m:
+                gram[n * codewords:(n + 1) * codewords, m * codewords:(m + 1) * codewords] = block.T
+    rhs = torch.zeros(size, x.shape[1], dtype=torch.float64)
+    rhs.index_add_(0, flat.reshape(-1), x.double().repeat_interleave(books, 0))
+    scale = float(gram.diagonal().mean()) if rows else 1.0
+    gram.diagonal().add_(ridge * scale + 1e-12)
+    solution = torch.linalg.solve(gram, rhs)
+    return solution.float().reshape(books, codewords, x.shape[1])
+
+
+@torch.no_grad()
+def icm_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sweeps: int = 1,
+              chunk: int = 32768) -> torch.Tensor:
+    """Coordinate descent on the codes (iterated conditional modes): each book in turn takes the
+    codeword nearest to what the other books leave. Never increases the error. Returns new codes."""
+    codes = codes.clone()
+    books = codebooks.shape[0]
+    norms = codebooks.pow(2).sum(-1)  # (M, K)
+    for start in range(0, x.shape[0], chunk):
+        xs, cs = x[start:start + chunk], codes[start:start + chunk]
+        residual = xs - _sum_codewords(cs, codebooks)
+        for _ in range(sweeps):
+            for m in range(books):
+                residual += codebooks[m][cs[:, m]]
+                best = (norms[m] - 2 * residual @ codebooks[m].T).argmin(1)
+                cs[:, m] = best
+                residual -= codebooks[m][best]
+    return codes
+
+
+@torch.no_grad()
+def additive_refine(x: torch.Tensor, codes: torch.Tensor, codewords: int, rounds: int = 4,
+                    sweeps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternate least-squares codebooks and ICM codes (the additive-quantization loop)."""
+    codebooks = least_squares_codebooks(x, codes, codewords)
+    for _ in range(rounds):
+        codes = icm_codes(x, codes, codebooks, sweeps=sweeps)
+        codebooks = least_squares_codebooks(x, codes, codewords)
+    return codebooks, codes
+
+
+def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+    uniform = torch.rand(shape, generator=generator).clamp_(1e-10, 1 - 1e-7)
+    return -torch.log(-torch.log(uniform))
+
+
+@register
+class CompositionalCodeEmbedding(CompressedEmbedding):
+    """Additive compositional codes, trainable end to end or fitted post hoc to a matrix.
+
+    Example:
+        >>> table = CompositionalCodeEmbedding.from_pretrained(glove, "codes:books=20,codewords=16")
+        >>> table.layout()
+        {'state': 'fixed'}
+        >>> frozen = table.export()   # bit-packed codes + codebooks, combine="sum"
+    """
+
+    Config = CodesConfig
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        cfg = self.config
+        state = (layout or {}).get("state", "learning")
+        if state not in STATES:
+            raise ValueError(f"codes: layout state must be one of {', '.join(STATES)}, got {state!r}")
+        # Sum of M codewords of variance 1/M: output entries start near N(0, 1), like nn.Embedding.
+        self.codebooks = nn.Parameter(torch.randn(cfg.books, cfg.codewords, embedding_dim) / cfg.books ** 0.5)
+        self.state = "learning"
+        if state == "learning":
+            self.query = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+            self.encoder = self._new_encoder()
+            # Shape (1,), not (): io's checksum views tensors as bytes, which 0-dim tensors refuse.
+            self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        else:
+            self._to_fixed(torch.zeros(num_embeddings, cfg.books, dtype=torch.long))
+
+    def _new_encoder(self) -> nn.Sequential:
+        cfg = self.config
+        return nn.Sequential(nn.Linear(self.embedding_dim, cfg.hidden_size), nn.Tanh(),
+                             nn.Linear(cfg.hidden_size, cfg.books * cfg.codewords))
+
+    def _to_fixed(self, codes: torch.Tensor) -> None:
+        for name in ("query", "encoder", "step"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("codes", codes.to(device=self.codebooks.device, dtype=torch.long).contiguous())
+        self.state = "fixed"
+
+    def layout(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @classmethod
+    def expected_bytes(cls, config: CodesConfig, num_embeddings: int, embedding_dim: int) -> int:
+        return (packed_size(num_embeddings, config.books, bits_for(config.codewords))
+                + 4 * config.books * config.codewords * embedding_dim)
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: CodesConfig) -> list[CodesConfig]:
+        """One codebook size K per table shape, every M: the largest that fits wins.
+
+        K is the largest power of two (2..256) whose codebook costs at most ~1/32 of the codes it
+        indexes (4*K*d <= V*log2(K)/8 / 32): on GloVe 400k x 50 that is K=32, on a 20k-row table K=4.
+        Measured on GloVe 50d at ~80 bits per row, see the report in the commit history.
+        """
+        k = preferred_codewords(num_embeddings, embedding_dim)
+        most = max(1, min(256, 16 * embedding_dim // max(1, bits_for(k))))
+        return [base.replace(books=m, codewords=k) for m in range(1, most + 1)]
+
+    # -- the encoder (learning state) ----------------------------------------------------------
+    def log_alpha(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Encoder of section 3.2: (N, d) -> log(softplus(W2 tanh(W1 e + b1) + b2) + 1e-8) as (N, M, K)."""
+        logits = self.encoder(vectors)
+        return torch.log(F.softplus(logits) + _EPS).reshape(-1, self.config.books, self.config.codewords)
+
+    def temperature(self) -> float:
+        """The Gumbel-softmax temperature at the current training step."""
+        cfg = self.config
+        step = int(self.step[0]) if self.state == "learning" else 0
+        return max(cfg.tau_min, cfg.tau * math.exp(-cfg.anneal_rate * step))
+
+    @torch.no_grad()
+    def current_codes(self, ids: torch.Tensor | None = None, chunk: int = 65536) -> torch.Tensor:
+        """Eval-mode codes (N, M): the stored codes, or the argmax of the encoder for every row."""
+        if self.state == "fixed":
+            return self.codes.clone() if ids is None else self.codes[ids]
+        ids = torch.arange(self.num_embeddings, device=self.query.device) if ids is None else ids
+        return torch.cat([self.log_alpha(self.query[ids[s:s + chunk]]).argmax(-1)
+                          for s in range(0, ids.numel(), chunk)]) if ids.numel() else \
+            torch.zeros(0, self.config.books, dtype=torch.long)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.state == "fixed":
+            return decode_codes(self.codes[ids], self.codebooks, "sum")
+        log_alpha = self.log_alpha(F.embedding(ids, self.query))
+        if not self.training:
+            return decode_codes(log_alpha.argmax(-1), self.codebooks, "sum")
+        tau = self.temperature()
+        if torch.is_grad_enabled():
+            self.step += 1
+        soft = F.softmax((log_alpha + _gumbel(log_alpha.shape).to(log_alpha)) / tau, dim=-1)
+        if self.config.hard:
+            one_hot = F.one_hot(soft.argmax(-1), self.config.codewords).to(soft)
+            soft = one_hot - soft.detach() + soft  # straight-through: forward one-hot, backward soft
+        return torch.einsum("nmk,mkd->nd", soft, self.codebooks)
+
+    @torch.no_grad()
+    def freeze_codes(self) -> "CompositionalCodeEmbedding":
+        """Switch to the fixed state: codes = eval-mode argmax codes of every row; codebooks stay
+        trainable. Eval outputs do not change. Build a new optimizer afterwards (the query table and
+        encoder are dropped; the codebooks are the same Parameter)."""
+        if self.state == "learning":
+            self._to_fixed(self.current_codes())
+        return self
+
+    def export(self) -> CodebookEmbedding:
+        return CodebookEmbedding.from_codes(self.current_codes(), self.codebooks.detach().clone(), "sum",
+                                            self.padding_idx)
+
+    # -- post hoc fit --------------------------------------------------------------------------
+    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
+            rounds: int = 6, batch_size: int = 1024, lr: float = 3e-3,
+            seed: int | None = None) -> "CompositionalCodeEmbedding":
+        """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
+
+        1. Strong start: residual k-means codes, refined to additive codes by ``rounds`` of
+           least-squares codebooks + ICM code updates.
+        2. The paper's encoder is pre-trained to predict those codes (cross-entropy), then trained
+           as the Gumbel-softmax autoencoder of section 3.2 (soft samples, tau = 1,
+           loss 0.5 ||recon - e||^2, Adam) for ``steps`` steps, starting from the refined codebooks.
+        3. Per row the better of the encoder's argmax codes and the refined codes is kept, then one
+           more refinement round; codebooks end as the least-squares optimum for the final codes.
+        The mean max probability ("maxp") of the encoder is logged.
+        """
+        weight = self._check_fit_weight(weight).detach().float().cpu()
+        cfg = self.config
+        steps = 1000 if steps is None else int(steps)
+        seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+        generator = torch.Generator().manual_seed(seed)
+        bar = progress_bar(range(1), desc="codes: residual k-means", enabled=progress)
+        for _ in bar:
+            _, codes = residual_kmeans(weight, cfg.books, cfg.codewords, seed=seed)
+        codebooks, codes = additive_refine(weight, codes, cfg.codewords, rounds=rounds)
+        base_error = _row_errors(weight, codes, codebooks)
+        log.info("codes: additive refinement, relative MSE %.4f", _relative(base_error, weight))
+
+        if steps > 0:
+            encoder, codebooks_ae = self._autoencoder(weight, codes, codebooks, steps, batch_size, lr,
+                                                      generator, progress)
+            with torch.no_grad():
+                enc_codes = torch.cat([_log_alpha(encoder, weight[s:s + 65536], cfg).argmax(-1)
+                                       for s in range(0, weight.shape[0], 65536)])
+            # The autoencoder may find better codes for some rows; keep, per row, the better one
+            # under the refined codebooks, then polish.
+            better = _row_errors(weight, enc_codes, codebooks) < base_error
+            codes = torch.where(better.unsqueeze(1), enc_codes, codes)
+            log.info("codes: autoencoder codes better on %.1f%% of rows", 100 * float(better.float().mean()))
+            codebooks, codes = additive_refine(weight, codes, cfg.codewords, rounds=1)
+        log.info("codes: final relative MSE %.4f", _relative(_row_errors(weight, codes, codebooks), weight))
+        with torch.no_grad():
+            self._to_fixed(codes)
+            self.codebooks.data = codebooks.to(self.codebooks.device)
+        return self
+
+    def _autoencoder(self, weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, steps: int,
+                     batch_size: int, lr: float, generator: torch.Generator,
+                     progress: bool | None) -> tuple[nn.Module, torch.Tensor]:
+        cfg = self.config
+        rows = weight.shape[0]
+        batch = min(batch_size, rows)
+        with torch.random.fork_rng():  # a seeded encoder init that leaves the global RNG alone
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+            encoder = self._new_encoder()
+        # Inputs are standardized per column for the encoder only (its tanh saturates otherwise).
+        mean, std = weight.mean(0), weight.std(0).clamp_min(1e-6)
+        net = nn.Sequential(_Standardize(mean, std), encoder)
+        pre_steps = max(1, steps // 2)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        for _ in progress_bar(range(pre_steps), desc="codes: encoder pre-training", enabled=progress):
+            idx = torch.randint(0, rows, (batch,), generator=generator)
+            log_alpha = _log_alpha(net, weight[idx], cfg)
+            loss = F.cross_entropy(log_alpha.reshape(-1, cfg.codewords), codes[idx].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        books = nn.Parameter(codebooks.clone())
+        optimizer = torch.optim.Adam([{"params": net.parameters(), "lr": lr},
+                                      {"params": [books], "lr": lr * 0.1}])
+        maxp = float("nan")
+        bar = progress_bar(range(steps), desc="codes: gumbel autoencoder", enabled=progress)
+        for _ in bar:
+            idx = torch.randint(0, rows, (batch,), generator=generator)
+            target = weight[idx]
+            log_alpha = _log_alpha(net, target, cfg)
+            # Section 3.2: soft Gumbel-softmax sample at tau = 1, no straight-through.
+            sample = F.softmax(log_alpha + _gumbel(log_alpha.shape, generator), dim=-1)
+            recon = torch.einsum("nmk,mkd->nd", sample, books)
+            loss = 0.5 * (recon - target).pow(2).sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                maxp = float(F.softmax(log_alpha, -1).amax(-1).mean())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4g}", maxp=f"{maxp:.3f}", refresh=False)
+        log.info("codes: gumbel autoencoder %d steps, maxp %.3f", steps, maxp)
+        self.last_maxp = maxp
+        return net, books.detach()
+
+
+class _Standardize(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _log_alpha(net: nn.Module, x: torch.Tensor, cfg: CodesConfig) -> torch.Tensor:
+    return torch.log(F.softplus(net(x)) + _EPS).reshape(-1, cfg.books, cfg.codewords)
+
+
+@torch.no_grad()
+def _row_errors(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    return torch.cat([(x[s:s + chunk] - _sum_codewords(codes[s:s + chunk], codebooks)).pow(2).sum(1)
+                      for s in range(0, x.shape[0], chunk)])
+
+
+def _relative(row_errors: torch.Tensor, x: torch.Tensor) -> float:
+    return float(row_errors.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def preferred_codewords(num_embeddings: int, embedding_dim: int, share: float = 1 / 32) -> int:
+    """Largest K in 2..256 (powers of two) whose fp32 codebook costs at most ``share`` of its codes."""
+    best = 2
+    for k in (4, 8, 16, 32, 64, 128, 256):
+        if 4 * k * embedding_dim <= share * num_embeddings * bits_for(k) / 8:
+            best = k
+    return best
