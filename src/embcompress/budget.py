@@ -37,10 +37,13 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
                       ratio: float | None = None) -> MethodConfig:
     """The method's config with the most bytes within the budget (fields set in ``spec`` are kept)."""
     base = parse_spec(spec)
+    fixed = _explicit_keys(spec)
     cls = get_method(base.method)
     limit = budget_bytes(num_embeddings, embedding_dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
     best, best_bytes, smallest = None, -1, None
     for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base):
+        if any(getattr(candidate, key) != getattr(base, key) for key in fixed):
+            continue  # the user fixed this field in the spec
         try:
             size = cls.expected_bytes(candidate, num_embeddings, embedding_dim)
         except SpecError:
@@ -49,7 +52,16 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
         if best_bytes < size <= limit:
             best, best_bytes = candidate, size
     if best is None:
+        fixed_note = f" with {', '.join(sorted(fixed))} fixed" if fixed else ""
         floor = f"; its smallest setting needs {smallest} bytes" if smallest is not None else ""
         raise SpecError(f"method {base.method!r} cannot fit a ({num_embeddings}, {embedding_dim}) table in "
-                        f"{limit} bytes{floor}; raise the budget or pick another method")
+                        f"{limit} bytes{fixed_note}{floor}; raise the budget, fix fewer fields, or pick another method")
     return best
+
+
+def _explicit_keys(spec: "str | MethodConfig") -> set[str]:
+    """Fields a spec string sets explicitly (a config object fixes none)."""
+    if not isinstance(spec, str):
+        return set()
+    _, _, rest = spec.partition(":")
+    return {item.partition("=")[0].strip() for item in rest.split(",") if item.strip()}

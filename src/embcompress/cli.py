@@ -1,0 +1,243 @@
+"""The ``embcompress`` command line: methods, compress, evaluate, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import __version__
+from .config import SpecError
+from .io import ArtifactError, load, read_header, save
+from .progress import set_progress
+from .registry import get_method, list_methods
+
+__all__ = ["main", "format_table"]
+
+EXAMPLES = """examples:
+  embcompress methods
+  embcompress compress glove-6b-50d --bits-per-row 80 -m codes -o glove.emb --json
+  embcompress compress table.npy --spec "dpq:variant=vq,groups=16,codewords=32" -o table.emb
+  embcompress compress ./my-bert-folder --ratio 10 -m distilled -o bert-words.emb
+  embcompress evaluate glove.emb --against glove-6b-50d --json
+  embcompress inspect glove.emb
+  embcompress demo
+"""
+
+# Every method and baseline, each at the 80 bits/row budget of the demo.
+DEMO_METHODS = ["codes", "dpq", "dpq:variant=vq", "tt", "memcom", "distilled",
+                "pq", "lowrank", "qr", "hash", "scalar:bits=4"]
+REPORT_COLUMNS = [("method", "method", "{}"), ("bytes", "bytes", "{:,}"), ("ratio", "ratio", "{:.1f}x"),
+                  ("bits/row", "bits_per_row", "{:.0f}"), ("rel MSE", "rel_mse", "{:.3f}"),
+                  ("cosine", "mean_cosine", "{:.3f}"), ("WS353", "ws353", "{:.3f}"),
+                  ("SimLex", "simlex", "{:.3f}"), ("fit s", "seconds", "{:.1f}")]
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns=REPORT_COLUMNS) -> str:
+    """A plain-text table; missing values show as '-'."""
+    cells = [[title for title, _, _ in columns]]
+    for row in rows:
+        line = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            line.append("-" if missing else fmt.format(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    text = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in cells]
+    text.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any]:
+    return {"bytes": args.bytes, "bits_per_row": args.bits_per_row, "ratio": args.ratio}
+
+
+def _add_budget(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bits-per-row", type=float, help="total budget in bits per row (codebooks included)")
+    group.add_argument("--ratio", type=float, help="total budget as a compression ratio against fp32")
+    group.add_argument("--bytes", type=int, help="total budget in bytes")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name in list_methods():
+        cls = get_method(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:10s} {doc}")
+        if args.verbose:
+            for f in dataclasses.fields(cls.Config):
+                print(f"    {f.name}={f.default!r}: {f.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .data import load_table
+    from .posthoc import compress_table
+
+    spec = args.spec or args.method
+    if not spec:
+        raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
+    if args.spec and args.method and not args.spec.startswith(args.method):
+        raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
+    table = load_table(args.source, key=args.key, limit=args.limit)
+    fit_options = {"steps": args.steps} if args.steps else {}
+    result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
+                            analogy=False, **_budget(args))
+    module = result.module if args.trainable else result.frozen
+    save(module, args.output)
+    report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table([report]))
+        print(f"wrote {args.output} ({report['file_bytes']:,} bytes on disk, {report['bytes']:,} in tensors)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .base import CompressedEmbedding
+    from .data import load_table
+    from .posthoc import evaluate_module
+
+    module = load(args.artifact)
+    frozen = module.export() if isinstance(module, CompressedEmbedding) else module
+    table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
+    header, _ = read_header(args.artifact)
+    report = {"method": header.get("method") or header.get("spec", "").partition(":")[0] or header["format"],
+              "spec": header.get("spec"), "artifact": str(args.artifact),
+              **evaluate_module(frozen, table, analogy=not args.no_analogy)}
+    print(json.dumps(report, indent=2) if args.json else format_table([report], REPORT_COLUMNS[:-1]))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    header, tensors = read_header(args.artifact)
+    info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                                         "bytes": t.numel() * t.element_size()} for name, t in tensors.items()}}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("kind", "method", "format", "spec", "num_embeddings", "embedding_dim", "padding_idx",
+                "library_version", "format_version"):
+        if header.get(key) is not None:
+            print(f"{key:16s} {header[key]}")
+    total = sum(v["bytes"] for v in info["tensors"].values())
+    dense = header["num_embeddings"] * header["embedding_dim"] * 4
+    print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
+    for name, t in info["tensors"].items():
+        print(f"  {name:14s} {t['dtype']:8s} {str(tuple(t['shape'])):18s} {t['bytes']:,} bytes")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import load_table
+    from .evaluate import word_metrics
+    from .posthoc import compress_table
+
+    torch.manual_seed(0)
+    table = load_table("glove-6b-50d", limit=args.rows)
+    rows, dim = table.weight.shape
+    print(f"GloVe 6B 50d: {rows:,} x {dim} fp32 = {rows * dim * 4 / 1e6:.1f} MB; budget {args.bits_per_row:g} "
+          f"bits per row = {rows * args.bits_per_row / 8 / 1e6:.2f} MB, everything counted", flush=True)
+    full = {"method": "full fp32", "bytes": rows * dim * 4, "ratio": 1.0, "bits_per_row": dim * 32.0,
+            "rel_mse": 0.0, "mean_cosine": 1.0, **word_metrics(table.weight, table.words, analogy=False)}
+    results = [full]
+    for spec in args.methods:
+        started = time.perf_counter()
+        try:
+            result = compress_table(table, spec, bits_per_row=args.bits_per_row, sample=0, analogy=False)
+        except SpecError as exc:  # e.g. a baseline that cannot go this small
+            print(f"  {spec:16s} skipped: {exc}", flush=True)
+            continue
+        report = result.report
+        report["method"] = spec
+        results.append(report)
+        print(f"  {spec:16s} {report['spec']:60s} rel MSE {report['rel_mse']:.3f}  "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print()
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"embcompress {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the methods and their settings")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every config field with its help")
+    p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("compress", help="compress a pretrained table into an artifact",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="glove-6b-50d, a .npy/.safetensors/word2vec text file, or a HF model folder")
+    p.add_argument("-m", "--method", help="method name (hyperparameters from the budget)")
+    p.add_argument("--spec", help='full spec, e.g. "codes:books=16,codewords=32"')
+    _add_budget(p)
+    p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
+    p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
+    p.add_argument("--limit", type=int, help="keep only the first N rows")
+    p.add_argument("--steps", type=int, help="override the method's number of fitting steps")
+    p.add_argument("--trainable", action="store_true", help="save the trainable module (for fine-tuning) "
+                                                           "instead of the frozen inference artifact")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality report")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("evaluate", help="quality of an artifact against the original table")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--against", required=True, help="the original table (same sources as compress)")
+    p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
+    p.add_argument("--limit", action="store_true", help="compare with the first rows only (for --limit artifacts)")
+    p.add_argument("--no-analogy", action="store_true", help="skip the (slower) analogy benchmark")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="what an artifact holds, byte by byte")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("demo", help="compress GloVe 6B 50d with every method at one budget and compare")
+    p.add_argument("--bits-per-row", type=float, default=80.0)
+    p.add_argument("--rows", type=int, default=None, help="use only the first N rows (default: all 400k)")
+    p.add_argument("--methods", nargs="+", default=DEMO_METHODS)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        set_progress(False)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    except (SpecError, ArtifactError, FileNotFoundError, ValueError, KeyError, IndexError, TypeError,
+            ImportError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"embcompress {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

