@@ -22,11 +22,14 @@ from .config import MethodConfig, SpecError, parse_spec, to_spec
 from .frozen import FrozenEmbedding
 from .io import ArtifactError, load, save
 from .registry import build, get_method, list_methods
+from .surgery import CompressionReport, compress_, decompress_, load_pretrained, save_pretrained
+from .distill import DistillResult, distill
 
 __all__ = [
     "__version__", "CompressedEmbedding", "FrozenEmbedding", "MethodConfig", "SpecError", "ArtifactError",
     "build", "from_pretrained", "list_methods", "get_method", "parse_spec", "to_spec", "aux_loss",
-    "save", "load",
+    "save", "load", "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport",
+    "distill", "DistillResult",
 ]
 
 

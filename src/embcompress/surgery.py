@@ -1,0 +1,678 @@
+"""Model surgery: swap every embedding table of a model for a compressed one, in place.
+
+Like ``torchao.quantization.quantize_``: ``compress_(model, spec)`` walks the model, replaces
+each ``nn.Embedding`` / ``nn.EmbeddingBag`` and returns a report. Ties are found by identity
+(``is`` on the Parameter), never by name:
+
+- modules that share one weight Parameter (or one module reached under several names) become
+  one compressed table, still shared;
+- an ``nn.Linear`` whose weight IS a replaced table's weight (a language-model head, the
+  distilled-embedding setting of Lioutas et al. 2020, Sec. 3) becomes a :class:`TiedOutput`
+  computing its logits from the compressed table, or gets an explicit copy with ``untie=True``;
+- any other holder of that Parameter is an error: silently breaking a tie is a bug.
+
+``decompress_`` reverses the swap with the materialized tables, restoring ties by identity;
+``save_pretrained`` / ``load_pretrained`` store only what the surgery created (the compressed
+tables' tensors and tied heads' biases) as safetensors + JSON, no pickle.
+
+Example:
+    >>> report = embcompress.compress_(model, {"encoder.tok": "dpq:groups=16", r".*pos.*": "skip",
+    ...                                        "default": "lowrank:rank=16"})
+    >>> print(report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ._version import __version__
+from .base import CompressedEmbedding
+from .config import MethodConfig, SpecError, parse_spec
+from .io import ArtifactError, atomic_write_bytes, tensor_digest
+from .registry import get_method, list_methods
+
+__all__ = [
+    "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport", "TableReport",
+    "CompressedEmbeddingBag", "TiedOutput", "compressed_tables",
+]
+
+log = logging.getLogger(__name__)
+
+SpecLike = Union[str, MethodConfig]
+SpecMapping = Mapping[str, Union[SpecLike, None]]
+SKIP = "skip"
+PRETRAINED_FORMAT_VERSION = 1
+CONFIG_NAME = "embcompress.json"
+_DROPPED_EMBEDDING_OPTIONS = ("max_norm", "scale_grad_by_freq", "sparse")
+
+
+# -- modules the surgery puts in place ---------------------------------------------------------
+class CompressedEmbeddingBag(nn.Module):
+    """A compressed table behind ``nn.EmbeddingBag``'s call signature.
+
+    ``forward(input, offsets=None, per_sample_weights=None)`` with ``mode`` in sum/mean/max and
+    ``include_last_offset`` as on the module it replaces; ids equal to ``padding_idx`` are left
+    out of their bag (they do not count in a mean), as in ``nn.EmbeddingBag``.
+    """
+
+    def __init__(self, table: CompressedEmbedding, mode: str = "mean", include_last_offset: bool = False) -> None:
+        super().__init__()
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
+        self.table = table
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.table.padding_idx
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """input (B, L), or 1-D with offsets (B,) -> (B, embedding_dim)."""
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when input is 2-D (B, L)")
+            batch, length = input.shape
+            offsets = torch.arange(0, batch * length, length, dtype=torch.long, device=input.device)
+            input = input.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+            include_last = False
+        elif input.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets is required when input is 1-D; pass (B, L) ids or 1-D ids with offsets")
+            include_last = self.include_last_offset
+        else:
+            raise ValueError(f"input must be 1-D (with offsets) or 2-D (B, L), got shape {tuple(input.shape)}")
+        # Decode each distinct id once; the bag then reduces rows of that small table.
+        unique, inverse = torch.unique(input.long(), return_inverse=True)
+        rows = self.table(unique)
+        pad = None
+        if self.padding_idx is not None:
+            pad = unique.numel()
+            inverse = inverse.masked_fill(input.long() == self.padding_idx, pad)
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        return F.embedding_bag(inverse, rows, offsets.long(), mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=include_last, padding_idx=pad)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, include_last_offset={self.include_last_offset}"
+
+
+class TiedOutput(nn.Module):
+    """Logits from a compressed table that an output layer shares with the input: h E^T + b.
+
+    Uses ``table.output_logits(hidden)`` when the method has one (low-rank / distilled
+    embeddings compute (h W^T) f(U)^T without building the V x d table, Lioutas et al. Sec. 3);
+    otherwise decodes the table with gradients and multiplies. Gradients reach the table, so
+    training the table moves the logits, exactly as with a tied ``nn.Linear``.
+    """
+
+    def __init__(self, table: CompressedEmbedding, bias: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.table = table
+        self.bias = bias
+
+    @property
+    def in_features(self) -> int:
+        return self.table.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.table.num_embeddings
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (*, d) -> logits (*, V)."""
+        output_logits = getattr(self.table, "output_logits", None)
+        if callable(output_logits):
+            logits = output_logits(hidden)
+            pad = self.table.padding_idx
+            if pad is not None:
+                # The table's padding row decodes to zero (base contract); keep the head consistent
+                # with it, and with the nn.Linear that decompress_ builds from materialize().
+                keep = torch.ones(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+                keep[pad] = 0
+                logits = logits * keep
+        else:
+            ids = torch.arange(self.table.num_embeddings, device=hidden.device)
+            logits = hidden @ self.table(ids).t()
+        return logits if self.bias is None else logits + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# -- the report ------------------------------------------------------------------------------
+@dataclass
+class TableReport:
+    """One compressed table: every name it sits at, its resolved spec and sizes."""
+
+    names: list[str]
+    kind: str
+    shape: tuple[int, int]
+    spec: str
+    bytes_before: int
+    bytes_after: int
+    padding_idx: int | None = None
+    tied_heads: list[str] = field(default_factory=list)
+    untied_heads: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(1, self.bytes_after)
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress_` (or :func:`load_pretrained`) replaced, and the bytes saved."""
+
+    tables: list[TableReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(t.bytes_before for t in self.tables)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(t.bytes_after for t in self.tables)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(1, self.bytes_after)
+
+    @property
+    def replaced(self) -> list[str]:
+        return [name for t in self.tables for name in t.names]
+
+    @property
+    def specs(self) -> dict[str, str]:
+        return {name: t.spec for t in self.tables for name in t.names}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tables": [dataclasses.asdict(t) | {"ratio": t.ratio} for t in self.tables],
+                "skipped": [list(s) for s in self.skipped], "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "ratio": self.ratio}
+
+    def __str__(self) -> str:
+        header = ("module", "shape", "spec", "before", "after", "ratio", "tied heads")
+        rows = [(", ".join(t.names) + ("" if t.kind == "embedding" else f" ({t.kind})"),
+                 f"{t.shape[0]} x {t.shape[1]}", t.spec, _human(t.bytes_before), _human(t.bytes_after),
+                 f"{t.ratio:.1f}x", ", ".join(t.tied_heads + [f"{h} (untied)" for h in t.untied_heads]) or "-")
+                for t in self.tables]
+        rows.append(("total", "", "", _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1f}x", ""))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
+        out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(out)
+
+
+def _human(num_bytes: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+# -- walking the model -----------------------------------------------------------------------
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is reachable at (a shared module has several)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise TypeError("the model itself is an embedding table; compress it with embcompress.from_pretrained "
+                        "(compress_ replaces tables inside a model)")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> (module name, module, attribute) for every place that holds it."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((name, module, attr))
+    return holders
+
+
+def _resolve_spec(name: str, spec_or_mapping: "SpecLike | SpecMapping", used: set[str]) -> "MethodConfig | None | str":
+    """The config for module ``name``: exact key, then the first regex key that fully matches, then default."""
+    if not isinstance(spec_or_mapping, Mapping):
+        return parse_spec(spec_or_mapping)
+    choice: Any = "__unmatched__"
+    if name in spec_or_mapping:
+        used.add(name)
+        choice = spec_or_mapping[name]
+    else:
+        for key, value in spec_or_mapping.items():
+            if key == "default":
+                continue
+            try:
+                matched = re.fullmatch(key, name) is not None
+            except re.error:
+                matched = False  # a plain name containing regex characters
+            if matched:
+                used.add(key)
+                choice = value
+                break
+        else:
+            if "default" in spec_or_mapping:
+                used.add("default")
+                choice = spec_or_mapping["default"]
+    if choice == "__unmatched__":
+        return "no matching key and no 'default'"
+    if choice is None or (isinstance(choice, str) and choice.strip().lower() == SKIP):
+        return None
+    return parse_spec(choice)
+
+
+def _split_fit_options(fit_options: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
+    """Flat options apply to every table; a method name key holds options for that method only."""
+    if not fit_options:
+        return {}
+    methods = set(list_methods())
+    common = {k: v for k, v in fit_options.items() if not (k in methods and isinstance(v, Mapping))}
+    specific = fit_options.get(method) if isinstance(fit_options.get(method), Mapping) else {}
+    return {**common, **dict(specific)}
+
+
+def compressed_tables(model: nn.Module) -> list[tuple[list[str], CompressedEmbedding]]:
+    """Every distinct compressed table in ``model`` with the names it sits at directly."""
+    seen: dict[int, tuple[list[str], CompressedEmbedding]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedEmbedding):
+            seen.setdefault(id(module), ([], module))[0].append(name)
+    return list(seen.values())
+
+
+def compress_(
+    model: nn.Module,
+    spec_or_mapping: "SpecLike | SpecMapping",
+    *,
+    init: Literal["pretrained", "random"] = "pretrained",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    fit_options: Mapping[str, Any] | None = None,
+    untie: bool = False,
+) -> CompressionReport:
+    """Replace the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` in place.
+
+    Args:
+        model: any module holding embedding tables (nested at any depth).
+        spec_or_mapping: one spec (string or config) for every table, or a mapping from module
+            name or regex (full match) to spec, with an optional ``"default"`` key; a value of
+            None or ``"skip"`` leaves that table alone. Exact names win over regexes, regexes
+            are tried in order, the default comes last.
+        init: ``"pretrained"`` fits each table to its current weights (post hoc compression);
+            ``"random"`` builds a fresh table for end-to-end training.
+        filter_fn: ``filter_fn(module, name) -> bool``; tables it rejects are skipped.
+        fit_options: keyword options for every fit (``{"steps": 300}``), or per method under
+            the method's name (``{"dpq": {"steps": 300}}``).
+        untie: give output layers tied to a replaced table an independent copy of the weight
+            instead of computing their logits from the compressed table.
+
+    Returns:
+        A :class:`CompressionReport`; ``print(report)`` shows a table.
+
+    Example:
+        >>> report = embcompress.compress_(model, "lowrank:rank=32")
+        >>> report.ratio
+    """
+    if init not in ("pretrained", "random"):
+        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    if isinstance(spec_or_mapping, Mapping):
+        for key, value in spec_or_mapping.items():  # fail early on a bad spec, before any fitting
+            if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
+                parse_spec(value)
+    names_of = _names_by_module(model)
+    holders = _parameter_holders(model)
+    report = CompressionReport()
+    used_keys: set[str] = set()
+
+    # Group embedding modules by the identity of their weight Parameter: one group, one table.
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}
+    visited: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module) in visited:
+            continue
+        visited.add(id(module))
+        for alias in names_of[id(module)]:
+            groups.setdefault(id(module.weight), []).append((alias, module))
+
+    for members in groups.values():
+        names = [n for n, _ in members]
+        first = members[0][1]
+        if filter_fn is not None and not all(filter_fn(m, n) for n, m in members):
+            report.skipped.extend((n, "rejected by filter_fn") for n in names)
+            continue
+        resolved = {n: _resolve_spec(n, spec_or_mapping, used_keys) for n in names}
+        distinct = {(r.to_spec() if isinstance(r, MethodConfig) else r) for r in resolved.values()}
+        if len(distinct) > 1:
+            raise SpecError(f"modules {names} share one weight Parameter but the mapping gives them different "
+                            f"specs {sorted(map(str, distinct))}; give them one spec (or skip all of them)")
+        config = resolved[names[0]]
+        if not isinstance(config, MethodConfig):
+            reason = config if isinstance(config, str) else "skipped by the mapping"
+            report.skipped.extend((n, reason) for n in names)
+            continue
+        paddings = {m.padding_idx for _, m in members}
+        if len(paddings) > 1:
+            raise ValueError(f"modules {names} share a weight but have different padding_idx {sorted(map(str, paddings))}")
+        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders))
+
+    if isinstance(spec_or_mapping, Mapping):
+        unused = [k for k in spec_or_mapping if k not in used_keys and k != "default"]
+        if unused:
+            tables = [n for t in report.tables for n in t.names] + [n for n, _ in report.skipped]
+            warnings.warn(f"spec keys {unused} matched no embedding table; tables are: {tables}", stacklevel=2)
+    log.info("compress_ replaced %d table(s): %s", len(report.tables), report.specs)
+    return report
+
+
+def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
+                   fit_options: Mapping[str, Any] | None, untie: bool,
+                   holders: dict[int, list[tuple[str, nn.Module, str]]]) -> TableReport:
+    first = members[0][1]
+    weight: nn.Parameter = first.weight
+    padding_idx = first.padding_idx
+    member_ids = {id(m) for _, m in members}
+
+    # Every other holder of this Parameter must be a tied Linear head; anything else would be
+    # silently cut off from the compressed table.
+    heads: list[tuple[str, nn.Linear]] = []
+    for holder_name, holder, attr in holders.get(id(weight), []):
+        if id(holder) in member_ids:
+            continue
+        if isinstance(holder, nn.Linear) and attr == "weight":
+            heads.append((holder_name, holder))
+            continue
+        raise ValueError(f"the weight of {members[0][0]!r} is also held as {holder_name}.{attr} by a "
+                         f"{type(holder).__name__}, which compress_ cannot rewire; skip this table in the "
+                         "mapping, or make that module use the embedding module instead of its weight")
+
+    for name, module in members:
+        for option in _DROPPED_EMBEDDING_OPTIONS:
+            value = getattr(module, option, None)
+            if value not in (None, False):
+                warnings.warn(f"{name}: {option}={value!r} has no compressed equivalent and is dropped", stacklevel=3)
+
+    num_embeddings, embedding_dim = weight.shape
+    device = weight.device
+    if init == "pretrained":
+        options = _split_fit_options(fit_options, config.method)
+        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config,
+                                                          padding_idx=padding_idx, **options)
+    else:
+        table = get_method(config.method)(num_embeddings, embedding_dim, config, padding_idx=padding_idx)
+    table = table.to(device)
+
+    kinds = set()
+    bag_wrappers: dict[int, nn.Module] = {}  # a bag shared under several names stays one module
+    for name, module in members:
+        if isinstance(module, nn.EmbeddingBag):
+            kinds.add("embedding_bag")
+            if id(module) not in bag_wrappers:
+                bag_wrappers[id(module)] = CompressedEmbeddingBag(table, module.mode, module.include_last_offset)
+            _set_module(model, name, bag_wrappers[id(module)])
+        else:
+            kinds.add("embedding")
+            _set_module(model, name, table)
+
+    tied, untied = [], []
+    head_modules: dict[int, nn.Module] = {}
+    for name, head in heads:
+        if untie:
+            if id(head) not in head_modules:
+                head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+                head_modules[id(head)] = head
+            untied.append(name)
+            continue
+        if tuple(head.weight.shape) != (num_embeddings, embedding_dim):
+            raise ValueError(f"{name} shares the table's weight with an unexpected shape {tuple(head.weight.shape)}")
+        new = head_modules.setdefault(id(head), TiedOutput(table, head.bias))
+        _set_module(model, name, new)
+        tied.append(name)
+
+    return TableReport(names=[n for n, _ in members], kind="+".join(sorted(kinds)),
+                       shape=(num_embeddings, embedding_dim), spec=table.spec,
+                       bytes_before=weight.numel() * weight.element_size(), bytes_after=table.num_bytes(),
+                       padding_idx=padding_idx, tied_heads=tied, untied_heads=untied)
+
+
+# -- back to dense -----------------------------------------------------------------------------
+@torch.no_grad()
+def decompress_(model: nn.Module) -> list[str]:
+    """Turn compressed tables (and tied heads) back into ``nn.Embedding`` / ``nn.EmbeddingBag`` /
+    ``nn.Linear`` holding the materialized weights; ties are restored by identity (the head's
+    weight IS the embedding's weight again). Returns the names replaced.
+    """
+    weights: dict[int, nn.Parameter] = {}
+    replaced: list[str] = []
+
+    def weight_of(table: CompressedEmbedding) -> nn.Parameter:
+        if id(table) not in weights:
+            weights[id(table)] = nn.Parameter(table.materialize())
+        return weights[id(table)]
+
+    new_modules: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if any(name.startswith(p + ".") for p in replaced):
+            continue  # the table inside a bag wrapper or tied head replaced already
+        if id(module) in new_modules:
+            _set_module(model, name, new_modules[id(module)])
+            replaced.append(name)
+            continue
+        if isinstance(module, CompressedEmbeddingBag):
+            table = module.table
+            new = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=module.mode,
+                                  include_last_offset=module.include_last_offset, padding_idx=table.padding_idx)
+            new.weight = weight_of(table)
+        elif isinstance(module, TiedOutput):
+            table = module.table
+            new = nn.Linear(table.embedding_dim, table.num_embeddings, bias=module.bias is not None)
+            new.weight = weight_of(table)
+            if module.bias is not None:
+                new.bias = module.bias
+        elif isinstance(module, CompressedEmbedding):
+            new = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+            new.weight = weight_of(module)
+        else:
+            continue
+        new_modules[id(module)] = new
+        _set_module(model, name, new)
+        replaced.append(name)
+    return replaced
+
+
+# -- saving and loading ------------------------------------------------------------------------
+def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tables = compressed_tables(model)
+    index = {id(t): k for k, (_, t) in enumerate(tables)}
+    entries: list[dict[str, Any]] = []
+    for key, (names, table) in enumerate(tables):
+        entries.append({"key": f"tables.{key}", "method": table.config.method, "spec": table.spec,
+                        "layout": table.layout(), "shape": [table.num_embeddings, table.embedding_dim],
+                        "padding_idx": table.padding_idx, "embeddings": [], "bags": [], "tied_heads": []})
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedEmbedding):
+            parent = name.rpartition(".")[0]
+            owner = model.get_submodule(parent) if parent else None
+            if isinstance(owner, (CompressedEmbeddingBag, TiedOutput)) and owner.table is module:
+                continue  # recorded as the bag or head
+            entries[index[id(module)]]["embeddings"].append(name)
+        elif isinstance(module, CompressedEmbeddingBag):
+            entries[index[id(module.table)]]["bags"].append(
+                {"name": name, "mode": module.mode, "include_last_offset": module.include_last_offset})
+        elif isinstance(module, TiedOutput):
+            entry = entries[index[id(module.table)]]
+            has_bias = module.bias is not None
+            entry["tied_heads"].append({"name": name, "bias": has_bias})
+            if has_bias and id(module) not in seen:
+                tensors[f"heads.{name}.bias"] = module.bias
+        seen.add(id(module))
+    for key, (_, table) in enumerate(tables):
+        for pname, tensor in table.state_dict().items():
+            tensors[f"tables.{key}.{pname}"] = tensor
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"format_version": PRETRAINED_FORMAT_VERSION, "library_version": __version__,
+              "torch_version": torch.__version__, "tables": entries, "sha256": tensor_digest(tensors)}
+    return tensors, header
+
+
+def save_pretrained(model: nn.Module, folder: "str | Path") -> Path:
+    """Write the compressed tables of ``model`` (and tied heads' biases) to ``folder``.
+
+    ``folder/tables.safetensors`` holds the tensors; ``folder/embcompress.json`` the module names,
+    resolved specs, layouts, shapes, ties and versions. Everything else in the model is the
+    caller's (load it as usual, e.g. ``AutoModel.from_pretrained``), then :func:`load_pretrained`.
+    """
+    tensors, header = _surgery_state(model)
+    if not header["tables"]:
+        raise ValueError("the model holds no compressed table; run embcompress.compress_(model, spec) first")
+    folder = Path(folder)
+    tensor_file = f"tables-{header['sha256'][:12]}.safetensors"
+    header["tensors"] = tensor_file
+    # Tensors first under a content-addressed name, then the JSON that points at them: an
+    # interrupted save leaves the previous JSON and its tensors intact.
+    atomic_write_bytes(folder / tensor_file, st_save(tensors))
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(header, indent=2, sort_keys=True) + "\n").encode())
+    for old in folder.glob("tables-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def _read_pretrained(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; write one with embcompress.save_pretrained")
+    try:
+        header = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{config_path} is not valid JSON ({exc})") from None
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > PRETRAINED_FORMAT_VERSION:
+        raise ArtifactError(f"{config_path} has format version {version!r}; this library reads up to "
+                            f"{PRETRAINED_FORMAT_VERSION} (upgrade embcompress)")
+    tensor_path = folder / str(header.get("tensors", ""))
+    if not tensor_path.is_file():
+        raise ArtifactError(f"{config_path} points at {tensor_path.name!r}, which is missing")
+    try:
+        tensors = st_load(tensor_path.read_bytes())
+    except SafetensorError as exc:
+        raise ArtifactError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
+    if header.get("sha256") != tensor_digest(tensors):
+        raise ArtifactError(f"{tensor_path}: tensor checksum mismatch, the file was modified or damaged")
+    return header, tensors
+
+
+def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport:
+    """Rebuild the compressed modules saved by :func:`save_pretrained` inside a fresh, uncompressed
+    instance of the same architecture (in place). Shapes are checked module by module.
+    """
+    header, tensors = _read_pretrained(Path(folder))
+    report = CompressionReport()
+    holders = _parameter_holders(model)
+    for entry in header["tables"]:
+        shape = tuple(entry["shape"])
+        table = get_method(entry["method"])(*shape, entry["spec"], padding_idx=entry["padding_idx"],
+                                            layout=entry.get("layout") or None)
+        prefix = entry["key"] + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            table.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: {exc}") from None
+        originals: list[nn.Parameter] = []
+        device = torch.device("cpu")
+        expected = [(n, nn.Embedding) for n in entry["embeddings"]] + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]]
+        for name, kind in expected:
+            module = _existing(model, name, kind, folder)
+            if tuple(module.weight.shape) != shape:
+                raise ArtifactError(f"{name} in the model is {tuple(module.weight.shape)} but the saved table is {shape}")
+            originals.append(module.weight)
+            device = module.weight.device
+        table = table.to(device)
+        for name in entry["embeddings"]:
+            _set_module(model, name, table)
+        for bag in entry["bags"]:
+            _set_module(model, bag["name"], CompressedEmbeddingBag(table, bag["mode"], bag["include_last_offset"]))
+        heads: dict[int, nn.Module] = {}
+        tied_names = []
+        for head in entry["tied_heads"]:
+            linear = _existing(model, head["name"], nn.Linear, folder)
+            bias = None
+            if head["bias"]:
+                saved = tensors[f"heads.{head['name']}.bias"] if f"heads.{head['name']}.bias" in tensors else None
+                if linear.bias is None or saved is None:
+                    raise ArtifactError(f"{head['name']}: bias mismatch between the model and the saved head")
+                with torch.no_grad():
+                    linear.bias.copy_(saved)
+                bias = linear.bias
+            new = heads.setdefault(id(linear), TiedOutput(table, bias))
+            _set_module(model, head["name"], new)
+            tied_names.append(head["name"])
+        # Holders of the old weight that the save did not record as tied would be cut off silently.
+        for original in {id(p): p for p in originals}.values():
+            for holder_name, holder, attr in holders.get(id(original), []):
+                if holder_name in tied_names or holder_name in entry["embeddings"] or \
+                        holder_name in [b["name"] for b in entry["bags"]]:
+                    continue
+                warnings.warn(f"{holder_name}.{attr} shared the weight of {expected[0][0]} in this model, but the "
+                              "saved model had no tie there (it was untied); it keeps this model's own weights",
+                              stacklevel=2)
+        report.tables.append(TableReport(
+            names=list(entry["embeddings"]) + [b["name"] for b in entry["bags"]],
+            kind="+".join((["embedding"] if entry["embeddings"] else []) + (["embedding_bag"] if entry["bags"] else [])),
+            shape=shape, spec=table.spec, bytes_before=shape[0] * shape[1] * 4, bytes_after=table.num_bytes(),
+            padding_idx=entry["padding_idx"], tied_heads=tied_names))
+    return report
+
+
+def _existing(model: nn.Module, name: str, kind: type, folder: Any) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ArtifactError(f"{folder} has a table at {name!r}, which this model does not have; load it into the "
+                            "architecture it was saved from") from None
+    if not isinstance(module, kind):
+        raise ArtifactError(f"{name} is a {type(module).__name__} in this model, expected {kind.__name__}; "
+                            "load_pretrained needs a fresh, uncompressed instance")
+    return module
+
+
+def iter_tables(model: nn.Module) -> Iterable[CompressedEmbedding]:
+    """Distinct compressed tables of ``model``."""
+    return (t for _, t in compressed_tables(model))
