@@ -1,7 +1,8 @@
 """Truncated-SVD baseline: E ~ U W with U (V, r) and W (r, d), linear.
 
 Shapes: codes U (V, r), basis W (r, d). Post hoc fit is the Eckart-Young optimum
-(U = U_r S_r, W = V_r^T from the SVD of the table).
+(U = U_r S_r, W = V_r^T from the SVD of the table). The distilled method subclasses this
+table with a non-linearity f and a bias: E = f(U) W + b.
 """
 
 from __future__ import annotations
@@ -37,8 +38,18 @@ class LowRankEmbedding(CompressedEmbedding):
     """E = f(U) W (+ b); f is the identity here, a non-linearity in the distilled method."""
 
     Config = LowRankConfig
-    activation = "identity"
-    use_bias = False
+
+    @staticmethod
+    def _activation_of(config: LowRankConfig) -> str:
+        return getattr(config, "activation", "identity")
+
+    @staticmethod
+    def _has_bias(config: LowRankConfig) -> bool:
+        return bool(getattr(config, "bias", False))
+
+    @property
+    def activation(self) -> str:
+        return self._activation_of(self.config)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -51,13 +62,13 @@ class LowRankEmbedding(CompressedEmbedding):
         self.codes = nn.Parameter(torch.randn(num_embeddings, rank))
         gain = 2.0 if self.activation == "relu" else 1.0  # relu halves the second moment
         self.basis = nn.Parameter(torch.randn(rank, embedding_dim) * (gain / rank) ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(embedding_dim)) if self.use_bias else None
+        self.bias = nn.Parameter(torch.zeros(embedding_dim)) if self._has_bias(self.config) else None
 
     @classmethod
     def expected_bytes(cls, config: LowRankConfig, num_embeddings: int, embedding_dim: int) -> int:
         if config.rank > min(num_embeddings, embedding_dim):
             raise SpecError(f"rank {config.rank} exceeds min(rows, dim)")
-        bias = embedding_dim if cls.use_bias else 0
+        bias = embedding_dim if cls._has_bias(config) else 0
         return 4 * (num_embeddings * config.rank + config.rank * embedding_dim + bias)
 
     @classmethod
@@ -71,6 +82,24 @@ class LowRankEmbedding(CompressedEmbedding):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.activated_codes(ids) @ self.basis
         return out if self.bias is None else out + self.bias
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output-layer logits ``hidden @ E^T`` without building the (V, d) table.
+
+        hidden (*, d) -> (*, V), computed as (hidden W^T) f(U)^T (+ hidden . b for every row),
+        O(V r) per hidden vector instead of O(V d) (distilled embedding, tied input/output
+        embeddings). The padding row's logit is 0, as with ``materialize()``. Differentiable.
+        """
+        if hidden.shape[-1] != self.embedding_dim:
+            raise ValueError(f"hidden must end with the embedding dim {self.embedding_dim}, "
+                             f"got shape {tuple(hidden.shape)}")
+        logits = (hidden @ self.basis.T) @ self.activated_codes().T
+        if self.bias is not None:
+            logits = logits + (hidden @ self.bias).unsqueeze(-1)
+        if self.padding_idx is not None:
+            keep = torch.ones(self.num_embeddings, dtype=logits.dtype, device=logits.device)
+            logits = logits * keep.index_fill(0, torch.tensor([self.padding_idx], device=keep.device), 0.0)
+        return logits
 
     @torch.no_grad()
     def fit(self, weight: torch.Tensor, **_: Any) -> "LowRankEmbedding":

@@ -1,0 +1,157 @@
+"""MEmCom: multi-embedding compression (Pansare et al., MLSys 2022, arXiv 2203.10135).
+
+The hashing trick plus one trainable scalar per entity: entities that collide in a bucket share
+a direction and differ by scale (paper Sec. 3). Optionally a per-entity scalar bias.
+
+Shapes (V rows, d dim, m buckets):
+    table  (m, d)   shared rows T, indexed by h(i) (i mod m by default)
+    scale  (V,)     per-entity weight w_i, initialized to 1 (training starts as the hashing trick)
+    bias   (V,)     per-entity bias b_i, optional (off by default)
+Row i = w_i * T[h(i)] + b_i. Ratio = V*d / (m*d + V [+ V]): always below d.
+Exported to the ``hashed`` format (table + scale [+ bias]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import CompressedEmbedding
+from ..config import MethodConfig, SpecError
+from ..frozen import HashedEmbedding
+from ..hashing import HashFunction
+from ..progress import progress_bar
+from ..registry import register
+from .hashing import bucket_means
+
+__all__ = ["MEmComConfig", "MEmComEmbedding", "bucket_grid"]
+
+
+def bucket_grid(limit: int, dense: int = 128, step: float = 1.01) -> list[int]:
+    """Sizes 1..dense, then growing by ``step`` up to ``limit``: budget candidates for a bucket count.
+
+    A full range 1..V would build hundreds of thousands of configs; a 1% grid wastes at most
+    about 1% of a budget.
+    """
+    sizes = set(range(1, min(dense, limit) + 1))
+    size = float(dense)
+    while size < limit:
+        size *= step
+        sizes.add(min(limit, int(size)))
+    sizes.add(limit)
+    return sorted(sizes)
+
+
+@dataclass(frozen=True)
+class MEmComConfig(MethodConfig):
+    method: ClassVar[str] = "memcom"
+    buckets: int = field(default=1024, metadata={"help": "rows m of the shared table"})
+    hash: Literal["mod", "universal"] = field(default="mod", metadata={"help": "i mod m, or a stored universal hash"})
+    bias: bool = field(default=False, metadata={"help": "add a per-entity scalar bias b_i (V more floats)"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the random initial table (nn.Embedding uses 1)"})
+
+    def validate(self) -> None:
+        if self.buckets < 1:
+            raise SpecError(f"memcom: buckets must be >= 1, got {self.buckets}")
+        if self.init_std < 0:
+            raise SpecError(f"memcom: init_std must be >= 0, got {self.init_std}")
+
+
+@register
+class MEmComEmbedding(CompressedEmbedding):
+    """Hashed shared rows scaled (and optionally shifted) per entity."""
+
+    Config = MEmComConfig
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
+                 padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        cfg = self.config
+        self.hash = (HashFunction.from_dict(layout["hash"]) if layout
+                     else HashFunction.create(cfg.hash, cfg.buckets))
+        self.table = nn.Parameter(torch.randn(cfg.buckets, embedding_dim) * cfg.init_std)
+        # w = 1 makes the untrained table exactly the hashing trick (paper Sec. 3).
+        self.scale = nn.Parameter(torch.ones(num_embeddings))
+        self.bias = nn.Parameter(torch.zeros(num_embeddings)) if cfg.bias else None
+
+    def layout(self) -> dict[str, Any]:
+        return {"hash": self.hash.to_dict()}
+
+    @classmethod
+    def expected_bytes(cls, config: MEmComConfig, num_embeddings: int, embedding_dim: int) -> int:
+        per_entity = 2 if config.bias else 1
+        return 4 * (config.buckets * embedding_dim + per_entity * num_embeddings)
+
+    @classmethod
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: MEmComConfig) -> list[MEmComConfig]:
+        return [base.replace(buckets=m) for m in bucket_grid(num_embeddings)]
+
+    @classmethod
+    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: MEmComConfig) -> str:
+        """Why a budget may be out of reach: the per-entity scalars alone cost V floats."""
+        per_entity = 2 if base.bias else 1
+        best = num_embeddings * embedding_dim / (embedding_dim + per_entity * num_embeddings)
+        return (f"memcom's ratio V*d / (m*d + {per_entity}*V) is always below d/{per_entity} = "
+                f"{embedding_dim / per_entity:g} (at most {best:.1f}x here, with 1 bucket)")
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(self.hash(ids), self.table) * self.scale[ids].unsqueeze(1)
+        return out if self.bias is None else out + self.bias[ids].unsqueeze(1)
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
+            **_: Any) -> "MEmComEmbedding":
+        """Alternating least squares for table, scales (and biases); ``steps`` rounds (default 30).
+
+        Without bias, each bucket's best (table row, member scales) is the rank-1 truncated SVD
+        of its members' rows; ALS started from the bucket means (w = 1, the hashing-trick fit) is
+        a power iteration towards it, vectorized over all buckets with index_add. Every round
+        lowers the squared error, so the result is never worse than the hashing trick's.
+        """
+        weight = self._check_fit_weight(weight)
+        ids = torch.arange(self.num_embeddings)
+        if self.padding_idx is not None:  # the padding row is masked to 0: it must not pull its bucket
+            ids = ids[ids != self.padding_idx]
+        x, bucket, m = weight[ids], self.hash(ids), self.config.buckets
+        count = torch.bincount(bucket, minlength=m).unsqueeze(1)
+        table = bucket_means(x, bucket, m)
+        w = torch.ones(len(ids))
+        b = torch.zeros(len(ids)) if self.bias is not None else None
+        tiny = 1e-12
+        for _ in progress_bar(range(30 if steps is None else steps), desc="fit memcom", enabled=progress):
+            t = table[bucket]
+            if b is None:
+                # w_i = <x_i, t> / |t|^2, per row.
+                norm = t.pow(2).sum(1)
+                w = torch.where(norm > tiny, (x * t).sum(1) / norm.clamp_min(tiny), torch.zeros_like(norm))
+                target = x
+            else:
+                # (w_i, b_i) = least squares of x_i on [t, 1]: a 2x2 system per bucket.
+                tt, ts, d = t.pow(2).sum(1), t.sum(1), float(self.embedding_dim)
+                xt, xs = (x * t).sum(1), x.sum(1)
+                det = tt * d - ts * ts
+                ok = det > tiny * d * tt.clamp_min(1.0)
+                w = torch.where(ok, (xt * d - ts * xs) / det.clamp_min(tiny), torch.zeros_like(tt))
+                b = torch.where(ok, (tt * xs - ts * xt) / det.clamp_min(tiny), xs / d)
+                target = x - b.unsqueeze(1)
+            # T_b = sum_i w_i target_i / sum_i w_i^2 over the bucket's members.
+            num = torch.zeros(m, self.embedding_dim).index_add_(0, bucket, target * w.unsqueeze(1))
+            den = torch.zeros(m).index_add_(0, bucket, w * w).unsqueeze(1)
+            table = torch.where((den > tiny) & (count > 0), num / den.clamp_min(tiny), table)
+        self.table.copy_(table)
+        self.scale.fill_(1.0)
+        self.scale[ids] = w
+        if self.bias is not None:
+            self.bias.zero_()
+            self.bias[ids] = b
+        return self
+
+    def export(self) -> HashedEmbedding:
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                               hash=self.hash.to_dict(), table=self.table.detach().clone(),
+                               scale=self.scale.detach().clone(), bias=bias)
