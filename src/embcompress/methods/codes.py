@@ -40,8 +40,8 @@ from ..kmeans import kmeans
 from ..progress import progress_bar
 from ..registry import register
 
-__all__ = ["CodesConfig", "CompositionalCodeEmbedding", "additive_refine", "least_squares_codebooks",
-           "icm_codes", "residual_kmeans"]
+__all__ = ["CodesConfig", "CompositionalCodeEmbedding", "additive_refine", "beam_encode", "icm_codes",
+           "improve_codes", "least_squares_codebooks", "residual_kmeans"]
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +85,49 @@ def _sum_codewords(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
     return decode_codes(codes, codebooks, "sum")
 
 
+def _beam_step(residual: torch.Tensor, codes: torch.Tensor, book: torch.Tensor,
+               beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend each row's partial solutions by one book and keep the ``beam`` best.
+    residual (n, b, d), codes (n, b, m), book (K, d) -> residual (n, beam', d), codes (n, beam', m + 1)."""
+    n, b, d = residual.shape
+    k = book.shape[0]
+    error = residual.pow(2).sum(-1, keepdim=True) - 2 * residual @ book.T + book.pow(2).sum(-1)  # (n, b, K)
+    top = error.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False).indices
+    parent, word = top // k, top % k
+    residual = torch.gather(residual, 1, parent.unsqueeze(-1).expand(-1, -1, d)) - book[word]
+    codes = torch.gather(codes, 1, parent.unsqueeze(-1).expand(-1, -1, codes.shape[2]))
+    return residual, torch.cat([codes, word.unsqueeze(-1)], 2)
+
+
 @torch.no_grad()
-def residual_kmeans(x: torch.Tensor, books: int, codewords: int, iters: int = 15,
+def beam_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int = 8, chunk: int = 8192) -> torch.Tensor:
+    """Additive codes by beam search over the books in order (greedy when beam = 1). -> (V, M)."""
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        residual = x[start:start + chunk].unsqueeze(1)
+        codes = torch.zeros(residual.shape[0], 1, 0, dtype=torch.long)
+        for book in codebooks:
+            residual, codes = _beam_step(residual, codes, book, beam)
+        out.append(codes[:, 0])
+    return torch.cat(out) if out else torch.zeros(0, codebooks.shape[0], dtype=torch.long)
+
+
+@torch.no_grad()
+def residual_kmeans(x: torch.Tensor, books: int, codewords: int, beam: int = 1, iters: int = 15,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual quantization: k-means on what the previous books left. -> codebooks (M, K, d), codes (V, M)."""
-    residual = x.clone()
-    centroids, codes = [], []
+    """Residual quantization: book m is k-means on what books < m left.
+
+    With ``beam`` > 1 each row keeps its ``beam`` best partial codes and k-means runs on all their
+    residuals (the residual quantizer of FAISS). -> codebooks (M, K, d), codes (V, M).
+    """
+    residual = x.unsqueeze(1)
+    codes = torch.zeros(x.shape[0], 1, 0, dtype=torch.long)
+    centroids = []
     for m in range(books):
-        c, a = kmeans(residual, codewords, iters=iters, seed=seed + m)
-        residual -= c[a]
-        centroids.append(c)
-        codes.append(a)
-    return torch.stack(centroids), torch.stack(codes, 1)
+        book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m)
+        residual, codes = _beam_step(residual, codes, book, beam)
+        centroids.append(book)
+    return torch.stack(centroids), codes[:, 0]
 
 
 @torch.no_grad()
@@ -148,14 +179,26 @@ def icm_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, swe
 
 
 @torch.no_grad()
-def additive_refine(x: torch.Tensor, codes: torch.Tensor, codewords: int, rounds: int = 4,
-                    sweeps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternate least-squares codebooks and ICM codes (the additive-quantization loop)."""
+def additive_refine(x: torch.Tensor, codes: torch.Tensor, codewords: int, rounds: int = 3,
+                    beam: int = 8, sweeps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternate least-squares codebooks with code updates (beam search, then ICM), keeping for
+    each row the better of its old and new codes, so the error never increases."""
     codebooks = least_squares_codebooks(x, codes, codewords)
     for _ in range(rounds):
-        codes = icm_codes(x, codes, codebooks, sweeps=sweeps)
+        codes = improve_codes(x, codes, codebooks, beam=beam, sweeps=sweeps)
         codebooks = least_squares_codebooks(x, codes, codewords)
     return codebooks, codes
+
+
+@torch.no_grad()
+def improve_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, beam: int = 8,
+                  sweeps: int = 2) -> torch.Tensor:
+    """Best per row of the given codes and a fresh beam search, then ICM sweeps."""
+    if beam > 0:
+        fresh = beam_encode(x, codebooks, beam)
+        better = _row_errors(x, fresh, codebooks) < _row_errors(x, codes, codebooks)
+        codes = torch.where(better.unsqueeze(1), fresh, codes)
+    return icm_codes(x, codes, codebooks, sweeps=sweeps)
 
 
 def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -279,43 +322,53 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
 
     # -- post hoc fit --------------------------------------------------------------------------
     def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            rounds: int = 6, batch_size: int = 1024, lr: float = 3e-3,
+            rounds: int = 3, beam: int = 8, sample: int = 65536, batch_size: int = 1024, lr: float = 3e-3,
             seed: int | None = None) -> "CompositionalCodeEmbedding":
         """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
 
-        1. Strong start: residual k-means codes, refined to additive codes by ``rounds`` of
-           least-squares codebooks + ICM code updates.
-        2. The paper's encoder is pre-trained to predict those codes (cross-entropy), then trained
-           as the Gumbel-softmax autoencoder of section 3.2 (soft samples, tau = 1,
-           loss 0.5 ||recon - e||^2, Adam) for ``steps`` steps, starting from the refined codebooks.
+        1. Strong start, on at most ``sample`` rows: residual k-means with a beam of ``beam`` partial
+           codes per row, then ``rounds`` of least-squares codebooks + code updates (beam search and
+           ICM). All rows are then encoded with those codebooks and the codebooks refit on all rows.
+        2. The paper's encoder is pre-trained to predict those codes (cross-entropy, ``steps // 2``
+           steps), then trained as the Gumbel-softmax autoencoder of section 3.2 (soft samples,
+           tau = 1, loss 0.5 ||recon - e||^2, Adam) for ``steps`` steps from the refined codebooks.
         3. Per row the better of the encoder's argmax codes and the refined codes is kept, then one
-           more refinement round; codebooks end as the least-squares optimum for the final codes.
-        The mean max probability ("maxp") of the encoder is logged.
+           more refinement round; the codebooks end as the least-squares optimum for the final codes.
+        The autoencoder's mean max probability ("maxp") is logged and kept in ``last_maxp``.
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
-        steps = 1000 if steps is None else int(steps)
+        steps = 500 if steps is None else int(steps)
         seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
-        bar = progress_bar(range(1), desc="codes: residual k-means", enabled=progress)
-        for _ in bar:
-            _, codes = residual_kmeans(weight, cfg.books, cfg.codewords, seed=seed)
-        codebooks, codes = additive_refine(weight, codes, cfg.codewords, rounds=rounds)
+        rows = weight.shape[0]
+        stages = progress_bar(range(3), desc="codes: additive codes", enabled=progress)
+        for stage in stages:
+            if stage == 0:
+                train = weight if rows <= sample else weight[torch.randperm(rows, generator=generator)[:sample]]
+                _, codes = residual_kmeans(train, cfg.books, cfg.codewords, beam=beam, seed=seed)
+            elif stage == 1:
+                codebooks, codes = additive_refine(train, codes, cfg.codewords, rounds=rounds, beam=beam)
+            elif train is not weight:
+                codes = icm_codes(weight, beam_encode(weight, codebooks, beam), codebooks)
+                codebooks = least_squares_codebooks(weight, codes, cfg.codewords)
         base_error = _row_errors(weight, codes, codebooks)
-        log.info("codes: additive refinement, relative MSE %.4f", _relative(base_error, weight))
+        log.info("codes: additive codes, relative MSE %.4f", _relative(base_error, weight))
 
         if steps > 0:
             encoder, codebooks_ae = self._autoencoder(weight, codes, codebooks, steps, batch_size, lr,
                                                       generator, progress)
             with torch.no_grad():
                 enc_codes = torch.cat([_log_alpha(encoder, weight[s:s + 65536], cfg).argmax(-1)
-                                       for s in range(0, weight.shape[0], 65536)])
-            # The autoencoder may find better codes for some rows; keep, per row, the better one
-            # under the refined codebooks, then polish.
+                                       for s in range(0, rows, 65536)])
+            log.info("codes: autoencoder argmax codes alone, relative MSE %.4f",
+                     _relative(_row_errors(weight, enc_codes, codebooks_ae), weight))
+            # Keep, per row, the better of the autoencoder's and the refined codes, then polish.
             better = _row_errors(weight, enc_codes, codebooks) < base_error
             codes = torch.where(better.unsqueeze(1), enc_codes, codes)
-            log.info("codes: autoencoder codes better on %.1f%% of rows", 100 * float(better.float().mean()))
-            codebooks, codes = additive_refine(weight, codes, cfg.codewords, rounds=1)
+            log.info("codes: autoencoder codes better on %.2f%% of rows", 100 * float(better.float().mean()))
+        codes = icm_codes(weight, codes, codebooks)
+        codebooks = least_squares_codebooks(weight, codes, cfg.codewords)
         log.info("codes: final relative MSE %.4f", _relative(_row_errors(weight, codes, codebooks), weight))
         with torch.no_grad():
             self._to_fixed(codes)

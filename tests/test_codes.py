@@ -1,0 +1,161 @@
+"""Compositional codes: straight-through training, temperature schedule, the two states, post hoc fit."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import embcompress
+from embcompress import SpecError
+from embcompress.budget import config_for_budget
+from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen.codebook import decode_codes
+from embcompress.methods.codes import (CodesConfig, CompositionalCodeEmbedding, icm_codes,
+                                       least_squares_codebooks, residual_kmeans)
+from helpers import relative_mse, synthetic_table
+
+
+def train_steps(table, ids, steps=3):
+    optimizer = torch.optim.SGD(table.parameters(), lr=0.1)
+    for _ in range(steps):
+        loss = table(ids).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_straight_through_forward_is_one_codeword_and_gradients_reach_everything():
+    table = CompositionalCodeEmbedding(30, 6, "codes:books=1,codewords=4").train()
+    ids = torch.arange(30)
+    out = table(ids)
+    # Hard forward: each row is exactly one of the 4 codewords (books=1).
+    distance = (out.detach().unsqueeze(1) - table.codebooks[0].detach()).norm(dim=-1)
+    assert torch.all(distance.min(1).values < 1e-6)
+    picked = distance.min(1).indices.unique()
+    (out * torch.randn_like(out)).sum().backward()
+    assert table.query.grad[ids].abs().sum(1).gt(0).all(), "every looked-up query row gets a gradient"
+    for name, param in table.encoder.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # Codebooks get the task gradient through the selected codewords (the forward is one-hot).
+    assert table.codebooks.grad[0, picked].abs().sum(-1).gt(0).all()
+
+
+def test_soft_forward_without_straight_through():
+    table = CompositionalCodeEmbedding(20, 6, "codes:books=2,codewords=4,hard=false").train()
+    out = table(torch.arange(20))
+    hard = decode_codes(table.current_codes(torch.arange(20)), table.codebooks, "sum")
+    assert not torch.allclose(out, hard)  # a soft mixture, not a codeword sum
+
+
+def test_temperature_schedule_anneals_and_is_saved(tmp_path):
+    spec = "codes:books=2,codewords=4,tau=2.0,tau_min=0.5,anneal_rate=0.1"
+    table = CompositionalCodeEmbedding(20, 6, spec).train()
+    assert table.temperature() == pytest.approx(2.0)
+    ids = torch.arange(5)
+    for _ in range(4):
+        table(ids)
+    assert table.temperature() == pytest.approx(2.0 * math.exp(-0.4))
+    with torch.no_grad():
+        table(ids)  # a no-grad forward is not a training step
+    table.eval()(ids)  # nor is an eval forward
+    assert int(table.step[0]) == 4
+    loaded = embcompress.load(embcompress.save(table, tmp_path / "t.emb"))
+    assert int(loaded.step[0]) == 4 and loaded.temperature() == pytest.approx(table.temperature())
+    restored = CompositionalCodeEmbedding(20, 6, spec)
+    restored.load_state_dict(table.state_dict())
+    assert restored.temperature() == pytest.approx(table.temperature())
+    table.train()
+    for _ in range(100):
+        table(ids)
+    assert table.temperature() == pytest.approx(0.5)  # floored at tau_min
+
+
+def test_freeze_codes_keeps_outputs_and_leaves_codes_plus_codebooks(tmp_path):
+    torch.manual_seed(0)
+    table = CompositionalCodeEmbedding(40, 8, "codes:books=3,codewords=8", padding_idx=2)
+    train_steps(table.train(), torch.randint(0, 40, (64,)))
+    before = table.eval().materialize()
+    codebooks = table.codebooks
+    table.freeze_codes()
+    assert table.layout() == {"state": "fixed"}
+    assert [name for name, _ in table.named_parameters()] == ["codebooks"] and table.codebooks is codebooks
+    assert set(table.state_dict()) == {"codes", "codebooks"}
+    torch.testing.assert_close(table.materialize(), before, rtol=0, atol=0)
+    torch.testing.assert_close(table.train()(torch.arange(40)), before)  # fixed codes: train == eval
+    loaded = embcompress.load(embcompress.save(table, tmp_path / "fixed.emb"))
+    assert loaded.layout() == {"state": "fixed"}
+    torch.testing.assert_close(loaded.materialize(), before)
+    # Still trainable end to end: the codebooks learn, the codes stay.
+    codes = table.codes.clone()
+    train_steps(table, torch.arange(40))
+    assert torch.equal(table.codes, codes) and not torch.allclose(table.eval().materialize(), before)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_export_equals_eval_forward(freeze):
+    torch.manual_seed(1)
+    table = CompositionalCodeEmbedding(50, 12, "codes:books=3,codewords=5", padding_idx=0)
+    train_steps(table.train(), torch.randint(0, 50, (32,)))
+    if freeze:
+        table.freeze_codes()
+    frozen = table.eval().export()
+    assert isinstance(frozen, CodebookEmbedding) and frozen.combine == "sum" and frozen.bits == 3
+    ids = torch.randint(0, 50, (4, 9))
+    torch.testing.assert_close(frozen(ids), table(ids), rtol=1e-6, atol=1e-6)
+    assert frozen.num_bytes() == CompositionalCodeEmbedding.expected_bytes(table.config, 50, 12)
+    assert frozen.num_bytes() == math.ceil(50 * 3 * 3 / 8) + 4 * 3 * 5 * 12
+
+
+def test_least_squares_codebooks_is_the_least_squares_optimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g)
+    codes = torch.randint(0, 4, (300, 3), generator=g)
+    books = least_squares_codebooks(x, codes, 4, ridge=1e-9)
+    one_hot = F.one_hot(codes, 4).reshape(300, 12).double()
+    optimum = torch.linalg.lstsq(one_hot, x.double(), driver="gelsd").solution
+    error = (decode_codes(codes, books, "sum") - x).pow(2).sum()
+    best = (one_hot @ optimum - x.double()).pow(2).sum()
+    assert float(error) == pytest.approx(float(best), rel=1e-5)
+    # ICM never makes the error worse.
+    better = icm_codes(x, codes, books)
+    assert (decode_codes(better, books, "sum") - x).pow(2).sum() <= error + 1e-4
+
+
+def test_post_hoc_fit_beats_residual_kmeans(caplog):
+    weight = synthetic_table(600, 16, rank=8, noise=0.2, seed=3)
+    torch.manual_seed(0)
+    books, codes = residual_kmeans(weight, 4, 16)
+    baseline = relative_mse(decode_codes(codes, books, "sum"), weight)
+    with caplog.at_level(logging.INFO, logger="embcompress.methods.codes"):
+        table = embcompress.from_pretrained(weight, "codes:books=4,codewords=16", steps=50)
+    assert "maxp" in caplog.text
+    assert table.layout() == {"state": "fixed"}
+    fitted = relative_mse(table.eval().materialize(), weight)
+    assert fitted < 0.9 * baseline, f"fit {fitted:.4f} vs residual k-means {baseline:.4f}"
+    assert 0 < table.last_maxp <= 1
+
+
+def test_budget_prefers_measured_shapes_and_fits():
+    config = config_for_budget("codes", 400_000, 50, bits_per_row=80)
+    size = CompositionalCodeEmbedding.expected_bytes(config, 400_000, 50)
+    assert size <= 4_000_000 and size >= 0.95 * 4_000_000
+    small = config_for_budget("codes", 2_000, 32, ratio=10)
+    assert CompositionalCodeEmbedding.expected_bytes(small, 2_000, 32) <= 2_000 * 32 * 4 / 10
+    assert config_for_budget("codes:tau=2.0", 2_000, 32, ratio=10).tau == 2.0  # user fields kept
+
+
+@pytest.mark.parametrize("spec,field", [
+    ("codes:books=0", "books"), ("codes:codewords=1", "codewords"), ("codes:tau=0.2,tau_min=0.5", "tau"),
+    ("codes:anneal_rate=-1", "anneal_rate"), ("codes:hidden=-2", "hidden"),
+])
+def test_bad_configs_name_the_field(spec, field):
+    with pytest.raises(SpecError, match=field):
+        embcompress.parse_spec(spec)
+
+
+def test_default_hidden_size_is_the_papers():
+    assert CodesConfig().hidden_size == 32 * 16 // 2
+    table = CompositionalCodeEmbedding(10, 4, "codes:books=2,codewords=8,hidden=5")
+    assert table.encoder[0].out_features == 5 and table.encoder[2].out_features == 16
