@@ -14,6 +14,8 @@ CASES: dict[str, list[tuple[str, float]]] = {
     "codes": [("codes:books=4,codewords=8", 0.6), ("codes:books=3,codewords=5", 0.7)],
     "memcom": [("memcom:buckets=48", 0.8), ("memcom:buckets=48,bias=true,hash=universal", 0.8)],
     "tt": [("tt:cores=2,rank=8", 0.8), ("tt:cores=3,rank=4", 0.9)],
-    "qr": [("qr:buckets=16", 0.9), ("qr:buckets=16,combine=add", 0.9), ("qr:buckets=16,combine=concat", 0.95)],  # its exact LS optimum is 0.938
+    # add/concat rows are additive in (quotient, remainder): with 16 buckets a linear head cannot fit the
+    # random labels of test_training_lowers_the_loss (loss floor ~1.28) and concat's LS optimum is 0.938.
+    "qr": [("qr:buckets=16", 0.9), ("qr:buckets=64,combine=add", 0.9), ("qr:buckets=64,combine=concat", 0.9)],
     "pq": [("pq:groups=4,codewords=16", 0.5), ("pq:groups=6,codewords=5", 0.6)],
 }
