@@ -80,7 +80,7 @@ def test_budget_and_its_ceiling():
     config = config_for_budget("memcom", rows, dim, ratio=20)
     size = embcompress.get_method("memcom").expected_bytes(config, rows, dim)
     assert 0.97 * rows * dim * 4 / 20 <= size <= rows * dim * 4 / 20
-    with pytest.raises(embcompress.SpecError, match=r"always below d/1 = 32"):
+    with pytest.raises(embcompress.SpecError, match=r"always below d = 32; at most 31.50x"):
         config_for_budget("memcom", rows, dim, ratio=32)
-    with pytest.raises(embcompress.SpecError, match=r"always below d/2 = 16"):
+    with pytest.raises(embcompress.SpecError, match=r"2\*V\) is always below d/2 = 16"):
         config_for_budget("memcom:bias=true", rows, dim, ratio=20)

@@ -95,8 +95,9 @@ class MEmComEmbedding(CompressedEmbedding):
         """Why a budget may be out of reach: the per-entity scalars alone cost V floats."""
         per_entity = 2 if base.bias else 1
         best = num_embeddings * embedding_dim / (embedding_dim + per_entity * num_embeddings)
-        return (f"memcom's ratio V*d / (m*d + {per_entity}*V) is always below d/{per_entity} = "
-                f"{embedding_dim / per_entity:g} (at most {best:.1f}x here, with 1 bucket)")
+        formula, ceiling = ("V*d / (m*d + V)", "d") if per_entity == 1 else ("V*d / (m*d + 2*V)", "d/2")
+        return (f"memcom's ratio {formula} is always below {ceiling} = {embedding_dim / per_entity:g}; "
+                f"at most {best:.2f}x here, with 1 bucket")
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(self.hash(ids), self.table) * self.scale[ids].unsqueeze(1)
