@@ -99,28 +99,31 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
         ids = torch.arange(self.num_embeddings)
         if self.padding_idx is not None:  # the padding row is masked to 0: it must not pull its rows
             ids = ids[ids != self.padding_idx]
-        # The rows on a (quotient, remainder) grid: every update is then a dense sum over one axis.
+        # The rows on a (quotient, remainder) grid: every update is a sum over one axis.
         nq, width = self.quotient.shape
         grid = torch.zeros(nq * m, self.embedding_dim)
         grid[ids] = weight[ids]
-        mask = torch.zeros(nq * m, 1)
-        mask[ids] = 1.0
-        grid, mask = grid.reshape(nq, m, -1), mask.reshape(nq, m, 1)
+        present = torch.zeros(nq * m)
+        present[ids] = 1.0
+        grid, present = grid.reshape(nq, m, -1), present.reshape(nq, m)  # present: the id exists (< V, not padding)
+        count_q, count_r = present.sum(1, keepdim=True).clamp_min(1), present.sum(0).unsqueeze(1).clamp_min(1)
         if cfg.combine == "concat":
-            self.quotient.copy_(_masked_mean(grid[..., :width], mask, 1))
-            self.remainder.copy_(_masked_mean(grid[..., width:], mask, 0))
+            self.quotient.copy_(grid[..., :width].sum(1) / count_q)
+            self.remainder.copy_(grid[..., width:].sum(0) / count_r)
             return self
         rounds = progress_bar(range(30 if steps is None else steps), desc="fit qr", enabled=progress)
         if cfg.combine == "add":
-            quo, rem = _masked_mean(grid, mask, 1), torch.zeros(m, self.embedding_dim)
+            # Sums over the grid are fixed; each half-round is then one small matmul.
+            sum_q, sum_r = grid.sum(1), grid.sum(0)
+            quo, rem = sum_q / count_q, torch.zeros(m, self.embedding_dim)
             for _ in rounds:
-                rem = _masked_mean(grid - quo.unsqueeze(1), mask, 0)
-                quo = _masked_mean(grid - rem.unsqueeze(0), mask, 1)
+                rem = (sum_r - present.T @ quo) / count_r
+                quo = (sum_q - present @ rem) / count_q
         else:
-            quo, rem = torch.ones(nq, self.embedding_dim), _masked_mean(grid, mask, 0)
+            quo, rem = torch.ones(nq, self.embedding_dim), grid.sum(0) / count_r
             for _ in rounds:
-                quo = _scaled_mean(grid, mask * rem.unsqueeze(0), 1, quo)
-                rem = _scaled_mean(grid, mask * quo.unsqueeze(1), 0, rem)
+                quo = _least_squares_scale(torch.einsum("abd,bd->ad", grid, rem), present @ rem.pow(2), quo)
+                rem = _least_squares_scale(torch.einsum("abd,ad->bd", grid, quo), present.T @ quo.pow(2), rem)
         self.quotient.copy_(quo)
         self.remainder.copy_(rem)
         return self
@@ -130,15 +133,6 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
                            quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())
 
 
-def _masked_mean(grid: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean over the present entries of ``grid`` (nq, m, w) along ``dim`` (0 where none are present)."""
-    return (grid * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
-
-
-def _scaled_mean(grid: torch.Tensor, other: torch.Tensor, dim: int, previous: torch.Tensor) -> torch.Tensor:
-    """Per-entry least squares of grid ~ t * other along ``dim``: t = sum(grid * other) / sum(other^2).
-
-    ``other`` is zero at absent entries, so they drop out of both sums.
-    """
-    num, den = (grid * other).sum(dim), other.pow(2).sum(dim)
+def _least_squares_scale(num: torch.Tensor, den: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per-entry least squares t = sum(x * other) / sum(other^2), keeping ``previous`` where undetermined."""
     return torch.where(den > 1e-12, num / den.clamp_min(1e-12), previous)
