@@ -121,9 +121,12 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
                 quo = (sum_q - present @ rem) / count_q
         else:
             quo, rem = torch.ones(nq, self.embedding_dim), grid.sum(0) / count_r
+            by_column = grid.permute(2, 0, 1).contiguous()  # (d, nq, m): one matrix per column, for bmm
             for _ in rounds:
-                quo = _least_squares_scale(torch.einsum("abd,bd->ad", grid, rem), present @ rem.pow(2), quo)
-                rem = _least_squares_scale(torch.einsum("abd,ad->bd", grid, quo), present.T @ quo.pow(2), rem)
+                num = torch.bmm(by_column, rem.T.unsqueeze(2)).squeeze(2).T  # sum_b x[a, b] rem[b]
+                quo = _least_squares_scale(num, present @ rem.pow(2), quo)
+                num = torch.bmm(by_column.transpose(1, 2), quo.T.unsqueeze(2)).squeeze(2).T  # sum_a x[a, b] quo[a]
+                rem = _least_squares_scale(num, present.T @ quo.pow(2), rem)
         self.quotient.copy_(quo)
         self.remainder.copy_(rem)
         return self
