@@ -101,15 +101,22 @@ def _beam_step(residual: torch.Tensor, codes: torch.Tensor, book: torch.Tensor,
 
 @torch.no_grad()
 def beam_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int = 8, chunk: int = 8192) -> torch.Tensor:
-    """Additive codes by beam search over the books in order (greedy when beam = 1). -> (V, M)."""
+    """Additive codes by beam search (greedy when beam = 1). -> (V, M).
+
+    Books are visited by decreasing energy (mean squared codeword norm): least-squares codebooks
+    lose the residual order, and a beam decides best when the large terms come first.
+    """
+    order = codebooks.pow(2).sum(-1).mean(-1).argsort(descending=True)
     out = []
     for start in range(0, x.shape[0], chunk):
         residual = x[start:start + chunk].unsqueeze(1)
         codes = torch.zeros(residual.shape[0], 1, 0, dtype=torch.long)
-        for book in codebooks:
-            residual, codes = _beam_step(residual, codes, book, beam)
+        for m in order.tolist():
+            residual, codes = _beam_step(residual, codes, codebooks[m], beam)
         out.append(codes[:, 0])
-    return torch.cat(out) if out else torch.zeros(0, codebooks.shape[0], dtype=torch.long)
+    if not out:
+        return torch.zeros(0, codebooks.shape[0], dtype=torch.long)
+    return torch.cat(out)[:, order.argsort()]
 
 
 @torch.no_grad()
@@ -262,9 +269,9 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: CodesConfig) -> list[CodesConfig]:
         """One codebook size K per table shape, every M: the largest that fits wins.
 
-        K is the largest power of two (2..256) whose codebook costs at most ~1/32 of the codes it
-        indexes (4*K*d <= V*log2(K)/8 / 32): on GloVe 400k x 50 that is K=32, on a 20k-row table K=4.
-        Measured on GloVe 50d at ~80 bits per row, see the report in the commit history.
+        K is the largest power of two (2..256) whose fp32 codebook costs at most 1/32 of the codes
+        it indexes (4*K*d <= V*log2(K)/8 / 32), a rule of thumb that keeps codebooks from eating a
+        small table's budget: GloVe 400k x 50 gets K=32 (80 bits/row -> 15x32), a 2k x 32 table K=2.
         """
         k = preferred_codewords(num_embeddings, embedding_dim)
         most = max(1, min(256, 16 * embedding_dim // max(1, bits_for(k))))
@@ -288,9 +295,8 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
         if self.state == "fixed":
             return self.codes.clone() if ids is None else self.codes[ids]
         ids = torch.arange(self.num_embeddings, device=self.query.device) if ids is None else ids
-        return torch.cat([self.log_alpha(self.query[ids[s:s + chunk]]).argmax(-1)
-                          for s in range(0, ids.numel(), chunk)]) if ids.numel() else \
-            torch.zeros(0, self.config.books, dtype=torch.long)
+        parts = [self.log_alpha(self.query[ids[s:s + chunk]]).argmax(-1) for s in range(0, ids.numel(), chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.config.books, dtype=torch.long)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.state == "fixed":
