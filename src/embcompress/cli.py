@@ -155,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for spec in args.methods:
         started = time.perf_counter()
         try:
-            result = compress_table(table, spec, bits_per_row=args.bits_per_row, sample=0, analogy=False)
+            result = compress_table(table, spec, bits_per_row=args.bits_per_row, neighbours=False, analogy=False)
         except SpecError as exc:  # e.g. a baseline that cannot go this small
             print(f"  {spec:16s} skipped: {exc}", flush=True)
             continue
