@@ -68,7 +68,8 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
 
     @classmethod
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig) -> list[PQConfig]:
-        return [base.replace(groups=g, codewords=k) for k in (256, 16, 4096, 64, 4, 2)
+        # Byte-aligned 8- and 4-bit codes first (the usual PQ settings); larger K makes k-means slow.
+        return [base.replace(groups=g, codewords=k) for k in (256, 16, 64, 4, 2)
                 for g in divisors(embedding_dim)]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
