@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-quick bench-perf clean
+.PHONY: setup demo test bench bench-quick bench-perf bench-posthoc clean
 
 $(STAMP): pyproject.toml requirements/torch.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Task benchmarks (benchmarks/tasks): results, report and plots under benchmarks/results/tasks-<size>/.
+bench-quick: $(STAMP)
+	EMBCOMPRESS_QUIET=1 $(PY) -m benchmarks.tasks.run --size quick --jobs 2
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.tasks.run --size standard --jobs 2
+
+# Post hoc GloVe comparison at 80 and 40 bits per row, with FAISS side by side.
+bench-posthoc: $(STAMP)
+	$(PY) benchmarks/posthoc.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Task benchmarks: real-data tasks trained with compressed tables (see run.py)."""
