@@ -18,7 +18,22 @@ from ..frozen import HashedEmbedding
 from ..hashing import HashFunction
 from ..registry import register
 
-__all__ = ["HashConfig", "HashEmbedding", "bucket_means"]
+__all__ = ["HashConfig", "HashEmbedding", "bucket_means", "bucket_grid"]
+
+
+def bucket_grid(limit: int, dense: int = 128, step: float = 1.01) -> list[int]:
+    """Sizes 1..dense, then growing by ``step`` up to ``limit``: budget candidates for a bucket count.
+
+    A full range 1..V would build hundreds of thousands of configs; a 1% grid wastes at most
+    about 1% of a budget.
+    """
+    sizes = set(range(1, min(dense, limit) + 1))
+    size = float(dense)
+    while size < limit:
+        size *= step
+        sizes.add(min(limit, int(size)))
+    sizes.add(limit)
+    return sorted(sizes)
 
 
 @dataclass(frozen=True)
@@ -30,7 +45,9 @@ class HashConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.buckets < 1:
-            raise SpecError(f"hash: buckets must be >= 1, got {self.buckets}")
+            raise SpecError(f"{self.method}: buckets must be >= 1, got {self.buckets}")
+        if self.init_std < 0:
+            raise SpecError(f"{self.method}: init_std must be >= 0, got {self.init_std}")
 
 
 def bucket_means(weight: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -63,7 +80,7 @@ class HashEmbedding(CompressedEmbedding):
 
     @classmethod
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: HashConfig) -> list[HashConfig]:
-        return [base.replace(buckets=m) for m in range(1, num_embeddings + 1)]
+        return [base.replace(buckets=m) for m in bucket_grid(num_embeddings)]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(self.hash(ids), self.table)

@@ -14,81 +14,44 @@ Exported to the ``hashed`` format (table + scale [+ bias]).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
 from ..frozen import HashedEmbedding
-from ..hashing import HashFunction
 from ..progress import progress_bar
 from ..registry import register
-from .hashing import bucket_means
+from .hashing import HashConfig, HashEmbedding, bucket_means
 
-__all__ = ["MEmComConfig", "MEmComEmbedding", "bucket_grid"]
-
-
-def bucket_grid(limit: int, dense: int = 128, step: float = 1.01) -> list[int]:
-    """Sizes 1..dense, then growing by ``step`` up to ``limit``: budget candidates for a bucket count.
-
-    A full range 1..V would build hundreds of thousands of configs; a 1% grid wastes at most
-    about 1% of a budget.
-    """
-    sizes = set(range(1, min(dense, limit) + 1))
-    size = float(dense)
-    while size < limit:
-        size *= step
-        sizes.add(min(limit, int(size)))
-    sizes.add(limit)
-    return sorted(sizes)
+__all__ = ["MEmComConfig", "MEmComEmbedding"]
 
 
 @dataclass(frozen=True)
-class MEmComConfig(MethodConfig):
+class MEmComConfig(HashConfig):
     method: ClassVar[str] = "memcom"
-    buckets: int = field(default=1024, metadata={"help": "rows m of the shared table"})
-    hash: Literal["mod", "universal"] = field(default="mod", metadata={"help": "i mod m, or a stored universal hash"})
     bias: bool = field(default=False, metadata={"help": "add a per-entity scalar bias b_i (V more floats)"})
-    init_std: float = field(default=1.0, metadata={"help": "std of the random initial table (nn.Embedding uses 1)"})
-
-    def validate(self) -> None:
-        if self.buckets < 1:
-            raise SpecError(f"memcom: buckets must be >= 1, got {self.buckets}")
-        if self.init_std < 0:
-            raise SpecError(f"memcom: init_std must be >= 0, got {self.init_std}")
 
 
 @register
-class MEmComEmbedding(CompressedEmbedding):
+class MEmComEmbedding(HashEmbedding):
     """Hashed shared rows scaled (and optionally shifted) per entity."""
 
     Config = MEmComConfig
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
-        super().__init__(num_embeddings, embedding_dim, config, padding_idx)
+        super().__init__(num_embeddings, embedding_dim, config, padding_idx, layout)
         cfg = self.config
-        self.hash = (HashFunction.from_dict(layout["hash"]) if layout
-                     else HashFunction.create(cfg.hash, cfg.buckets))
-        self.table = nn.Parameter(torch.randn(cfg.buckets, embedding_dim) * cfg.init_std)
         # w = 1 makes the untrained table exactly the hashing trick (paper Sec. 3).
         self.scale = nn.Parameter(torch.ones(num_embeddings))
         self.bias = nn.Parameter(torch.zeros(num_embeddings)) if cfg.bias else None
-
-    def layout(self) -> dict[str, Any]:
-        return {"hash": self.hash.to_dict()}
 
     @classmethod
     def expected_bytes(cls, config: MEmComConfig, num_embeddings: int, embedding_dim: int) -> int:
         per_entity = 2 if config.bias else 1
         return 4 * (config.buckets * embedding_dim + per_entity * num_embeddings)
-
-    @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: MEmComConfig) -> list[MEmComConfig]:
-        return [base.replace(buckets=m) for m in bucket_grid(num_embeddings)]
 
     @classmethod
     def budget_note(cls, num_embeddings: int, embedding_dim: int, base: MEmComConfig) -> str:

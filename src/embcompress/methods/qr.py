@@ -26,7 +26,7 @@ from ..config import MethodConfig, SpecError
 from ..frozen.qr import QREmbedding, combine_parts
 from ..progress import progress_bar
 from ..registry import register
-from .memcom import bucket_grid
+from .hashing import bucket_grid
 
 __all__ = ["QRConfig", "QuotientRemainderEmbedding"]
 
