@@ -35,6 +35,10 @@ EXAMPLES = """examples:
 # Every method and baseline, each at the 80 bits/row budget of the demo.
 DEMO_METHODS = ["codes", "dpq", "dpq:variant=vq", "tt", "memcom", "distilled",
                 "pq", "lowrank", "qr", "hash", "scalar:bits=4"]
+# Lighter fits than the defaults keep the demo to a few minutes on 2 cores;
+# `make bench-posthoc` runs every method with its default (full) fit.
+DEMO_FIT_OPTIONS = {"codes": {"steps": 100, "rounds": 1, "beam": 4, "sample": 32768},
+                    "dpq": {"steps": 50}, "memcom": {"steps": 10}, "tt": {"steps": 30}}
 REPORT_COLUMNS = [("method", "method", "{}"), ("bytes", "bytes", "{:,}"), ("ratio", "ratio", "{:.1f}x"),
                   ("bits/row", "bits_per_row", "{:.0f}"), ("rel MSE", "rel_mse", "{:.3f}"),
                   ("cosine", "mean_cosine", "{:.3f}"), ("WS353", "ws353", "{:.3f}"),
@@ -155,7 +159,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for spec in args.methods:
         started = time.perf_counter()
         try:
-            result = compress_table(table, spec, bits_per_row=args.bits_per_row, neighbours=False, analogy=False)
+            method = spec.partition(":")[0]
+            fit_options = {} if args.full_fit else DEMO_FIT_OPTIONS.get(method, {})
+            result = compress_table(table, spec, bits_per_row=args.bits_per_row, fit_options=fit_options,
+                                    neighbours=False, analogy=False)
         except SpecError as exc:  # e.g. a baseline that cannot go this small
             print(f"  {spec:16s} skipped: {exc}", flush=True)
             continue
@@ -217,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-per-row", type=float, default=80.0)
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows (default: all 400k)")
     p.add_argument("--methods", nargs="+", default=DEMO_METHODS)
+    p.add_argument("--full-fit", action="store_true", help="each method's default fit (slower) instead of the "
+                                                          "demo's lighter settings")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=cmd_demo)
     return parser
