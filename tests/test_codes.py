@@ -13,7 +13,7 @@ from embcompress.budget import config_for_budget
 from embcompress.frozen import CodebookEmbedding
 from embcompress.frozen.codebook import decode_codes
 from embcompress.methods.codes import (CodesConfig, CompositionalCodeEmbedding, icm_codes,
-                                       least_squares_codebooks, residual_kmeans)
+                                       least_squares_codebooks, local_search_codes, residual_kmeans)
 from helpers import relative_mse, synthetic_table
 
 
@@ -139,16 +139,68 @@ def test_post_hoc_fit_beats_residual_kmeans(caplog):
 
 def test_budget_prefers_measured_shapes_and_fits():
     config = config_for_budget("codes", 400_000, 50, bits_per_row=80)
+    assert (config.books, config.codewords, config.codebook_dtype) == (11, 128, "float16")
     size = CompositionalCodeEmbedding.expected_bytes(config, 400_000, 50)
+    assert size == 400_000 * 11 * 7 // 8 + 2 * 11 * 128 * 50
     assert size <= 4_000_000 and size >= 0.95 * 4_000_000
+    fp32 = config_for_budget("codes:codebook_dtype=float32", 400_000, 50, bits_per_row=80)
+    assert fp32.codebook_dtype == "float32"
+    assert CompositionalCodeEmbedding.expected_bytes(fp32, 400_000, 50) <= 4_000_000
     small = config_for_budget("codes", 2_000, 32, ratio=10)
     assert CompositionalCodeEmbedding.expected_bytes(small, 2_000, 32) <= 2_000 * 32 * 4 / 10
     assert config_for_budget("codes:tau=2.0", 2_000, 32, ratio=10).tau == 2.0  # user fields kept
 
 
+def test_float16_codebooks_export_exactly_and_halve_codebook_bytes(tmp_path):
+    weight = synthetic_table(300, 16, rank=8, noise=0.2, seed=5)
+    torch.manual_seed(0)
+    table = embcompress.from_pretrained(weight, "codes:books=3,codewords=16,codebook_dtype=float16",
+                                        steps=0, polish=1)
+    frozen = table.eval().export()
+    assert frozen.codebooks.dtype == torch.float16
+    assert frozen.num_bytes() == math.ceil(300 * 3 * 4 / 8) + 2 * 3 * 16 * 16
+    assert frozen.num_bytes() == CompositionalCodeEmbedding.expected_bytes(table.config, 300, 16)
+    ids = torch.randint(0, 300, (7, 5))
+    torch.testing.assert_close(frozen(ids), table(ids), rtol=0, atol=0)  # the module decodes the fp16 values
+    loaded = embcompress.load(embcompress.save(frozen, tmp_path / "half.emb"))
+    assert loaded.codebooks.dtype == torch.float16
+    torch.testing.assert_close(loaded(ids), frozen(ids), rtol=0, atol=0)
+    # Training still reaches the (fp32) parameter through the rounding (straight-through).
+    table.train()(torch.arange(10)).sum().backward()
+    assert table.codebooks.grad is not None and table.codebooks.grad.abs().sum() > 0
+
+
+def test_local_search_never_worse_and_escapes_icm_optima():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    books, codes = residual_kmeans(x, 4, 16)
+    books = least_squares_codebooks(x, codes, 16)
+    settled = icm_codes(x, codes, books, sweeps=4)  # an ICM local optimum (more sweeps change ~nothing)
+
+    def error(c):
+        return (decode_codes(c, books, "sum") - x).pow(2).sum(1)
+
+    searched = local_search_codes(x, settled, books, iters=6, perturb=2, generator=torch.Generator().manual_seed(1))
+    assert torch.all(error(searched) <= error(settled) + 1e-5)
+    assert error(searched).sum() < 0.99 * error(icm_codes(x, settled, books, sweeps=2)).sum()
+
+
+def test_quick_preset_fits_and_is_deterministic():
+    weight = synthetic_table(500, 12, rank=6, noise=0.2, seed=4)
+    options = CompositionalCodeEmbedding.quick_fit_options()
+    assert options["steps"] == 0
+    torch.manual_seed(3)
+    first = CompositionalCodeEmbedding.from_pretrained(weight, "codes:books=4,codewords=16", **options)
+    torch.manual_seed(3)
+    second = CompositionalCodeEmbedding.from_pretrained(weight, "codes:books=4,codewords=16", **options)
+    assert torch.equal(first.codes, second.codes) and torch.equal(first.codebooks, second.codebooks)
+    assert relative_mse(first.materialize(), weight) < 0.5
+
+
 @pytest.mark.parametrize("spec,field", [
     ("codes:books=0", "books"), ("codes:codewords=1", "codewords"), ("codes:tau=0.2,tau_min=0.5", "tau"),
     ("codes:anneal_rate=-1", "anneal_rate"), ("codes:hidden=-2", "hidden"),
+    ("codes:codebook_dtype=int8", "codebook_dtype"),
 ])
 def test_bad_configs_name_the_field(spec, field):
     with pytest.raises(SpecError, match=field):

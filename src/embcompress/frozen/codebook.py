@@ -4,6 +4,7 @@ Shapes:
     packed     (ceil(V * books * bits / 8),) uint8   bit-packed codes, see ``bitpack``
     codebooks  (books, codewords, width) float32     one codebook per code position, or
                (1, codewords, width)                 one codebook shared by all ``books`` positions
+               (float16 storage is kept as is: half the codebook bytes; decoding adds in float32)
     width = d / books (concat) or d (sum)
 Row i = concat_j codebooks[j, code_ij]      (combine="concat", product quantization)
       = sum_j    codebooks[j, code_ij]      (combine="sum", additive / compositional codes)
@@ -36,12 +37,18 @@ def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> 
         raise ValueError(f"codes have {books} positions but codebooks {tuple(codebooks.shape)} hold {stored} "
                          f"codebooks; need {books} or 1 (shared)")
     parts = F.embedding(codes, codebooks.reshape(stored * codewords, width))  # (N, books, width)
+    if parts.dtype == torch.float16:  # fp16-stored codebooks: sum in float32
+        parts = parts.float()
     return parts.sum(1) if combine == "sum" else parts.reshape(codes.shape[0], books * width)
+
+
+def _rebuild_fast_path(module: "CodebookEmbedding", _incompatible_keys: Any) -> None:
+    module._build_fast_path()
 
 
 @register_format
 class CodebookEmbedding(FrozenEmbedding):
-    """Bit-packed codes plus fp32 codebooks.
+    """Bit-packed codes plus fp32 (or fp16) codebooks.
 
     ``books`` is the number of codes per row; it defaults to ``codebooks.shape[0]``. Passing a
     larger ``books`` with codebooks of shape (1, K, width) shares that one codebook across all
@@ -49,6 +56,8 @@ class CodebookEmbedding(FrozenEmbedding):
     """
 
     format = "codebook"
+    #: byte-indexed lookup tables (see ``_build_fast_path``) are built up to this many floats (8 MB)
+    byte_table_floats: int = 1 << 21
 
     def __init__(
         self,
@@ -87,7 +96,12 @@ class CodebookEmbedding(FrozenEmbedding):
         self.shared = stored == 1 and books > 1
         self.codewords = codewords
         self.register_buffer("packed", packed.contiguous())
-        self.register_buffer("codebooks", codebooks.detach().float().contiguous())
+        # float16 codebooks stay float16 (the stored bytes halve); any other dtype is stored as float32.
+        dtype = torch.float16 if codebooks.dtype == torch.float16 else torch.float32
+        self.register_buffer("codebooks", codebooks.detach().to(dtype).contiguous())
+        self._build_fast_path()
+        # The lookup tables derive from the codebooks: rebuild them when a state dict is loaded.
+        self.register_load_state_dict_post_hook(_rebuild_fast_path)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, combine: str,
@@ -103,7 +117,96 @@ class CodebookEmbedding(FrozenEmbedding):
     def codes(self, ids: torch.Tensor) -> torch.Tensor:
         return unpack_codes(self.packed, ids, self.books, self.bits)
 
+    # -- fast lookup ------------------------------------------------------------------------
+    # The reference decode (unpack_codes + decode_codes) builds int64 (N, books) codes and, for
+    # combine="sum", an (N, books, d) tensor; at N = 65,536 those temporaries cost more than the
+    # output. The fast path reads each row's code bytes as uint8, turns them into int32 indices
+    # of a small float32 table and makes the output with ONE parallel op: index_select (concat)
+    # or embedding_bag with one bag per row (sum). Where 8 / bits codes share a byte (1, 2, 4 or
+    # 8 bits), the table is indexed by the byte itself: entry (slot, byte) is the concat / sum of
+    # the codewords of the codes in that byte, so a byte is one gather instead of 8 / bits.
+    def _build_fast_path(self) -> None:
+        books, bits, codewords = self.books, self.bits, self.codewords
+        stored = self.codebooks.shape[0]
+        codebooks = self.codebooks.detach().float()
+        row_bytes = books * bits // 8 if books * bits % 8 == 0 else 0
+        per_byte = 8 // bits if 8 % bits == 0 else 0
+        mode, table, slots, stride = "generic", codebooks, books, codewords
+        if row_bytes and per_byte > 1:
+            slots, stride = books // per_byte, 256
+            width = codebooks.shape[2] * (per_byte if self.combine == "concat" else 1)
+            if (1 if self.shared else slots) * 256 * width <= self.byte_table_floats:
+                mode, table = "bytes", self._byte_table(codebooks, per_byte, 1 if self.shared else slots)
+            else:  # too big to keep in cache: read each code from its byte window instead
+                mode, slots, stride = "window", books, codewords
+        elif row_bytes:
+            mode = "bytes" if bits == 8 else ("wide" if bits == 16 else "window")
+        if mode == "generic" or (stored == 1 and table is codebooks):
+            stride = codewords
+        shared_table = table.shape[0] == 1
+        offsets = torch.zeros(slots, dtype=torch.int32) if shared_table else \
+            torch.arange(slots, dtype=torch.int32) * stride
+        self._fast_mode, self._row_bytes, self._slots = mode, row_bytes, slots
+        self.register_buffer("_table", table.reshape(-1, table.shape[2]).contiguous(), persistent=False)
+        self.register_buffer("_slot_offsets", offsets, persistent=False)
+        if mode == "window":
+            # Code j starts at bit j * bits of its row: bytes first, first + 1, first + 2 (clamped
+            # to the row's last byte; clamped bytes only feed bits above the code, which are masked).
+            start = torch.arange(books) * bits
+            first = start >> 3
+            cols = torch.stack([first, (first + 1).clamp_max(row_bytes - 1), (first + 2).clamp_max(row_bytes - 1)])
+            self.register_buffer("_window_cols", cols, persistent=False)
+            self.register_buffer("_window_shift", (start & 7).to(torch.int32), persistent=False)
+        else:
+            self.register_buffer("_window_cols", None, persistent=False)
+            self.register_buffer("_window_shift", None, persistent=False)
+
+    def _byte_table(self, codebooks: torch.Tensor, per_byte: int, slots: int) -> torch.Tensor:
+        """(slots, 256, width): entry (g, v) decodes the per_byte codes packed in byte value v of slot g."""
+        mask = (1 << self.bits) - 1
+        values = torch.arange(256)
+        # Byte values holding a code >= codewords never occur in valid data; clamping keeps them finite.
+        sub = [((values >> (s * self.bits)) & mask).clamp_max(self.codewords - 1) for s in range(per_byte)]
+        tables = []
+        for g in range(slots):
+            parts = [codebooks[0 if self.shared else g * per_byte + s].index_select(0, sub[s])
+                     for s in range(per_byte)]
+            if self.combine == "concat":
+                tables.append(torch.cat(parts, 1))
+            else:
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
+                tables.append(total)
+        return torch.stack(tables)
+
+    def _indices(self, ids: torch.Tensor) -> torch.Tensor:
+        """int32 (N, slots) row indices into ``_table`` for 1-D int64 ids."""
+        if self._fast_mode == "generic":
+            return unpack_codes(self.packed, ids, self.books, self.bits).int() + self._slot_offsets
+        rows = self.packed.view(self.num_embeddings, self._row_bytes).index_select(0, ids)  # (N, bytes) uint8
+        if self._fast_mode == "bytes":
+            codes = rows.int()
+        elif self._fast_mode == "wide":  # 16 bits: two little-endian bytes per code
+            codes = rows[:, 0::2].int() | (rows[:, 1::2].int() << 8)
+        else:
+            wide = rows.int()
+            window = wide[:, self._window_cols[0]] | (wide[:, self._window_cols[1]] << 8)
+            if self.bits > 9:
+                window |= wide[:, self._window_cols[2]] << 16
+            codes = (window >> self._window_shift) & ((1 << self.bits) - 1)
+        return codes.add_(self._slot_offsets)
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[0]
+        index = self._indices(ids).view(-1)
+        if self.combine == "concat":
+            return self._table.index_select(0, index).view(n, self.embedding_dim)
+        offsets = torch.arange(0, n * self._slots, self._slots, dtype=torch.int32)
+        return F.embedding_bag(index, self._table, offsets, mode="sum")
+
+    def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The plain decode (unpack every code to int64, gather, concat or sum); the fast path's oracle."""
         return decode_codes(self.codes(ids), self.codebooks, self.combine)
 
     def metadata(self) -> dict[str, Any]:
