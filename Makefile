@@ -34,5 +34,10 @@ bench: $(STAMP)
 bench-posthoc: $(STAMP)
 	$(PY) benchmarks/posthoc.py
 
+# Speed and memory ratios against nn.Embedding: benchmarks/results/perf.json and perf.md.
+bench-perf: $(STAMP)
+	$(PY) -m pip install -q -e '.[perf]' || echo "tensorly-torch unavailable: tt is compared with nn.Embedding only"
+	$(PY) -m benchmarks.perf
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -17,8 +17,13 @@ def check_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
     if ids.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"ids must have an integer dtype, got {ids.dtype}; "
                         "convert with ids.long() (float ids are not rounded silently)")
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # Graph capture (jit.trace, torch.export, ONNX): a data-dependent Python branch would be
+        # frozen at capture time, so the range check stays out of the graph; the gathers of the
+        # exported graph still reject out-of-range ids at run time.
+        return ids
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass over the ids, not two
         if lo < 0:
             raise IndexError(f"negative id {lo}: ids must lie in [0, {num_embeddings - 1}]")
         if hi >= num_embeddings:

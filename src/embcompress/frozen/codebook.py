@@ -147,19 +147,23 @@ class CodebookEmbedding(FrozenEmbedding):
         offsets = torch.zeros(slots, dtype=torch.int32) if shared_table else \
             torch.arange(slots, dtype=torch.int32) * stride
         self._fast_mode, self._row_bytes, self._slots = mode, row_bytes, slots
-        self.register_buffer("_table", table.reshape(-1, table.shape[2]).contiguous(), persistent=False)
+        # float32 codebooks used as they are are read in place (a second buffer aliasing them would
+        # trip torch.export); byte tables and float16 codebooks get their own float32 table.
+        self._table_is_codebooks = table is codebooks and self.codebooks.dtype == torch.float32
+        self.register_buffer("_table", table.new_zeros(0, table.shape[2]) if self._table_is_codebooks else
+                             table.reshape(-1, table.shape[2]).contiguous(), persistent=False)
         self.register_buffer("_slot_offsets", offsets, persistent=False)
-        if mode == "window":
-            # Code j starts at bit j * bits of its row: bytes first, first + 1, first + 2 (clamped
-            # to the row's last byte; clamped bytes only feed bits above the code, which are masked).
-            start = torch.arange(books) * bits
-            first = start >> 3
-            cols = torch.stack([first, (first + 1).clamp_max(row_bytes - 1), (first + 2).clamp_max(row_bytes - 1)])
-            self.register_buffer("_window_cols", cols, persistent=False)
-            self.register_buffer("_window_shift", (start & 7).to(torch.int32), persistent=False)
-        else:
-            self.register_buffer("_window_cols", None, persistent=False)
-            self.register_buffer("_window_shift", None, persistent=False)
+        # Window mode: code j starts at bit j * bits of its row: bytes first, first + 1, first + 2
+        # (clamped to the row's last byte; clamped bytes only feed bits above the code, which are
+        # masked). Built for every mode (tiny): torch.export refuses non-persistent None buffers.
+        start = torch.arange(books) * bits
+        first = start >> 3
+        top = max(row_bytes - 1, 0)
+        cols = torch.stack([first.clamp_max(top), (first + 1).clamp_max(top), (first + 2).clamp_max(top)])
+        self.register_buffer("_window_cols", cols, persistent=False)
+        self.register_buffer("_window_div", (1 << (start & 7)).to(torch.int32), persistent=False)
+        self.register_buffer("_code_bits", torch.arange(books) * bits, persistent=False)
+        self.register_buffer("_pow2", (1 << torch.arange(8)).to(torch.int32), persistent=False)
 
     def _byte_table(self, codebooks: torch.Tensor, per_byte: int, slots: int) -> torch.Tensor:
         """(slots, 256, width): entry (g, v) decodes the per_byte codes packed in byte value v of slot g."""
@@ -181,29 +185,44 @@ class CodebookEmbedding(FrozenEmbedding):
         return torch.stack(tables)
 
     def _indices(self, ids: torch.Tensor) -> torch.Tensor:
-        """int32 (N, slots) row indices into ``_table`` for 1-D int64 ids."""
-        if self._fast_mode == "generic":
-            return unpack_codes(self.packed, ids, self.books, self.bits).int() + self._slot_offsets
+        """int32 (N, slots) row indices into ``_table`` for 1-D int64 ids.
+
+        Bit fields are read with +, *, // and % rather than |, << and &: the values are the same
+        (the bytes of a window do not overlap) and every graph exporter, ONNX included, has them.
+        """
+        mask = 1 << self.bits
+        if self._fast_mode == "generic":  # rows not byte-aligned: each code from its own bit offset
+            bit = ids.unsqueeze(1) * (self.books * self.bits) + self._code_bits
+            first, shift = bit // 8, bit % 8
+            last = self.packed.shape[0] - 1
+            window = self.packed[first].int() + self.packed[(first + 1).clamp_max(last)].int() * 256
+            if self.bits > 9:
+                window = window + self.packed[(first + 2).clamp_max(last)].int() * 65536
+            codes = torch.div(window, self._pow2[shift], rounding_mode="floor") % mask
+            return codes + self._slot_offsets
         rows = self.packed.view(self.num_embeddings, self._row_bytes).index_select(0, ids)  # (N, bytes) uint8
         if self._fast_mode == "bytes":
             codes = rows.int()
         elif self._fast_mode == "wide":  # 16 bits: two little-endian bytes per code
-            codes = rows[:, 0::2].int() | (rows[:, 1::2].int() << 8)
+            codes = rows[:, 0::2].int() + rows[:, 1::2].int() * 256
         else:
             wide = rows.int()
-            window = wide[:, self._window_cols[0]] | (wide[:, self._window_cols[1]] << 8)
+            window = wide[:, self._window_cols[0]] + wide[:, self._window_cols[1]] * 256
             if self.bits > 9:
-                window |= wide[:, self._window_cols[2]] << 16
-            codes = (window >> self._window_shift) & ((1 << self.bits) - 1)
-        return codes.add_(self._slot_offsets)
+                window = window + wide[:, self._window_cols[2]] * 65536
+            codes = torch.div(window, self._window_div, rounding_mode="floor") % mask
+        return codes + self._slot_offsets
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
         index = self._indices(ids).view(-1)
+        table = self._table
+        if self._table_is_codebooks:
+            table = self.codebooks.view(-1, self.codebooks.shape[2])
         if self.combine == "concat":
-            return self._table.index_select(0, index).view(n, self.embedding_dim)
+            return table.index_select(0, index).view(n, self.embedding_dim)
         offsets = torch.arange(0, n * self._slots, self._slots, dtype=torch.int32)
-        return F.embedding_bag(index, self._table, offsets, mode="sum")
+        return F.embedding_bag(index, table, offsets, mode="sum")
 
     def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The plain decode (unpack every code to int64, gather, concat or sum); the fast path's oracle."""

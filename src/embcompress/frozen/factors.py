@@ -60,6 +60,18 @@ class FactorizedEmbedding(FrozenEmbedding):
         return ACTIVATIONS[self.activation](codes)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = F.embedding(ids, self.codes)  # (N, r): fresh, so the activation may run in place
+        if self.activation == "relu":
+            codes = codes.relu_()
+        elif self.activation == "tanh":
+            codes = codes.tanh_()
+        elif self.activation == "gelu":
+            codes = F.gelu(codes)
+        # addmm adds the bias inside the GEMM: one (N, d) output, no second pass over it.
+        return codes @ self.basis if self.bias is None else torch.addmm(self.bias, codes, self.basis)
+
+    def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The plain formula f(U_i) @ W + bias; the fast path's oracle."""
         out = self.activated_codes(ids) @ self.basis
         return out if self.bias is None else out + self.bias
 

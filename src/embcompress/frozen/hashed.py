@@ -46,12 +46,25 @@ class HashedEmbedding(FrozenEmbedding):
             self.register_buffer(name, None if value is None else value.detach().float().contiguous())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(self.hash(ids), self.table)
+        buckets = self.hash(ids)
+        if self.scale is None:
+            out = F.embedding(buckets, self.table)
+        else:
+            # Scale fused into the gather: embedding_bag with one bag per row and the row's scale as
+            # its weight writes scale_i * table[h(i)] in one pass (no second (N, d) tensor).
+            offsets = torch.arange(ids.shape[0], dtype=buckets.dtype)
+            out = F.embedding_bag(buckets, self.table, offsets, mode="sum",
+                                  per_sample_weights=self.scale.index_select(0, ids))
+        if self.bias is not None:
+            out.add_(self.bias.index_select(0, ids).unsqueeze(1))  # in place: out is fresh
+        return out
+
+    def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The plain formula scale_i * table[hash(i)] + bias_i; the fast path's oracle."""
+        out = self.table[self.hash(ids)]
         if self.scale is not None:
             out = out * self.scale[ids].unsqueeze(1)
-        if self.bias is not None:
-            out = out + self.bias[ids].unsqueeze(1)
-        return out
+        return out if self.bias is None else out + self.bias[ids].unsqueeze(1)
 
     def metadata(self) -> dict[str, Any]:
         return {"hash": self.hash.to_dict()}

@@ -73,8 +73,17 @@ class QREmbedding(FrozenEmbedding):
         self.register_buffer("remainder", remainder.detach().float().contiguous())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return combine_parts(F.embedding(ids // self.buckets, self.quotient),
-                             F.embedding(ids % self.buckets, self.remainder), self.combine)
+        quotient = F.embedding(ids // self.buckets, self.quotient)
+        remainder = F.embedding(ids % self.buckets, self.remainder)
+        if self.combine == "mult":  # in place on the fresh gather: no third (N, d) tensor
+            return quotient.mul_(remainder)
+        if self.combine == "add":
+            return quotient.add_(remainder)
+        return torch.cat([quotient, remainder], 1)
+
+    def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """combine_parts on the two gathers; the fast path's oracle."""
+        return combine_parts(self.quotient[ids // self.buckets], self.remainder[ids % self.buckets], self.combine)
 
     def metadata(self) -> dict[str, Any]:
         return {"combine": self.combine}

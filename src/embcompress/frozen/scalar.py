@@ -74,6 +74,14 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
         self.register_buffer("scale", None if scale is None else scale.float().contiguous())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        values = self.values.index_select(0, ids)
+        if self.bits == 8:  # scale in place on the fresh float copy: one (N, d) float tensor
+            return values.float().mul_(self.scale.index_select(0, ids).unsqueeze(1))
+        scale = None if self.scale is None else self.scale.index_select(0, ids)
+        return dequantize(values, scale, self.bits, self.embedding_dim)
+
+    def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantize the gathered rows with the plain formula; the fast path's oracle."""
         scale = None if self.scale is None else self.scale[ids]
         return dequantize(self.values[ids], scale, self.bits, self.embedding_dim)
 

@@ -208,6 +208,12 @@ class TensorTrainCores(FrozenEmbedding):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self._left_table is not None and self._right_table is not None:
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+                # Graph capture: one gather + bmm (the same numbers); the chunk loop and out= writes
+                # of tt_rows_cached would be frozen to the example's size.
+                right_rows = self._right_table.shape[0]
+                rows = torch.bmm(self._left_table[ids // right_rows], self._right_table[ids % right_rows])
+                return rows.reshape(ids.shape[0], self.embedding_dim)
             return tt_rows_cached(self._left_table, self._right_table, ids)
         return tt_rows(self.cores, self.vocab_shape, self.split, ids, self._left_table, self._right_table)
 

@@ -1,0 +1,392 @@
+"""Speed and memory of the deployed formats and the training modules, as ratios to nn.Embedding.
+
+Run with ``make bench-perf`` (or ``python -m benchmarks.perf``). The machine this runs on is
+shared and noisy, so every figure is a ratio to ``nn.Embedding`` measured in the same process,
+interleaved round by round (each round times the baseline right next to every contender), and
+the reported ratio is the median over rounds.
+
+Inference: lookups/s of each exported format against ``nn.Embedding`` (fp32), V = 1,000,000,
+d = 128, 65,536 uniform random ids per call, all cores. The big tables are built directly
+(random codes, codebooks, cores, factors into the frozen constructors): speed does not depend on
+what the numbers are, and fitting 1M rows would take the benchmark's whole budget.
+
+Training: one SGD step (forward, backward, update) of a bag-of-embeddings classifier
+(mean-pooled table rows -> linear head, cross entropy) with each method's training module,
+against the same model on ``nn.Embedding(sparse=True)``. Peak memory is the process's peak
+resident set growth while building and training the table, measured in a fresh subprocess per
+method (``resource.getrusage`` high-water mark), so one method's allocations do not hide
+another's. "dense V x d" says whether the training module holds any (V, d)-sized tensor
+(parameter, buffer or gradient) while training.
+
+Outputs: benchmarks/results/perf.json and perf.md, and the tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import embcompress
+from embcompress.bitpack import pack_codes
+from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding, QREmbedding,
+                                ScalarQuantizedEmbedding, TensorTrainCores)
+from embcompress.hashing import HashFunction
+from embcompress.methods.tt import TTConfig, resolve_shapes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Inference targets: minimum speed ratio (format lookups/s over nn.Embedding lookups/s).
+INFERENCE_TARGETS = {"dpq": 1.5, "codes": 1.5, "pq": 1.5, "memcom": 1.5, "hash": 1.5,
+                     "distilled": 0.5, "lowrank": 0.5, "tt": 0.25}
+TT_VS_TLTORCH_TARGET = 5.0
+# Training targets: maximum step-time ratio over nn.Embedding(sparse=True).
+TRAINING_TARGETS = {"dpq": 3.0, "codes": 3.0, "tt": 5.0, "memcom": 1.5}
+
+# Training-module specs for the step-time benchmark (sizes as a 1M x 128 table would use them).
+TRAIN_SPECS = {
+    "dpq": "dpq:variant=sx,groups=32,codewords=16",
+    "codes": "codes:books=16,codewords=32",
+    "pq": "pq:groups=16,codewords=256",
+    "memcom": "memcom:buckets=10000",
+    "hash": "hash:buckets=10000,hash=universal",
+    "tt": "tt:cores=3,rank=16",
+    "distilled": "distilled:rank=16",
+    "lowrank": "lowrank:rank=16",
+    "qr": "qr:buckets=1000",
+    "scalar": "scalar:bits=8",
+}
+
+
+# -- building the big frozen tables ------------------------------------------------------------
+
+def _codebook(rows: int, dim: int, books: int, codewords: int, combine: str, gen: torch.Generator,
+              shared: bool = False) -> CodebookEmbedding:
+    width = dim // books if combine == "concat" else dim
+    codes = torch.randint(0, codewords, (rows, books), generator=gen)
+    codebooks = torch.randn(1 if shared else books, codewords, width, generator=gen)
+    return CodebookEmbedding.from_codes(codes, codebooks, combine)
+
+
+def build_formats(rows: int, dim: int, seed: int = 0) -> dict[str, tuple[str, nn.Module]]:
+    """name -> (description, frozen module) at the benchmark shape, with random stored tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    tt_config = TTConfig(cores=3, rank=16)
+    vocab, dims = resolve_shapes(tt_config, rows, dim)
+    ranks = [1, 16, 16, 1]
+    cores = {f"core{k}": torch.randn(ranks[k], vocab[k], dims[k], ranks[k + 1], generator=gen) * 0.3
+             for k in range(3)}
+    buckets = 10_000
+    universal = HashFunction.create("universal", buckets, gen).to_dict()
+    return {
+        "dpq": ("codebook concat, 32 books x 16 codewords (4-bit codes)",
+                _codebook(rows, dim, 32, 16, "concat", gen)),
+        "pq": ("codebook concat, 16 books x 256 codewords (8-bit codes)",
+               _codebook(rows, dim, 16, 256, "concat", gen)),
+        "codes": ("codebook sum, 16 books x 32 codewords (5-bit codes)",
+                  _codebook(rows, dim, 16, 32, "sum", gen)),
+        "codes-k16": ("codebook sum, 16 books x 16 codewords (4-bit codes)",
+                      _codebook(rows, dim, 16, 16, "sum", gen)),
+        "memcom": (f"hashed, {buckets} buckets x d + per-row scale",
+                   HashedEmbedding(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen),
+                                   scale=torch.randn(rows, generator=gen))),
+        "hash": (f"hashed, {buckets} buckets x d (universal hash)",
+                 HashedEmbedding(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen))),
+        "distilled": ("factors rank 16, tanh",
+                      FactorizedEmbedding(rows, dim, activation="tanh", codes=torch.randn(rows, 16, generator=gen),
+                                          basis=torch.randn(16, dim, generator=gen),
+                                          bias=torch.randn(dim, generator=gen))),
+        "lowrank": ("factors rank 16, identity",
+                    FactorizedEmbedding(rows, dim, activation="identity",
+                                        codes=torch.randn(rows, 16, generator=gen),
+                                        basis=torch.randn(16, dim, generator=gen))),
+        "tt": (f"tt 3 cores, rank 16, vocab {vocab}, dims {dims}",
+               TensorTrainCores(rows, dim, vocab_shape=vocab, dim_shape=dims, **cores)),
+        "qr": ("qr mult, 1000 remainder rows",
+               QREmbedding(rows, dim, combine="mult", quotient=torch.randn(-(-rows // 1000), dim, generator=gen),
+                           remainder=torch.randn(1000, dim, generator=gen))),
+        "scalar8": ("scalar int8 + per-row scale",
+                    ScalarQuantizedEmbedding(rows, dim, bits=8,
+                                             values=torch.randint(-127, 128, (rows, dim), generator=gen,
+                                                                  dtype=torch.int8),
+                                             scale=torch.rand(rows, generator=gen))),
+    }
+
+
+def build_tltorch(rows: int, dim: int) -> nn.Module | None:
+    """tensorly-torch's FactorizedEmbedding (TT-matrix, 3 modes, rank 16), or None if not installed."""
+    try:
+        import tltorch  # noqa: PLC0415 - optional benchmark extra
+    except ImportError:
+        return None
+    vocab, dims = resolve_shapes(TTConfig(cores=3, rank=16), rows, dim)
+    # tltorch requires prod(vocab) == num_embeddings exactly: give it the padded row count.
+    return tltorch.FactorizedEmbedding(math.prod(vocab), dim, auto_tensorize=False,
+                                       tensorized_num_embeddings=vocab, tensorized_embedding_dim=dims,
+                                       factorization="blocktt", rank=16)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def _time_call(fn: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_ratios(baseline: Callable[[], Any], contenders: dict[str, Callable[[], Any]],
+                       rounds: int, calls: int = 1, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Per round, time the baseline right before each contender; ratio = baseline time / contender time.
+
+    Returns name -> {ratio (median over rounds), seconds (median per call), baseline_seconds}.
+    """
+    for fn in [baseline, *contenders.values()]:
+        for _ in range(warmup):
+            fn()
+    per: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            base = _time_call(baseline, calls)
+            mine = _time_call(fn, calls)
+            per[name].append((base, mine))
+    out = {}
+    for name, pairs in per.items():
+        out[name] = {"ratio": statistics.median(b / m for b, m in pairs),
+                     "seconds": statistics.median(m for _, m in pairs),
+                     "baseline_seconds": statistics.median(b for b, _ in pairs)}
+    return out
+
+
+@torch.no_grad()
+def bench_inference(rows: int, dim: int, batch: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    dense = nn.Embedding(rows, dim)
+    formats = build_formats(rows, dim, seed)
+    ids = torch.randint(0, rows, (batch,), generator=gen)
+    contenders = {name: (lambda m=module: m(ids)) for name, (_, module) in formats.items()}
+    tl = build_tltorch(rows, dim)
+    if tl is not None:
+        contenders["tltorch-tt"] = lambda: tl(ids)
+    results = interleaved_ratios(lambda: dense(ids), contenders, rounds)
+    for name, (description, module) in formats.items():
+        results[name]["format"] = description
+        results[name]["bytes"] = module.num_bytes()
+        results[name]["compression"] = module.compression_ratio()
+        results[name]["target"] = INFERENCE_TARGETS.get(name)
+    if tl is not None:
+        results["tltorch-tt"]["format"] = "tensorly-torch FactorizedEmbedding blocktt, same shape and rank"
+        results["tltorch-tt"]["target"] = None
+        tt_over_tl = results["tltorch-tt"]["seconds"] / results["tt"]["seconds"]
+        results["tt"]["vs_tltorch"] = tt_over_tl
+    lookups = batch / statistics.median(r["baseline_seconds"] for r in results.values())
+    return {"rows": rows, "dim": dim, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
+            "dense_lookups_per_s": lookups, "tltorch_installed": tl is not None, "formats": results}
+
+
+# -- training ----------------------------------------------------------------------------------
+
+class BagModel(nn.Module):
+    """Mean of the rows of each bag, then a linear classifier."""
+
+    def __init__(self, table: nn.Module, dim: int, classes: int) -> None:
+        super().__init__()
+        self.table = table
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (B, L)
+        return self.head(self.table(ids).mean(1))
+
+
+class SparseBagModel(nn.Module):
+    """The baseline: nn.EmbeddingBag-free, same pooling, with a sparse-gradient nn.Embedding."""
+
+    def __init__(self, rows: int, dim: int, classes: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(rows, dim, sparse=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids).mean(1))
+
+
+def holds_dense_table(module: nn.Module, rows: int, dim: int) -> bool:
+    """True if any parameter, buffer or gradient of ``module`` has rows * dim or more elements."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    return any(t.numel() >= rows * dim for t in tensors)
+
+
+def make_step(model: nn.Module, lr: float = 0.05) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    # Plain SGD: the one optimizer that takes sparse and dense gradients alike, so every
+    # model pays the same update rule.
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(ids), labels) + embcompress.aux_loss(model)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_training(rows: int, dim: int, bags: int, length: int, rounds: int, methods: list[str],
+                   seed: int = 0) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, rows, (bags, length), generator=gen)
+    labels = torch.randint(0, 10, (bags,), generator=gen)
+    torch.manual_seed(seed)
+    baseline_model = SparseBagModel(rows, dim, 10)
+    base_step = make_step(baseline_model)
+    models, contenders = {}, {}
+    for name in methods:
+        model = BagModel(embcompress.build(TRAIN_SPECS[name], rows, dim), dim, 10).train()
+        models[name] = model
+        step = make_step(model)
+        contenders[name] = lambda s=step: s(ids, labels)
+    results = interleaved_ratios(lambda: base_step(ids, labels), contenders, rounds, warmup=2)
+    for name, model in models.items():
+        r = results[name]
+        r["ratio"] = 1.0 / r["ratio"]  # step time over the baseline's: lower is better
+        r["spec"] = TRAIN_SPECS[name]
+        r["target"] = TRAINING_TARGETS.get(name)
+        r["training_bytes"] = model.table.training_bytes()
+        r["dense_vxd"] = holds_dense_table(model.table, rows, dim)
+    return {"rows": rows, "dim": dim, "bags": bags, "bag_length": length, "rounds": rounds,
+            "optimizer": "SGD lr=0.05", "baseline": "nn.Embedding(sparse=True)", "methods": results}
+
+
+def _peak_rss_child(name: str, rows: int, dim: int, bags: int, length: int, steps: int) -> None:
+    """In a fresh process: peak RSS growth (bytes) of building and training one table; prints JSON."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, rows, (bags, length), generator=gen)
+    labels = torch.randint(0, 10, (bags,), generator=gen)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if name == "nn.Embedding":
+        model: nn.Module = SparseBagModel(rows, dim, 10)
+    else:
+        model = BagModel(embcompress.build(TRAIN_SPECS[name], rows, dim), dim, 10).train()
+    step = make_step(model)
+    for _ in range(steps):
+        step(ids, labels)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    print(json.dumps({"peak_bytes": (after - before) * scale}))
+
+
+def bench_memory(rows: int, dim: int, bags: int, length: int, methods: list[str], steps: int = 3) -> dict[str, int]:
+    out = {}
+    for name in ["nn.Embedding", *methods]:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--peak-child", name, "--rows", str(rows),
+                               "--dim", str(dim), "--bags", str(bags), "--bag-length", str(length),
+                               "--steps", str(steps)], capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode != 0:
+            raise RuntimeError(f"peak memory run for {name} failed:\n{proc.stderr[-2000:]}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def _verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:
+    if target is None:
+        return "-"
+    met = ratio >= target if higher_is_better else ratio <= target
+    return "met" if met else "MISSED"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    inf = report["inference"]
+    lines = [f"### Inference: lookups/s vs nn.Embedding (V={inf['rows']:,}, d={inf['dim']}, "
+             f"{inf['batch']:,} random ids per call, {inf['threads']} threads, median of {inf['rounds']} rounds)",
+             "",
+             f"nn.Embedding: {inf['dense_lookups_per_s'] / 1e6:.1f} M lookups/s on this run.",
+             "",
+             "| format | stored as | compression | speed vs nn.Embedding | target | |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, r in inf["formats"].items():
+        target = r.get("target")
+        comp = f"{r['compression']:.0f}x" if "compression" in r else "-"
+        lines.append(f"| {name} | {r['format']} | {comp} | {r['ratio']:.2f}x | "
+                     f"{'>= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, True)} |")
+    if "vs_tltorch" in inf["formats"].get("tt", {}):
+        v = inf["formats"]["tt"]["vs_tltorch"]
+        lines += ["", f"tt vs tensorly-torch FactorizedEmbedding (same shape and rank): **{v:.1f}x faster** "
+                      f"(target >= {TT_VS_TLTORCH_TARGET:g}x: {_verdict(v, TT_VS_TLTORCH_TARGET, True)})."]
+    elif not inf["tltorch_installed"]:
+        lines += ["", "tensorly-torch is not installed: the tt vs tensorly-torch comparison was not run."]
+    tr = report.get("training")
+    if tr:
+        mem = report.get("memory", {})
+        lines += ["", f"### Training: step time vs nn.Embedding(sparse=True) (V={tr['rows']:,}, d={tr['dim']}, "
+                      f"{tr['bags']} bags x {tr['bag_length']} ids, mean pooling, {tr['optimizer']}, "
+                      f"median of {tr['rounds']} rounds)", ""]
+        base_mem = mem.get("nn.Embedding")
+        if base_mem is not None:
+            lines.append(f"nn.Embedding(sparse=True) peak memory: {base_mem / 2**20:.0f} MiB.")
+            lines.append("")
+        lines += ["| method | spec | step time vs nn.Embedding | target | | peak memory | holds dense V x d |",
+                  "|---|---|---:|---:|---|---:|---|"]
+        for name, r in tr["methods"].items():
+            target = r.get("target")
+            peak = f"{mem[name] / 2**20:.0f} MiB" if name in mem else "-"
+            lines.append(f"| {name} | `{r['spec']}` | {r['ratio']:.2f}x | "
+                         f"{'<= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, False)} | "
+                         f"{peak} | {'yes' if r['dense_vxd'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=65_536)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bags", type=int, default=512)
+    parser.add_argument("--bag-length", type=int, default=32)
+    parser.add_argument("--train-rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--methods", default=",".join(TRAIN_SPECS), help="training methods, comma-separated")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--peak-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_child:
+        _peak_rss_child(args.peak_child, args.rows, args.dim, args.bags, args.bag_length, args.steps)
+        return 0
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"torch": torch.__version__, "machine": platform.machine(),
+                              "inference": bench_inference(args.rows, args.dim, args.batch, args.rounds)}
+    methods = [m for m in args.methods.split(",") if m]
+    if not args.skip_training:
+        report["training"] = bench_training(args.rows, args.dim, args.bags, args.bag_length, args.train_rounds,
+                                            methods)
+        if not args.skip_memory:
+            report["memory"] = bench_memory(args.rows, args.dim, args.bags, args.bag_length, methods, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "perf.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
