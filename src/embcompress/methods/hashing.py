@@ -21,7 +21,7 @@ from ..registry import register
 __all__ = ["HashConfig", "HashEmbedding", "bucket_means", "bucket_grid"]
 
 
-def bucket_grid(limit: int, dense: int = 128, step: float = 1.01) -> list[int]:
+def bucket_grid(limit: int, dense: int = 4096, step: float = 1.01) -> list[int]:
     """Sizes 1..dense, then growing by ``step`` up to ``limit``: budget candidates for a bucket count.
 
     A full range 1..V would build hundreds of thousands of configs; a 1% grid wastes at most
