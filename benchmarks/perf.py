@@ -14,7 +14,7 @@ Training: one SGD step (forward, backward, update) of a bag-of-embeddings classi
 (mean-pooled table rows -> linear head, cross entropy) with each method's training module,
 against the same model on ``nn.Embedding(sparse=True)``. Peak memory is the process's peak
 resident set growth while building and training the table, measured in a fresh subprocess per
-method (``resource.getrusage`` high-water mark), so one method's allocations do not hide
+method (the VmHWM high-water mark), so one method's allocations do not hide
 another's. "dense V x d" says whether the training module holds any (V, d)-sized tensor
 (parameter, buffer or gradient) while training.
 
@@ -275,7 +275,7 @@ def _peak_rss_child(name: str, rows: int, dim: int, bags: int, length: int, step
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, rows, (bags, length), generator=gen)
     labels = torch.randint(0, 10, (bags,), generator=gen)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss()
     if name == "nn.Embedding":
         model: nn.Module = SparseBagModel(rows, dim, 10)
     else:
@@ -283,9 +283,24 @@ def _peak_rss_child(name: str, rows: int, dim: int, bags: int, length: int, step
     step = make_step(model)
     for _ in range(steps):
         step(ids, labels)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    print(json.dumps({"peak_bytes": (after - before) * scale}))
+    print(json.dumps({"peak_bytes": _peak_rss() - before}))
+
+
+def _peak_rss() -> int:
+    """Peak resident set of this process in bytes.
+
+    Linux: VmHWM, which starts afresh at exec (ru_maxrss does not: a child started by a big
+    parent would report the parent's peak). Elsewhere: ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def bench_memory(rows: int, dim: int, bags: int, length: int, methods: list[str], steps: int = 3) -> dict[str, int]:
