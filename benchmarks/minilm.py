@@ -52,6 +52,7 @@ import torch
 import embcompress
 from embcompress import hf
 from embcompress.budget import config_for_budget
+from embcompress.config import parse_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["dpq", "codes", "memcom", "tt", "distilled"]
@@ -59,9 +60,11 @@ TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 # Post hoc fit options for this table (V = 30522, d = 384), measured on 2 busy cores. DPQ: the
 # k-means start alone reaches relative MSE 0.03 at 10x (192 groups x 64 codewords) in ~4 min;
 # its 200 default refinement steps took > 12 min. codes: the 10x budget is 256 books x 2
-# codewords, and the default beam-8 residual start over 256 books ran > 7 min; a greedy start on
-# 8192 rows, one refinement round and no autoencoder keep it to seconds. TT: 50 refinement steps.
-FIT_OPTIONS = {"dpq": {"steps": 0, "iters": 6}, "codes": {"steps": 0, "beam": 1, "rounds": 1, "sample": 8192},
+# codewords, and the default fit (beam-search start, LSQ++ polish of all rows over 256 books) ran
+# > 7 min; a greedy start on 8192 rows, one refinement round, no autoencoder and no polish keep it
+# short. TT: 50 refinement steps.
+FIT_OPTIONS = {"dpq": {"steps": 0, "iters": 6},
+               "codes": {"steps": 0, "beam": 1, "rounds": 1, "sample": 8192, "polish": 0},
                "tt": {"steps": 50}, "memcom": {"steps": 30}, "distilled": {"steps": 200}}
 log = logging.getLogger("minilm")
 
@@ -229,9 +232,10 @@ def write_report(results: dict, out: Path) -> None:
     embcompress.io.atomic_write_bytes(out.with_suffix(".json"), (json.dumps(results, indent=1) + "\n").encode())
     orig = results["original"]
     lines = [
-        "# all-MiniLM-L6-v2: compressed word table (30522 x 384, 44.7 MB fp32)",
+        "# all-MiniLM-L6-v2: compressed word table (30522 x 384, 46,881,792 bytes fp32)",
         "",
-        f"Texts (classifier train / held-out test): {results['setup']['texts']}; max_length "
+        "Texts (classifier train / held-out test): " + ", ".join(
+            f"{name.upper()} {a} / {b}" for name, (a, b) in results["setup"]["texts"].items()) + "; max_length "
         f"{results['setup']['max_length']}; distillation: {results['setup']['distill_steps']} steps x "
         f"{results['setup']['batch_size']} unlabeled texts (output cosine loss, lr {results['setup']['distill_lr']}, "
         "kept only if it lowers the loss on held-out unlabeled texts). Cosine: mean over the BBC and RT test texts "
@@ -246,11 +250,11 @@ def write_report(results: dict, out: Path) -> None:
     ]
     for r in results["runs"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['target_ratio']}x | - | - | - | error: {r['error']} ||||||||")
+            lines.append(f"| {r['method']} | {r['target_ratio']:g}x | - | - | - | error: {r['error']} ||||||||")
             continue
         b, a = r["before"], r.get("after", {})
         fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
-        lines.append(f"| {r['method']} | {r['target_ratio']}x | `{r['spec']}` | {r['bytes']:,} | {r['ratio']:.1f}x | "
+        lines.append(f"| {r['method']} | {r['target_ratio']:g}x | `{r['spec']}` | {r['bytes']:,} | {r['ratio']:.1f}x | "
                      f"{fmt(b, 'cosine')} | {fmt(b, 'accuracy_bbc')} | {fmt(b, 'accuracy_rt')} | {fmt(a, 'cosine')} | "
                      f"{fmt(a, 'accuracy_bbc')} | {fmt(a, 'accuracy_rt')} | {r['fit_seconds']:.0f} | "
                      f"{r.get('distill_seconds', 0):.0f}{'' if r.get('distill_kept', True) else ' (not kept)'} | "
@@ -258,11 +262,15 @@ def write_report(results: dict, out: Path) -> None:
     target = [r for r in results["runs"] if "after" in r and r["target_ratio"] == 10 and meets_target(r["after"], orig)]
     if "seconds" in results:
         procs = results["setup"].get("processes", 1)
-        lines += ["", f"Whole run: {results['seconds'] / 60:.1f} min wall, {procs} process(es) x "
+        lines += ["", f"Longest process: {results['seconds'] / 60:.1f} min wall; {procs} process(es) x "
                   f"{results['setup']['threads']} torch thread(s) "
                   f"(machine load average at the start {results['setup']['load_average']})."]
+    if results["setup"].get("spec"):
+        lines += ["", "Specs given explicitly instead of the budget rule's choice: "
+                  + ", ".join(f"`{spec}`" for spec in results["setup"]["spec"]) + "."]
     lines += ["", "Target (10x: cosine >= 0.97, both accuracies within one point of the original): "
-              + (", ".join(r["method"] for r in target) + " meet it." if target else "not met by any method.")]
+              + (", ".join(r["method"] for r in target) + (" meets it." if len(target) == 1 else " meet it.")
+                 if target else "not met by any method.")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -299,14 +307,19 @@ def merge(paths: list[Path], out: Path) -> int:
     parts = [json.loads(p.read_text()) for p in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
-        same = {k: v for k, v in part["setup"].items() if k not in ("methods", "out", "load_average")}
-        if same != {k: v for k, v in first["setup"].items() if k not in ("methods", "out", "load_average")} \
+        own = ("methods", "ratios", "out", "load_average", "fit_options", "spec")
+        same = {k: v for k, v in part["setup"].items() if k not in own}
+        if same != {k: v for k, v in first["setup"].items() if k not in own} \
                 or part["original"] != first["original"]:
             raise SystemExit(f"{path} was run with other settings (or scored the original differently) than {paths[0]}")
     runs = sorted((r for part in parts for r in part["runs"]),
                   key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS), r["target_ratio"]))
     setup = {**first["setup"], "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
              "out": str(out), "processes": len(parts),
+             "spec": [spec for part in parts for spec in part["setup"].get("spec", [])],
+             "ratios": sorted({r for part in parts for r in part["setup"]["ratios"]}),
+             "fit_options": {m: part["setup"]["fit_options"][m] for part in parts for m in part["setup"]["methods"]
+                             if m in part["setup"]["fit_options"]},
              "load_average": max(part["setup"]["load_average"] for part in parts)}
     results = {"setup": setup, "original": first["original"], "runs": runs,
                "seconds": max(part.get("seconds", 0) for part in parts)}
@@ -320,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[10, 30])
+    parser.add_argument("--spec", nargs="+", default=[], metavar="SPEC",
+                        help="a method's exact spec instead of its budget rule's choice (one --ratios value "
+                             "per process then), e.g. codes:books=32,codewords=64 at 10x: the codes budget rule's "
+                             "256 books x 2 codewords was killed for memory (> 20 GB) fitting this table")
     parser.add_argument("--bbc", nargs=2, type=int, default=[450, 150], metavar=("TRAIN", "TEST"),
                         help="BBC articles for the classifier's training set and the held-out test set")
     parser.add_argument("--rt", nargs=2, type=int, default=[1000, 350], metavar=("TRAIN", "TEST"),
@@ -351,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"methods {missing} are not registered (have: {available})")
 
+    base_specs = {spec.split(":")[0]: spec for spec in args.spec}
     started = time.perf_counter()
     teacher, tokenizer = hf.load_minilm()
     bbc_train, bbc_test, bbc_rest = split_corpus(bbc_articles(), *args.bbc, args.seed)
@@ -393,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             run = {"method": method, "target_ratio": ratio}
             results["runs"].append(run)
             try:
-                config = config_for_budget(method, rows, dim, ratio=ratio)
+                config = parse_spec(base_specs[method]) if method in base_specs else \
+                    config_for_budget(method, rows, dim, ratio=ratio)
                 student = copy.deepcopy(teacher)
                 tick = time.perf_counter()
                 report = embcompress.compress_(student, {hf.WORD_EMBEDDINGS: config, "default": "skip"},
