@@ -101,3 +101,65 @@ def test_lm_evaluation_perplexity_of_uniform_model():
         model.out.bias.zero_()
     ppl = T.TASKS["lm"].evaluate(model.eval(), data, "test", {"bptt": 8})["perplexity"]
     assert math.isclose(ppl, 10.0, rel_tol=1e-5)
+
+
+def test_ranking_metrics_break_ties_at_random():
+    # One user, 4 items: the target ties with 2 others below 1 strictly better item -> ranks 1..3.
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0]])
+    got = T.ranking_metrics(scores, torch.tensor([2]), k=2)
+    assert math.isclose(got["hr@2"], 1 / 3, rel_tol=1e-6)
+    assert math.isclose(got["ndcg@2"], (1 / 3) / math.log2(3), rel_tol=1e-6)
+    # All items tied: HR@k is k / items, whatever the target (strict counting would give 1.0).
+    flat = torch.zeros(3, 20)
+    assert math.isclose(T.ranking_metrics(flat, torch.tensor([0, 7, 19]), k=10)["hr@10"], 0.5, rel_tol=1e-6)
+    # No ties: the plain rank.
+    distinct = torch.arange(20.0).flip(0).unsqueeze(0)
+    assert T.ranking_metrics(distinct, torch.tensor([0]), k=10) == {"ndcg@10": 1.0, "hr@10": 1.0}
+    assert T.ranking_metrics(distinct, torch.tensor([10]), k=10) == {"ndcg@10": 0.0, "hr@10": 0.0}
+
+
+def test_estimate_counts_cells_by_kind(monkeypatch):
+    from benchmarks.tasks import run as R
+
+    monkeypatch.setitem(T.SIZES["quick"], "cell_seconds", {"rec": {"full": 2.0, "compressed": 4.0},
+                                                           "lm": {"two-stage": 10.0}})
+    cells = [T.Cell("rec", T.Choice.full(), 0, "quick"), T.Cell("rec", T.Choice.from_spec("scalar:bits=8"), 0, "quick"),
+             T.Cell("rec", T.Choice.at_ratio("hash", 10.0), 0, "quick"),
+             T.Cell("lm", T.Choice.at_ratio("lowrank", 10.0), 0, "quick", procedure="two-stage"),
+             T.Cell("topic", T.Choice.full(), 0, "quick")]  # no measurement: counts 0 s
+    seconds, counts = R.estimate_seconds(cells, jobs=2)
+    assert counts == {"full": 3, "compressed": 1, "two-stage": 1}
+    assert seconds == (2.0 + 2.0 + 4.0 + 10.0) / 2
+
+
+def test_failing_cell_is_recorded_and_run_exits_zero(tmp_path, monkeypatch, capsys):
+    from benchmarks.tasks import run as R
+
+    def broken(cell, cache_dir):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(T, "run_cell", broken)
+    cell = T.Cell("rec", T.Choice.at_ratio("hash", 10.0), 0, "quick")
+    record = R._run(T.cell_to_dict(cell), str(tmp_path))
+    assert record["status"] == "error" and "boom" in record["reason"] and record["key"] == cell.key()
+
+    def grid(cells, out_dir, jobs=1):  # the grid ran; one cell failed
+        return {record["key"]: record}
+
+    monkeypatch.setattr(R, "run_grid", grid)
+    code = R.main(["--size", "quick", "--tasks", "rec", "--methods", "hash", "--seeds", "0",
+                   "--out", str(tmp_path), "--no-report"])
+    assert code == 0 and "boom" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.json").read_text())["cells"] == 1 + 2 + 1
+
+
+@needs("recbole")
+def test_unreachable_cells_are_settled_without_training(tmp_path):
+    from benchmarks.tasks import run as R
+
+    cells = [T.Cell("rec", T.Choice.at_ratio("lowrank", 1000.0), 0, "quick")]
+    assert "lowrank" in T.unreachable_reason(cells[0])
+    assert T.unreachable_reason(T.Cell("rec", T.Choice.at_ratio("hash", 10.0), 0, "quick")) is None
+    records = R.run_grid(cells, tmp_path, jobs=1)
+    assert records[cells[0].key()]["status"] == "unreachable"
+    assert json.loads((tmp_path / "rec.json").read_text())[0]["status"] == "unreachable"

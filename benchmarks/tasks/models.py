@@ -84,13 +84,15 @@ class MatrixFactorization(nn.Module):
     """Dot-product MF over a user table and an item table (both swappable).
 
     users (B,), items (B, k) -> scores (B, k); ``all_scores(users)`` -> (B, num_items).
+    ``l2`` weighs the L2 penalty on the looked-up vectors that the training loss adds.
     """
 
-    def __init__(self, users: nn.Module, items: nn.Module, num_items: int) -> None:
+    def __init__(self, users: nn.Module, items: nn.Module, num_items: int, l2: float = 0.0) -> None:
         super().__init__()
         self.users = users
         self.items = items
         self.num_items = num_items
+        self.l2 = l2
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return (self.users(users).unsqueeze(1) * self.items(items)).sum(-1)

@@ -22,10 +22,11 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from .tasks import TASKS, Cell, Choice, cell_from_dict, cell_to_dict
+from .tasks import SIZES, TASKS, Cell, Choice, cell_from_dict, cell_record, cell_to_dict, unreachable_reason
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ["hash", "qr", "lowrank", "pq", "dpq", "codes", "memcom", "tt", "distilled"]
@@ -76,10 +77,30 @@ def _run(cell_dict: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     try:
         return run_cell(cell, Path(cache_dir))
     except Exception as exc:  # a failing method must not stop the grid; the report lists it
-        return {"key": cell.key(), "task": cell.task, "procedure": cell.procedure, "label": cell.choice.label,
-                "method": cell.choice.method, "target_ratio": cell.choice.ratio, "seed": cell.seed,
-                "size": cell.size, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
+        return {**cell_record(cell), "status": "error", "reason": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=6)}
+
+
+def cell_kind(cell: Cell) -> str:
+    """The cost class of a cell: "two-stage", "full" (dense reference and scalar) or "compressed"."""
+    if cell.procedure == "two-stage":
+        return "two-stage"
+    return "full" if cell.choice.method in ("full", "scalar") else "compressed"
+
+
+def estimate_seconds(cells: list[Cell], jobs: int) -> tuple[float, dict[str, int]]:
+    """Wall seconds to run ``cells`` on ``jobs`` idle cores: cells x measured seconds / jobs.
+
+    The per-cell seconds are the CPU seconds measured for one representative cell of each task and
+    kind at that size with one torch thread (``SIZES[size]["cell_seconds"]``, where a method may
+    have its own entry); a size without measurements counts 0. Returns (seconds, cells per kind).
+    """
+    total, counts = 0.0, {}
+    for cell in cells:
+        kind = cell_kind(cell)
+        counts[kind] = counts.get(kind, 0) + 1
+        total += _cell_seconds(cell)
+    return total / max(1, jobs), counts
 
 
 def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -103,6 +124,46 @@ def save_results(out_dir: Path, records: dict[str, dict[str, Any]]) -> None:
         tmp.replace(out_dir / f"{task}.json")
 
 
+def _cell_seconds(cell: Cell) -> float:
+    """Measured seconds of a cell like this one: its method's own entry when a method was
+    measured apart (a much slower scratch cell), else its kind's."""
+    measured = SIZES[cell.size].get("cell_seconds", {}).get(cell.task, {})
+    kind = cell_kind(cell)
+    if kind == "compressed" and cell.choice.method in measured:
+        return measured[cell.choice.method]
+    return measured.get(kind, 0.0)
+
+
+def _run_phase(phase: list[Cell], records: dict[str, dict[str, Any]], out_dir: Path, cache: str, jobs: int,
+               context: Any, start: float, log: logging.Logger) -> None:
+    """Run ``phase`` on a pool of ``jobs`` one-thread workers, saving after every cell.
+
+    A dead worker (killed, out of memory, a crash in native code) breaks the whole pool and which
+    cell caused it is unknown: every unfinished cell is then recorded as an error (the next run
+    retries them) and the grid goes on.
+    """
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(_run, cell_to_dict(c), cache): c for c in phase}
+        finished: set[str] = set()
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                record = future.result()
+                finished.add(record["key"])
+                records[record["key"]] = record
+                save_results(out_dir, records)
+                score = (f"{record['metric']}={record['score']:.4f} bytes={record['bytes']}"
+                         if record["status"] == "ok" else record.get("reason", ""))
+                log.info("[%d/%d %.0fs] %s %s: %s", done, len(phase), time.perf_counter() - start,
+                         record["key"], record["status"], score[:160])
+        except BrokenProcessPool as exc:
+            for cell in phase:
+                if cell.key() not in finished:
+                    records[cell.key()] = {**cell_record(cell), "status": "error",
+                                           "reason": f"worker process died: {exc}"}
+            save_results(out_dir, records)
+            log.info("a worker process died; unfinished cells recorded as errors: %s", exc)
+
+
 def run_grid(cells: list[Cell], out_dir: Path, jobs: int = 1, retry_errors: bool = True) -> dict[str, dict[str, Any]]:
     """Run the cells not already in ``out_dir`` and save after each one (resumable)."""
     records = load_results(out_dir)
@@ -110,22 +171,41 @@ def run_grid(cells: list[Cell], out_dir: Path, jobs: int = 1, retry_errors: bool
             or (retry_errors and records[c.key()]["status"] == "error")]
     log = logging.getLogger("benchmarks.tasks")
     log.info("%d cells, %d already done, %d to run on %d worker(s)", len(cells), len(cells) - len(todo), len(todo), jobs)
+    # Ratios a method cannot reach on a table are settled here (a budget search, no training), so
+    # workers and the estimate only see cells that train.
+    settled = time.perf_counter()
+    runnable = []
+    for cell in todo:
+        try:
+            reason = unreachable_reason(cell)
+        except Exception:  # a broken budget search is the cell's error: its worker records it
+            reason = None
+        if reason is None:
+            runnable.append(cell)
+        else:
+            records[cell.key()] = {**cell_record(cell), "status": "unreachable", "reason": reason}
+    unreachable = len(todo) - len(runnable)
+    if unreachable:
+        save_results(out_dir, records)
+    todo = runnable
+    seconds, counts = estimate_seconds(todo, jobs)
+    sizes = sorted({c.size for c in todo})
+    estimate = (f"estimate {seconds / 60:.0f} min on {jobs} idle core(s) (cells x measured seconds / jobs)"
+                if all("cell_seconds" in SIZES[s] for s in sizes) else
+                f"no estimate (no measured cell times for size {', '.join(sizes)})")
+    log.info("%d cells unreachable (settled in %.0fs); %d to train (%s); %s", unreachable,
+             time.perf_counter() - settled, len(todo),
+             ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none", estimate)
     cache = str(out_dir / "cache")
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
-    # Dense references first: the two-stage cells train or load the same teachers.
-    todo.sort(key=lambda c: (c.procedure == "two-stage", c.task, c.choice.method != "full", c.seed))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
-        pending = [c for c in todo if c.procedure == "scratch"], [c for c in todo if c.procedure != "scratch"]
-        for phase in pending:  # teachers exist before distillation starts
-            futures = {pool.submit(_run, cell_to_dict(c), cache): c for c in phase}
-            for done, future in enumerate(as_completed(futures), start=1):
-                record = future.result()
-                records[record["key"]] = record
-                save_results(out_dir, records)
-                score = f"{record['metric']}={record['score']:.4f} bytes={record['bytes']}" if record["status"] == "ok" else record.get("reason", "")
-                log.info("[%d/%d %.0fs] %s %s: %s", done, len(phase), time.perf_counter() - start,
-                         record["key"], record["status"], score[:160])
+    # Scratch cells first (the two-stage cells distil from the dense models they cache), longest
+    # first within a phase so the last cells to finish are short ones.
+    phases = [[c for c in todo if c.procedure == "scratch"], [c for c in todo if c.procedure != "scratch"]]
+    for phase in phases:
+        phase.sort(key=lambda c: -_cell_seconds(c))
+        if phase:
+            _run_phase(phase, records, out_dir, cache, jobs, context, start, log)
     return records
 
 
