@@ -81,6 +81,14 @@ class CompressedEmbedding(nn.Module):
         """
         raise NotImplementedError
 
+    #: Fit options for a fast post hoc fit (the demo's); methods with a slow default fit override it.
+    QUICK_FIT: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def quick_fit_options(cls) -> dict[str, Any]:
+        """Options for ``from_pretrained`` that trade a little quality for a much faster fit."""
+        return dict(cls.QUICK_FIT)
+
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last training forward (DPQ-VQ's centroid term), else None."""
         return None

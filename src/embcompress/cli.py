@@ -35,10 +35,6 @@ EXAMPLES = """examples:
 # Every method and baseline, each at the 80 bits/row budget of the demo.
 DEMO_METHODS = ["codes", "dpq", "dpq:variant=vq", "tt", "memcom", "distilled",
                 "pq", "lowrank", "qr", "hash", "scalar:bits=4"]
-# Lighter fits than the defaults keep the demo to a few minutes on 2 cores;
-# `make bench-posthoc` runs every method with its default (full) fit.
-DEMO_FIT_OPTIONS = {"codes": {"steps": 100, "rounds": 1, "beam": 4, "sample": 32768},
-                    "dpq": {"steps": 50}, "memcom": {"steps": 10}, "tt": {"steps": 30}}
 REPORT_COLUMNS = [("method", "method", "{}"), ("bytes", "bytes", "{:,}"), ("ratio", "ratio", "{:.1f}x"),
                   ("bits/row", "bits_per_row", "{:.0f}"), ("rel MSE", "rel_mse", "{:.3f}"),
                   ("cosine", "mean_cosine", "{:.3f}"), ("WS353", "ws353", "{:.3f}"),
@@ -159,8 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for spec in args.methods:
         started = time.perf_counter()
         try:
-            method = spec.partition(":")[0]
-            fit_options = {} if args.full_fit else DEMO_FIT_OPTIONS.get(method, {})
+            # Each method's quick fit keeps the demo to a few minutes; bench-posthoc runs the full fits.
+            fit_options = {} if args.full_fit else get_method(spec.partition(":")[0]).quick_fit_options()
             result = compress_table(table, spec, bits_per_row=args.bits_per_row, fit_options=fit_options,
                                     neighbours=False, analogy=False)
         except SpecError as exc:  # e.g. a baseline that cannot go this small

@@ -393,13 +393,6 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
     QUICK_FIT: ClassVar[dict[str, int]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
                                            "search": 2}
 
-    @classmethod
-    def quick_fit_options(cls) -> dict[str, int]:
-        """Fit options for a fast post hoc fit (the demo's preset), e.g.
-        ``CompositionalCodeEmbedding.from_pretrained(w, spec, **CompositionalCodeEmbedding.quick_fit_options())``.
-        Skips the Gumbel autoencoder (steps=0) and uses a small beam and sample."""
-        return dict(cls.QUICK_FIT)
-
     def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
             rounds: int = 2, beam: int = 8, sample: int = 65536, polish: int = 4, search: int = 4,
             batch_size: int = 1024, lr: float = 3e-3, seed: int | None = None) -> "CompositionalCodeEmbedding":

@@ -85,6 +85,7 @@ class DPQEmbedding(CompressedEmbedding):
     """
 
     Config = DPQConfig
+    QUICK_FIT = {"steps": 50}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:

@@ -39,6 +39,7 @@ class MEmComEmbedding(HashEmbedding):
     """Hashed shared rows scaled (and optionally shifted) per entity."""
 
     Config = MEmComConfig
+    QUICK_FIT = {"steps": 10}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:

@@ -235,6 +235,7 @@ class TensorTrainEmbedding(CompressedEmbedding):
     """
 
     Config = TTConfig
+    QUICK_FIT = {"steps": 30}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
