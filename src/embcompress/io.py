@@ -124,13 +124,19 @@ def read_header(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[st
         header = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: the embcompress header is not valid JSON ({exc})") from None
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {version!r}; this library reads up to "
-                            f"{FORMAT_VERSION} (upgrade embcompress)")
-    if header.get("sha256") != tensor_digest(tensors):
-        raise ArtifactError(f"{path}: tensor checksum mismatch, the file was modified or damaged")
+    verify_payload(header, tensors, FORMAT_VERSION, header_source=path, tensor_source=path)
     return header, tensors
+
+
+def verify_payload(header: dict[str, Any], tensors: dict[str, torch.Tensor], max_version: int, *,
+                   header_source: object, tensor_source: object) -> None:
+    """Refuse a header from a newer format, and tensors whose checksum differs from the header's."""
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise ArtifactError(f"{header_source} has format version {version!r}; this library reads up to "
+                            f"{max_version} (upgrade embcompress)")
+    if header.get("sha256") != tensor_digest(tensors):
+        raise ArtifactError(f"{tensor_source}: tensor checksum mismatch, the file was modified or damaged")
 
 
 def load(path: "str | os.PathLike[str]") -> "CompressedEmbedding | FrozenEmbedding":

@@ -42,7 +42,7 @@ from torch import nn
 from ._version import __version__
 from .base import CompressedEmbedding
 from .config import MethodConfig, SpecError, parse_spec
-from .io import ArtifactError, atomic_write_bytes, tensor_digest
+from .io import ArtifactError, atomic_write_bytes, tensor_digest, verify_payload
 from .registry import get_method, list_methods
 
 __all__ = [
@@ -582,10 +582,6 @@ def _read_pretrained(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         header = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{config_path} is not valid JSON ({exc})") from None
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > PRETRAINED_FORMAT_VERSION:
-        raise ArtifactError(f"{config_path} has format version {version!r}; this library reads up to "
-                            f"{PRETRAINED_FORMAT_VERSION} (upgrade embcompress)")
     tensor_path = folder / str(header.get("tensors", ""))
     if not tensor_path.is_file():
         raise ArtifactError(f"{config_path} points at {tensor_path.name!r}, which is missing")
@@ -593,8 +589,7 @@ def _read_pretrained(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         tensors = st_load(tensor_path.read_bytes())
     except SafetensorError as exc:
         raise ArtifactError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
-    if header.get("sha256") != tensor_digest(tensors):
-        raise ArtifactError(f"{tensor_path}: tensor checksum mismatch, the file was modified or damaged")
+    verify_payload(header, tensors, PRETRAINED_FORMAT_VERSION, header_source=config_path, tensor_source=tensor_path)
     return header, tensors
 
 
