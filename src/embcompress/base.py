@@ -81,6 +81,11 @@ class CompressedEmbedding(nn.Module):
         """
         raise NotImplementedError
 
+    @classmethod
+    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> str:
+        """Why a budget may be out of reach, added to the error when nothing fits ('' = nothing to add)."""
+        return ""
+
     #: Fit options for a fast post hoc fit (the demo's); methods with a slow default fit override it.
     QUICK_FIT: ClassVar[dict[str, Any]] = {}
 

@@ -54,8 +54,8 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
     if best is None:
         fixed_note = f" with {', '.join(sorted(fixed))} fixed" if fixed else ""
         floor = f"; its smallest setting needs {smallest} bytes" if smallest is not None else ""
-        if hasattr(cls, "budget_note"):  # a method's own reason, e.g. memcom's ratio ceiling
-            floor += f" ({cls.budget_note(num_embeddings, embedding_dim, base)})"
+        note = cls.budget_note(num_embeddings, embedding_dim, base)  # e.g. memcom's ratio ceiling
+        floor += f" ({note})" if note else ""
         raise SpecError(f"method {base.method!r} cannot fit a ({num_embeddings}, {embedding_dim}) table in "
                         f"{limit} bytes{fixed_note}{floor}; raise the budget, fix fewer fields, or pick another method")
     return best
