@@ -112,6 +112,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     module = load(args.artifact)
     frozen = module.export() if isinstance(module, CompressedEmbedding) else module
     table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
+    if tuple(table.weight.shape) != (frozen.num_embeddings, frozen.embedding_dim):
+        hint = " (the artifact was made with --limit: add --limit)" if frozen.num_embeddings < table.weight.shape[0] else ""
+        raise ValueError(f"{args.artifact} is ({frozen.num_embeddings}, {frozen.embedding_dim}) but {args.against} "
+                         f"is {tuple(table.weight.shape)}{hint}")
     header, _ = read_header(args.artifact)
     report = {"method": header.get("method") or header.get("spec", "").partition(":")[0] or header["format"],
               "spec": header.get("spec"), "artifact": str(args.artifact),
