@@ -36,10 +36,12 @@ def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> 
     elif stored != 1:
         raise ValueError(f"codes have {books} positions but codebooks {tuple(codebooks.shape)} hold {stored} "
                          f"codebooks; need {books} or 1 (shared)")
-    parts = F.embedding(codes, codebooks.reshape(stored * codewords, width))  # (N, books, width)
-    if parts.dtype == torch.float16:  # fp16-stored codebooks: sum in float32
-        parts = parts.float()
-    return parts.sum(1) if combine == "sum" else parts.reshape(codes.shape[0], books * width)
+    table = codebooks.reshape(stored * codewords, width)
+    if table.dtype == torch.float16:  # fp16-stored codebooks: decode in float32 (the codebook is small)
+        table = table.float()
+    if combine == "sum":  # a bag sum never holds the (N, books, width) parts: wide tables x many books
+        return F.embedding_bag(codes, table, mode="sum")
+    return F.embedding(codes, table).reshape(codes.shape[0], books * width)
 
 
 def _rebuild_fast_path(module: "CodebookEmbedding", _incompatible_keys: Any) -> None:

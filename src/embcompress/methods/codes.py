@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 STATES = ("learning", "fixed")
 _EPS = 1e-8  # the paper's log(softplus(.) + 1e-8), section 3.2
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MIN_CODEWORDS = 8  # the paper's smallest K (its tables use 8, 16 and 32)
 
 
 @dataclass(frozen=True)
@@ -311,18 +312,24 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: CodesConfig) -> list[CodesConfig]:
         """Every M for one codebook size K per codebook precision; the largest that fits wins.
 
-        K is the largest power of two (2..256) whose codebook costs at most 1/16 of the codes it
-        indexes (see :func:`preferred_codewords`), so codebooks never eat a small table's budget.
-        float16 codebooks come first: at equal bytes they buy more codewords. GloVe 400k x 50 at 80
+        K is the largest power of two (8..256) whose codebook costs at most 1/16 of the codes it
+        indexes (see :func:`preferred_codewords`), and never below the paper's smallest, 8: with
+        K = 2 a budget buys hundreds of books, slow to train and no better. Budgets below one
+        such book fall back to K = 2 or 4 with as many books as cost less than it. float16
+        codebooks come first: at equal bytes they buy more codewords. GloVe 400k x 50 at 80
         bits/row -> 11x128 with float16 codebooks (77 code bits, 3.99 MB): relative MSE 0.115 with the
         default fit. With the quick fit, 11x128 gave 0.136 where 9x256 fp16 (72 code bits) gave 0.146.
         40 bits/row -> 6x64 fp32 (36 code bits, 1.88 MB): 0.359 with :meth:`quick_fit_options`.
         """
         out = []
         for dtype in ("float16", "float32"):
-            k = preferred_codewords(num_embeddings, embedding_dim, _DTYPES[dtype].itemsize)
-            most = max(1, min(256, 16 * embedding_dim // max(1, bits_for(k))))
+            k = max(MIN_CODEWORDS, preferred_codewords(num_embeddings, embedding_dim, _DTYPES[dtype].itemsize))
+            most = max(1, min(256, 16 * embedding_dim // bits_for(k)))
             out += [base.replace(books=m, codewords=k, codebook_dtype=dtype) for m in range(1, most + 1)]
+            floor = cls.expected_bytes(out[-most], num_embeddings, embedding_dim)
+            for small in (2, 4):
+                fallback = [base.replace(books=m, codewords=small, codebook_dtype=dtype) for m in range(1, most + 1)]
+                out += [c for c in fallback if cls.expected_bytes(c, num_embeddings, embedding_dim) < floor]
         return out
 
     # -- the encoder (learning state) ----------------------------------------------------------
