@@ -12,8 +12,8 @@ from embcompress import SpecError
 from embcompress.budget import config_for_budget
 from embcompress.frozen import CodebookEmbedding
 from embcompress.frozen.codebook import decode_codes
-from embcompress.methods.codes import (CodesConfig, CompositionalCodeEmbedding, icm_codes,
-                                       least_squares_codebooks, local_search_codes, residual_kmeans)
+from embcompress.additive import icm_codes, least_squares_codebooks, local_search_codes, residual_kmeans
+from embcompress.methods.codes import CodesConfig, CompositionalCodeEmbedding
 from helpers import relative_mse, synthetic_table
 
 
