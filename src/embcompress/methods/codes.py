@@ -37,7 +37,7 @@ from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
 from ..frozen import CodebookEmbedding
-from ..frozen.codebook import decode_codes
+from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
 from ..registry import register
 
@@ -66,6 +66,9 @@ class CodesConfig(MethodConfig):
     codebook_dtype: str = field(default="float32", metadata={
         "help": "stored codebook precision, float32 or float16 (half the codebook bytes; the module rounds "
                 "its codebooks to it in every forward, so export equals the module)"})
+    sparse: bool = field(default=False, metadata={
+        "help": "learning state: the query table gets sparse gradients (rows looked up only), like "
+                "nn.Embedding(sparse=True); needs an optimizer that takes them (SGD, SparseAdam, Adagrad)"})
 
     def validate(self) -> None:
         if self.books < 1:
@@ -205,17 +208,25 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
         codebooks = self.stored_codebooks()
         if self.state == "fixed":
             return decode_codes(self.codes[ids], codebooks, "sum")
-        log_alpha = self.log_alpha(F.embedding(ids, self.query))
+        # sparse=True: the (V, d) query gradient holds only the looked-up rows, so the backward pass
+        # and the optimizer touch N rows instead of the whole table (nn.Embedding(sparse=True)).
+        log_alpha = self.log_alpha(F.embedding(ids, self.query, sparse=self.config.sparse))
         if not self.training:
             return decode_codes(log_alpha.argmax(-1), codebooks, "sum")
         tau = self.temperature()
         if torch.is_grad_enabled():
             self.step += 1
-        soft = F.softmax((log_alpha + _gumbel(log_alpha.shape).to(log_alpha)) / tau, dim=-1)
+        # Gumbel noise -log(-log u), the same draws as _gumbel, computed in place: at N = 16k ids and
+        # M x K = 512 every (N, M, K) temporary is 32 MB of elementwise traffic.
+        noise = torch.rand(log_alpha.shape).clamp_(1e-10, 1 - 1e-7).log_().neg_().log_().neg_().to(log_alpha)
+        soft = F.softmax((log_alpha + noise) / tau, dim=-1)
         if self.config.hard:
-            one_hot = F.one_hot(soft.argmax(-1), self.config.codewords).to(soft)
-            soft = one_hot - soft.detach() + soft  # straight-through: forward one-hot, backward soft
-        return torch.einsum("nmk,mkd->nd", soft, codebooks)
+            # Straight-through: forward = the sum of the sampled codewords (exactly what eval decodes
+            # for those codes), backward = as through soft @ codebooks; no one-hot tensor is built.
+            hard = decode_codes(soft.argmax(-1), codebooks, "sum")
+            return straight_through(hard, soft, codebooks, "sum")
+        # (N, M K) @ (M K, d): one matmul, not a batched one over books plus a sum of M (N, d) parts.
+        return soft.reshape(ids.shape[0], -1) @ codebooks.reshape(-1, self.embedding_dim)
 
     @torch.no_grad()
     def freeze_codes(self) -> "CompositionalCodeEmbedding":

@@ -39,7 +39,7 @@ from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
 from ..frozen import CodebookEmbedding
-from ..frozen.codebook import decode_codes
+from ..frozen.codebook import decode_codes, straight_through
 from ..kmeans import kmeans
 from ..progress import progress_bar
 from ..registry import register
@@ -64,6 +64,9 @@ class DPQConfig(MethodConfig):
     batchnorm: bool = field(default=True, metadata={
         "help": "batch-normalize scores without scale/shift, per group and codeword (reference code)"})
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of the SX backward pass"})
+    sparse: bool = field(default=False, metadata={
+        "help": "the query table gets sparse gradients (rows looked up only), like nn.Embedding(sparse=True); "
+                "needs an optimizer that takes them (SGD, SparseAdam, Adagrad)"})
 
     def validate(self) -> None:
         if self.groups < 1:
@@ -150,9 +153,9 @@ class DPQEmbedding(CompressedEmbedding):
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of unique, non-padding ids (N,) -> (N, d)."""
         n, d = ids.shape[0], self.embedding_dim
-        # During the post hoc fit the query gradient is sparse (SparseAdam): a dense Adam step over
-        # the whole (V, d) table per batch dominated the fit time on 400k rows.
-        q = F.embedding(ids, self.query, sparse=self._fitting).view(n, self.groups, self.width)
+        # Sparse query gradients (config.sparse, and always in the post hoc fit, which uses SparseAdam):
+        # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
+        q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting).view(n, self.groups, self.width)
         scores = self._scores(q)
         codes = scores.argmax(-1)
         hard = decode_codes(codes, self.values, "concat")
@@ -165,10 +168,9 @@ class DPQEmbedding(CompressedEmbedding):
             return flat_q + (hard - flat_q).detach()
         # Section 2.1: forward = one-hot(argmax) @ V exactly; backward through softmax(s / tau) @ V.
         # Values take their gradient from the hard path only, as with p - stopgrad(p - onehot).
+        # straight_through gives hard + soft - soft.detach() without computing soft in the forward.
         probs = torch.softmax(scores / self.config.tau, -1)
-        soft = torch.einsum("ndk,dkw->ndw", probs, self.values.detach().expand(self.groups, -1, -1))
-        soft = soft.reshape(n, d)
-        return hard + (soft - soft.detach())
+        return straight_through(hard, probs, self.values, "concat")
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         # Dedupe first: scores and batch statistics are computed once per distinct row.
