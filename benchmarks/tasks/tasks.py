@@ -55,9 +55,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "base_specs": {"pq": "pq:iters=5"},
     },
     "standard": {
+        # Sized to about 45 min of CPU on 2 idle cores for the whole grid (run.py logs the estimate
+        # from cell_seconds below). Cuts from the first sizing (measured there at ~149 min): topic
+        # documents truncated at 128 tokens instead of 256 (dense test accuracy 94.2% vs 96.9%, every
+        # cell ~1.7x cheaper), LM vocabulary 5,000 instead of 10,000 (the 5k-way softmax is most of an
+        # LM cell: 10.7 s instead of 25 s; dense test perplexity 289), and `codes` trained from scratch
+        # not run at 4x (run.py PLANS; scalar int8 covers 4x).
         "sentiment": dict(limit=None, max_len=40, epochs=4, batch=64, lr=2e-3, filters=64),
-        "topic": dict(limit=None, max_len=256, min_count=2, dim=64, epochs=6, batch=32, lr=1e-2),
-        "lm": dict(vocab=10_000, tokens=(100_000, 15_000, 15_000), dim=64, hidden=64, bptt=24, batch=32,
+        "topic": dict(limit=None, max_len=128, min_count=2, dim=64, epochs=6, batch=32, lr=1e-2),
+        "lm": dict(vocab=5_000, tokens=(100_000, 15_000, 15_000), dim=64, hidden=64, bptt=24, batch=32,
                    epochs=2, lr=1e-2),
         # Tuned on the validation split (dense model, seed 0; dim 16-64, lr 0.01-0.1, batch 512-2048,
         # L2 0-0.3 on the looked-up vectors, decoupled weight decay 0-1): every setting peaks at
@@ -65,23 +71,23 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "rec": dict(dim=64, epochs=30, batch=2048, lr=5e-2, l2=0.003),
         "distill": dict(epochs=1, temperature=2.0, alpha=0.5),
         # Post hoc fits (sentiment's GloVe start, stage 1 of two-stage) at about a tenth of the
-        # library defaults' cost. codes: no Gumbel autoencoder, greedy encoding, no polish (its budget
-        # picks K=2 with up to 256 books on these 10-20k-row tables; measured at 147x2 on
-        # sentiment: 23 s CPU, relative MSE 0.041, vs 0.047 without the refine round).
+        # library defaults' cost. codes: no Gumbel autoencoder, greedy encoding, no polish.
         "fit": {"dpq": dict(steps=100, iters=10), "codes": dict(steps=0, rounds=1, beam=1, polish=0, search=1),
                 "tt": dict(steps=100), "distilled": dict(steps=200)},
         "base_specs": {"pq": "pq:iters=10"},
-        # CPU seconds of one representative cell per task and kind at these sizes (torch threads 1,
-        # seed 0; run.py's time estimate). Measured: sentiment full / dpq@30x / codes@10x, topic
-        # full / dpq@10x, LM full / dpq@30x / two-stage distilled@10x, rec full / memcom@16x.
-        # Assumed, not measured: sentiment two-stage = its dense cell (stage 2 is one epoch, plus a
-        # stage-1 fit), and codes on topic and LM = codes on sentiment (its budget picks K=2 with
-        # 100-256 books on these tables, whose lookups dominate a scratch cell).
+        # CPU seconds of one cell per task and kind at these sizes (torch threads 1, seed 0, measured
+        # 2026-11-30 after the codes budget rule moved to K >= 8); run.py's time estimate. Measured:
+        # sentiment full 9.5, codes@10x 19.1 (12 s of it the post hoc fit), codes@30x 11.9, dpq@30x
+        # 14.6, tt@100x 9.4, hash@10x 8.4; topic full 2.8, dpq@10x 14.8, codes@30x 11.2, hash@10x 1.5,
+        # tt@30x 2.4 (codes@10x 87 s at 256 tokens, ~50 s at 128); LM full 10.7, dpq@30x 9.9,
+        # two-stage distilled@10x 23.8 at vocab 10k (~12 at 5k); rec full 5.0, memcom@16x 5.7,
+        # hash@16x 4.4, codes@10x 85 (a Gumbel softmax over every looked-up row, 1,440 steps).
+        # codes cost grows with books, so its entry is the mean over the ratios run (10x-300x).
         "cell_seconds": {
-            "sentiment": {"full": 16.5, "compressed": 24.0, "codes": 136.4, "two-stage": 16.5},
-            "topic": {"full": 2.7, "compressed": 38.7, "codes": 136.4},
-            "lm": {"full": 30.0, "compressed": 35.3, "codes": 136.4, "two-stage": 38.4},
-            "rec": {"full": 8.1, "compressed": 7.8},
+            "sentiment": {"full": 9.5, "compressed": 11.0, "codes": 14.0, "dpq": 14.6, "two-stage": 12.0},
+            "topic": {"full": 2.8, "compressed": 3.0, "codes": 20.0, "dpq": 14.8},
+            "lm": {"full": 10.7, "compressed": 10.5, "codes": 13.0, "two-stage": 12.0},
+            "rec": {"full": 5.0, "compressed": 5.5, "codes": 35.0},
         },
     },
 }
@@ -159,10 +165,21 @@ def make_table(choice: Choice, shape: TableShape, fit_options: dict[str, dict[st
     return table, config.to_spec()
 
 
+#: Budget answers already known, (base spec, rows, dim, ratio) -> resolved spec: run.py's main
+#: process settles every cell's budget up front and hands the answers to its workers, which would
+#: otherwise repeat the search (the codes search scans ~3,000 candidates, ~8 s per table shape).
+RESOLVED: dict[tuple[str, int, int, float], str] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _budget_config(base: str, num_embeddings: int, embedding_dim: int, ratio: float) -> Any:
     # Cached: some methods scan thousands of candidates, and every seed asks the same question.
-    return config_for_budget(base, num_embeddings, embedding_dim, ratio=ratio)
+    key = (base, num_embeddings, embedding_dim, ratio)
+    if key in RESOLVED:
+        return parse_spec(RESOLVED[key])
+    config = config_for_budget(base, num_embeddings, embedding_dim, ratio=ratio)
+    RESOLVED[key] = config.to_spec()
+    return config
 
 
 def unreachable_reason(cell: Cell) -> str | None:
