@@ -24,11 +24,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Task benchmarks (benchmarks/tasks): results, report and plots under benchmarks/results/tasks-<size>/.
+# bench-quick reruns every cell (--fresh; a few minutes, CI) and fails if any cell errors.
+# bench is resumable: rerunning it trains only the cells missing from its results folder.
 bench-quick: $(STAMP)
-	EMBCOMPRESS_QUIET=1 $(PY) -m benchmarks.tasks.run --size quick --jobs 2
+	EMBCOMPRESS_QUIET=1 $(PY) -m benchmarks.tasks.run --size quick --jobs 2 --fresh
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.tasks.run --size standard --jobs 2
+	EMBCOMPRESS_QUIET=1 $(PY) -m benchmarks.tasks.run --size standard --jobs 2
 
 # Post hoc GloVe comparison at 80 and 40 bits per row, with FAISS side by side.
 bench-posthoc: $(STAMP)
