@@ -18,33 +18,50 @@ method (the VmHWM high-water mark), so one method's allocations do not hide
 another's. "dense V x d" says whether the training module holds any (V, d)-sized tensor
 (parameter, buffer or gradient) while training.
 
+Process environment (set here before torch loads, unless already set; recorded in the results):
+- ``OMP_WAIT_POLICY=PASSIVE``: on a machine whose cores are busy with other work, OpenMP's default
+  spin-waiting made EVERY parallel op cost ~12 ms (a scheduler timeslice) whatever its size, so
+  a run measured the neighbours, not the code (index_select of 4k rows: 12 ms spinning, 0.07 ms
+  passive).
+- ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator option): every lookup returns a fresh
+  65,536 x 128 float32 output; without huge pages its 32 MB are page-faulted on every call, which
+  on this VM took ~20 ms of nn.Embedding's ~26 ms and the same for every format (ratios all
+  squashed toward 1). With it the same allocation took ~3 ms.
+Both apply to nn.Embedding and every contender alike; ``--plain-env`` turns them off.
+
 Outputs: benchmarks/results/perf.json and perf.md, and the tables on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import platform
-import resource
-import statistics
-import subprocess
+import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+if __name__ == "__main__" and "--plain-env" not in sys.argv and "torch" not in sys.modules:
+    for _key, _value in BENCH_ENV.items():
+        os.environ.setdefault(_key, _value)
 
-import embcompress
-from embcompress.bitpack import pack_codes
-from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding, QREmbedding,
-                                ScalarQuantizedEmbedding, TensorTrainCores)
-from embcompress.hashing import HashFunction
-from embcompress.methods.tt import TTConfig, resolve_shapes
+import argparse  # noqa: E402 - the environment above must be set before torch loads
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import embcompress  # noqa: E402
+from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding,  # noqa: E402
+                                QREmbedding, ScalarQuantizedEmbedding, TensorTrainCores)
+from embcompress.hashing import HashFunction  # noqa: E402
+from embcompress.methods.tt import TTConfig, resolve_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,8 +74,10 @@ TRAINING_TARGETS = {"dpq": 3.0, "codes": 3.0, "tt": 5.0, "memcom": 1.5}
 
 # Training-module specs for the step-time benchmark (sizes as a 1M x 128 table would use them).
 TRAIN_SPECS = {
-    "dpq": "dpq:variant=sx,groups=32,codewords=16",
-    "codes": "codes:books=16,codewords=32",
+    # sparse=true: the query tables take sparse gradients, the same way the nn.Embedding(sparse=True)
+    # baseline does (plain SGD takes them; so do SparseAdam and Adagrad).
+    "dpq": "dpq:variant=sx,groups=32,codewords=16,sparse=true",
+    "codes": "codes:books=16,codewords=32,sparse=true",
     "pq": "pq:groups=16,codewords=256",
     "memcom": "memcom:buckets=10000",
     "hash": "hash:buckets=10000,hash=universal",
@@ -327,7 +346,13 @@ def _verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     inf = report["inference"]
-    lines = [f"### Inference: lookups/s vs nn.Embedding (V={inf['rows']:,}, d={inf['dim']}, "
+    env = ", ".join(f"{k}={v}" for k, v in report.get("env", {}).items()) or "default"
+    loads = [report.get(k) for k in ("load_average_start", "load_average_end")]
+    load = " -> ".join(f"{l[0]:.1f}" for l in loads if l)
+    lines = [f"Machine: {report.get('cpus', '?')} CPUs, torch {report['torch']}, environment {env}; "
+             f"1-minute load average {load} (start -> end of the run; the machine is shared).",
+             "",
+             f"### Inference: lookups/s vs nn.Embedding (V={inf['rows']:,}, d={inf['dim']}, "
              f"{inf['batch']:,} random ids per call, {inf['threads']} threads, median of {inf['rounds']} rounds)",
              "",
              f"nn.Embedding: {inf['dense_lookups_per_s'] / 1e6:.1f} M lookups/s on this run.",
@@ -382,12 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(TRAIN_SPECS), help="training methods, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
+    parser.add_argument("--plain-env", action="store_true",
+                        help=f"leave {', '.join(BENCH_ENV)} as they are (see the module docstring)")
     args = parser.parse_args(argv)
     if args.peak_child:
         _peak_rss_child(args.peak_child, args.rows, args.dim, args.bags, args.bag_length, args.steps)
         return 0
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"torch": torch.__version__, "machine": platform.machine(),
+                              "cpus": os.cpu_count(), "env": {k: os.environ.get(k) for k in BENCH_ENV},
+                              "load_average_start": list(os.getloadavg()),
                               "inference": bench_inference(args.rows, args.dim, args.batch, args.rounds)}
     methods = [m for m in args.methods.split(",") if m]
     if not args.skip_training:
@@ -395,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                                             methods)
         if not args.skip_memory:
             report["memory"] = bench_memory(args.rows, args.dim, args.bags, args.bag_length, methods, args.steps)
+    report["load_average_end"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

@@ -157,7 +157,7 @@ class DPQEmbedding(CompressedEmbedding):
         # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
         q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting).view(n, self.groups, self.width)
         scores = self._scores(q)
-        codes = scores.argmax(-1)
+        codes = scores.max(-1).indices  # argmax (first maximum, like argmax), faster over a short last dim
         hard = decode_codes(codes, self.values, "concat")
         if not self.training:
             return hard  # exactly what the exported codes + values decode to
@@ -169,18 +169,23 @@ class DPQEmbedding(CompressedEmbedding):
         # Section 2.1: forward = one-hot(argmax) @ V exactly; backward through softmax(s / tau) @ V.
         # Values take their gradient from the hard path only, as with p - stopgrad(p - onehot).
         # straight_through gives hard + soft - soft.detach() without computing soft in the forward.
-        probs = torch.softmax(scores / self.config.tau, -1)
+        tau = self.config.tau
+        probs = torch.softmax(scores if tau == 1.0 else scores / tau, -1)  # x / 1 == x: skip the pass
         return straight_through(hard, probs, self.values, "concat")
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         # Dedupe first: scores and batch statistics are computed once per distinct row.
         unique, inverse = torch.unique(ids, return_inverse=True)
         if self.padding_idx is None:
-            return self._rows(unique)[inverse]
+            if unique.shape[0] == ids.shape[0]:  # no repeats: the same rows, in the caller's order
+                return self._rows(ids)
+            # index_select: its backward is an index_add (2 ms at 16k x 128) where [inverse]'s
+            # accumulating index_put took 23 ms.
+            return self._rows(unique).index_select(0, inverse)
         keep = unique != self.padding_idx  # padding takes no part in the batch statistics
         out = self.query.new_zeros(unique.shape[0], self.embedding_dim)
         out[keep] = self._rows(unique[keep])
-        return out[inverse]
+        return out.index_select(0, inverse)
 
     def aux_loss(self) -> torch.Tensor | None:
         """DPQ-VQ: mean((V[c] - stopgrad(Q))^2) of the last training forward (weight 1); SX: None."""
