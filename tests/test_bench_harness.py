@@ -87,7 +87,7 @@ def test_one_epoch_rec_cell_reports_exact_bytes(tmp_path, monkeypatch):
     assert {r.method for r in rows} == {"full", "hash"} and len(skipped) == 1
     report = write_report(tmp_path, records)
     text = report.read_text()
-    assert "Recommendation" in text and "did not run" in text and (tmp_path / "rec.png").stat().st_size > 0
+    assert "Recommendation" in text and "did not train" in text and (tmp_path / "rec.png").stat().st_size > 0
     json.dumps(records)  # records are JSON-ready
 
 
@@ -164,3 +164,31 @@ def test_unreachable_cells_are_settled_without_training(tmp_path):
     records = R.run_grid(cells, tmp_path, jobs=1)
     assert records[cells[0].key()]["status"] == "unreachable"
     assert json.loads((tmp_path / "rec.json").read_text())[0]["status"] == "unreachable"
+
+
+def _record(task, label, method, seed, score, ratio, metric="accuracy", procedure="scratch", target=None):
+    return {"key": f"{task}|{procedure}|{label}|{seed}", "task": task, "procedure": procedure, "label": label,
+            "method": method, "target_ratio": target, "seed": seed, "size": "quick", "split_seed": 0,
+            "metric": metric, "status": "ok", "score": score, "test": {metric: score}, "bytes": 1000 / ratio,
+            "ratio": ratio, "tables": {"words": {"spec": label, "bytes": 1000 / ratio}}}
+
+
+def test_claim_verdicts_are_computed_and_missing_cells_listed(tmp_path):
+    from benchmarks.tasks.report import claims
+
+    records = {}
+    for seed, (full, codes, tt) in enumerate([(0.760, 0.758, 0.740), (0.762, 0.759, 0.742), (0.758, 0.757, 0.738)]):
+        for r in (_record("sentiment", "full", "full", seed, full, 1.0),
+                  _record("sentiment", "codes@30x", "codes", seed, codes, 30.5, target=30.0),
+                  _record("sentiment", "tt@100x", "tt", seed, tt, 101.0, target=100.0)):
+            records[r["key"]] = r
+    verdicts = {v.claim.split(":")[0]: v for v in claims(aggregate(records)[0])}
+    assert verdicts["Compositional codes"].verdict == "holds"      # 0.2 points lost, tolerance 0.5
+    assert verdicts["Tensor-train"].verdict == "fails"             # 2.0 points lost, tolerance 1
+    assert "misses by 1.0 points" in verdicts["Tensor-train"].text
+    assert verdicts["MEmCom"].verdict == "not tested"
+    # A run cut short: the planned keys without a record are listed in the report.
+    (tmp_path / "run.json").write_text(json.dumps({"keys": list(records) + ["sentiment|scratch|hash@10x|0"]}))
+    text = write_report(tmp_path, records).read_text()
+    assert "Incomplete run: 1 planned cell" in text and "sentiment / scratch / hash@10x: seed(s) 0" in text
+    assert "**fails**" in (tmp_path / "readme_section.md").read_text()
