@@ -86,7 +86,9 @@ def direct_formats():
     for bits_k, books, combine, shared in [(2, 8, "concat", False), (4, 6, "concat", False), (4, 6, "sum", False),
                                            (4, 8, "sum", True), (16, 4, "concat", True), (256, 3, "sum", False),
                                            (200, 4, "concat", False), (5, 8, "sum", False), (32, 3, "concat", False),
-                                           (1000, 4, "sum", False), (3, 5, "concat", False), (40000, 2, "sum", False)]:
+                                           (1000, 4, "sum", False), (3, 5, "concat", False), (40000, 2, "sum", False),
+                                           (32, 8, "sum", False), (64, 4, "concat", False), (128, 8, "sum", False),
+                                           (20, 16, "sum", True)]:
         width = D // books if combine == "concat" and D % books == 0 else (D if combine == "sum" else 1)
         dim_books = books if combine == "concat" else 1
         codes = torch.randint(0, bits_k, (V, books), generator=g)
@@ -164,6 +166,26 @@ def test_fast_paths_use_byte_tables_where_they_apply():
     assert DIRECT["codebook-K40000-M2-sum"]._fast_mode == "wide"
     assert DIRECT["codebook-K32-M3-concat"]._fast_mode == "generic"  # 15 bits a row: not byte-aligned
     assert DIRECT["codebook-window-fallback"]._fast_mode == "window"
+    # Grouped windows: 5 bytes hold 8 five-bit codes, 3 bytes 4 six-bit codes; 7-bit codes need 7-byte
+    # groups (beyond exact float64 reads) and keep the byte windows.
+    assert DIRECT["codebook-K32-M8-sum"]._group == 5 and DIRECT["codebook-K64-M4-concat"]._group == 3
+    assert DIRECT["codebook-K20-M16-sum-shared"]._group == 5 and DIRECT["codebook-K5-M8-sum"]._group == 3
+    assert DIRECT["codebook-K128-M8-sum"]._fast_mode == "window" and DIRECT["codebook-K128-M8-sum"]._group == 0
+
+
+@pytest.mark.parametrize("name", ["codebook-K32-M8-sum", "codebook-K64-M4-concat", "codebook-K20-M16-sum-shared",
+                                  "codebook-window-fallback"])
+def test_grouped_windows_read_the_same_codes_as_byte_windows(name):
+    module = DIRECT[name]
+    ids = torch.randint(0, module.num_embeddings, (200,))
+    grouped = module._indices(ids)
+    group, module._group = module._group, 0
+    try:
+        windows = module._indices(ids)
+    finally:
+        module._group = group
+    assert torch.equal(grouped, windows)
+    assert torch.equal(grouped - module._slot_offsets, module.codes(ids).int())
 
 
 # -- bag mode ------------------------------------------------------------------------------------
@@ -189,3 +211,28 @@ def test_bag_matches_embedding_bag(name, mode):
         weights = torch.rand(23, generator=g)
         torch.testing.assert_close(module.bag(ids, offsets, per_sample_weights=weights, mode="sum"),
                                    bag(ids, offsets, per_sample_weights=weights), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_windows_stay_out_of_traced_graphs():
+    import warnings
+
+    module = DIRECT["codebook-K32-M8-sum"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, torch.arange(7), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "__rshift__" not in graph and "bitwise_right_shift" not in graph
+    other = torch.randint(0, module.num_embeddings, (40,))
+    torch.testing.assert_close(traced(other), module(other))
+
+
+@pytest.mark.parametrize("name", ["hashed-mod", "hashed-scale-bias", "codebook-K16-M4-concat-shared",
+                                  "codebook-K256-M3-sum", "codebook-K32-M8-sum", "codebook-K64-M4-concat"])
+def test_fast_lookups_are_bit_exact_where_no_sum_is_reordered(name):
+    module = DIRECT[name]
+    ids = torch.randint(0, module.num_embeddings, (500,))
+    fast, reference = module.lookup(ids), module.reference_lookup(ids)
+    if name.endswith("-sum"):  # byte tables pre-add codewords: the same terms, summed in another order
+        torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(fast, reference)

