@@ -167,3 +167,22 @@ def test_budget_varies_the_rank():
     size = TensorTrainEmbedding.expected_bytes(config, 25_000, 256)
     assert size <= 25_000 * 256 * 4 / 94 < TensorTrainEmbedding.expected_bytes(
         config.replace(rank=config.rank + 1), 25_000, 256)
+
+
+@pytest.mark.parametrize("dim_shape,transposed", [([4, 4, 8], True), ([4, 8, 4], True), ([2, 4, 16], False)])
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_cached_lookup_equals_the_core_chain_in_both_orientations(dim_shape, transposed, chunk):
+    from embcompress.frozen.tt import tt_rows, tt_rows_cached
+
+    g = torch.Generator().manual_seed(3)
+    vocab, ranks = [5, 6, 7], [1, 3, 4, 1]
+    cores = {f"core{k}": torch.randn(ranks[k], vocab[k], dim_shape[k], ranks[k + 1], generator=g) for k in range(3)}
+    frozen = TensorTrainCores(200, math.prod(dim_shape), vocab_shape=vocab, dim_shape=dim_shape, **cores)
+    assert frozen._transposed is transposed
+    assert frozen.num_bytes() == 4 * sum(c.numel() for c in cores.values())  # the cache is not the artifact
+    assert frozen.cache_bytes() > 0
+    ids = torch.randint(0, 200, (100,), generator=g)
+    reference = tt_rows(list(cores.values()), vocab, frozen.split, ids)  # the chain, no cache
+    fast = tt_rows_cached(frozen._left_table, frozen._right_table, ids, frozen._transposed, chunk=chunk)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frozen(ids), reference, rtol=1e-5, atol=1e-5)
