@@ -25,7 +25,7 @@ import torch
 
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["TensorTrainCores", "tt_half", "tt_rows", "tt_rows_cached", "choose_split", "check_tt_shapes", "row_digits"]
+__all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split", "check_tt_shapes", "row_digits"]
 
 
 def check_tt_shapes(num_embeddings: int, embedding_dim: int, vocab_shape: Sequence[int],
@@ -87,6 +87,32 @@ def tt_half(cores: Sequence[torch.Tensor], digits: Sequence[torch.Tensor], side:
     return out
 
 
+def tt_half_table(cores: Sequence[torch.Tensor], side: str) -> torch.Tensor:
+    """Every row of a half at once (differentiable): one matmul per core instead of a batched chain.
+
+    Left half (r_0 = 1): (prod v, prod d, r_m); right half (r_n = 1): (prod v, r_m, prod d); rows in
+    row-major digit order, the same as ``tt_half`` on ``row_digits(arange)``. Each step is a single
+    (P D, r) @ (r, v d r') matmul, which MKL runs far faster than P small batched products.
+    """
+    if side == "left":
+        table = cores[0][0]  # (v_1, d_1, r_1)
+        for core in cores[1:]:
+            prefixes, width, rank = table.shape
+            r_in, v, dk, r_out = core.shape
+            step = table.reshape(prefixes * width, rank).mm(core.reshape(r_in, v * dk * r_out))
+            table = step.view(prefixes, width, v, dk, r_out).permute(0, 2, 1, 3, 4).reshape(
+                prefixes * v, width * dk, r_out)
+        return table
+    table = cores[-1][..., 0].permute(1, 0, 2)  # (v_n, r_{n-1}, d_n)
+    for core in reversed(cores[:-1]):
+        suffixes, rank, width = table.shape
+        r_in, v, dk, r_out = core.shape
+        step = core.reshape(r_in * v * dk, r_out).mm(table.permute(1, 0, 2).reshape(rank, suffixes * width))
+        table = step.view(r_in, v, dk, suffixes, width).permute(1, 3, 0, 2, 4).reshape(
+            v * suffixes, r_in, dk * width)
+    return table
+
+
 def row_digits(index: torch.Tensor, shape: Sequence[int]) -> list[torch.Tensor]:
     """Row-major digits of ``index`` in a mixed radix ``shape`` (first digit most significant)."""
     digits = []
@@ -112,7 +138,9 @@ def tt_rows(
     """
     inverse = None
     if ids.numel() > 1:
-        ids, inverse = torch.unique(ids, return_inverse=True)
+        unique_ids, where_ids = torch.unique(ids, return_inverse=True)
+        if unique_ids.shape[0] < ids.shape[0]:  # repeats: compute each distinct row once
+            ids, inverse = unique_ids, where_ids
     right_rows = math.prod(vocab_shape[split:])
     left_index, right_index = ids // right_rows, ids % right_rows
     halves = []
@@ -122,6 +150,13 @@ def tt_rows(
             halves.append(table.index_select(0, index))
             continue
         unique, where = torch.unique(index, return_inverse=True)
+        size = math.prod(vocab_shape[part])
+        if 4 * unique.shape[0] >= size:
+            # A quarter or more of the half's rows are needed: building all of them with one matmul
+            # per core is cheaper than chaining the distinct ones as many tiny batched products
+            # (V = 10^6, rank 16, 16k ids: the training step went from ~40 to ~15 ms on 2 cores).
+            halves.append(tt_half_table(cores[part], side).index_select(0, index))
+            continue
         half = tt_half(cores[part], row_digits(unique, vocab_shape[part]), side)
         halves.append(half.index_select(0, where))
     rows = torch.bmm(halves[0], halves[1]).reshape(ids.shape[0], halves[0].shape[1] * halves[1].shape[2])
@@ -220,7 +255,7 @@ class TensorTrainCores(FrozenEmbedding):
             floats = math.prod(shape) * math.prod(self.dim_shape[part]) * self.ranks[m]
             tables[side] = None
             if floats <= self.cache_floats:
-                tables[side] = tt_half(cores[part], row_digits(torch.arange(math.prod(shape)), shape), side)
+                tables[side] = tt_half_table(cores[part], side)
         both = tables["left"] is not None and tables["right"] is not None
         self._transposed = both and d_left > d_right
         for side, table in tables.items():
