@@ -186,3 +186,23 @@ def test_cached_lookup_equals_the_core_chain_in_both_orientations(dim_shape, tra
     fast = tt_rows_cached(frozen._left_table, frozen._right_table, ids, frozen._transposed, chunk=chunk)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(frozen(ids), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_half_tables_equal_the_chain_with_the_same_gradients():
+    from embcompress.frozen.tt import row_digits, tt_half, tt_half_table
+
+    g = torch.Generator().manual_seed(4)
+    vocab, dims, ranks = [3, 4, 5, 2], [2, 3, 2, 2], [1, 3, 4, 2, 1]
+    cores = [torch.randn(ranks[k], vocab[k], dims[k], ranks[k + 1], generator=g, dtype=torch.float64,
+                         requires_grad=True) for k in range(4)]
+    for m in (1, 2, 3):
+        for side, part in (("left", slice(0, m)), ("right", slice(m, None))):
+            shape = vocab[part]
+            chain = tt_half(cores[part], row_digits(torch.arange(math.prod(shape)), shape), side)
+            whole = tt_half_table(cores[part], side)
+            torch.testing.assert_close(whole, chain)
+            upstream = torch.randn(chain.shape, generator=g, dtype=torch.float64)
+            want = torch.autograd.grad(chain, cores[part], upstream)
+            got = torch.autograd.grad(whole, cores[part], upstream)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
