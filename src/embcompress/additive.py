@@ -95,7 +95,9 @@ def least_squares_codebooks(x: torch.Tensor, codes: torch.Tensor, codewords: int
             if n != m:
                 gram[n * codewords:(n + 1) * codewords, m * codewords:(m + 1) * codewords] = block.T
     rhs = torch.zeros(size, x.shape[1], dtype=torch.float64)
-    rhs.index_add_(0, flat.reshape(-1), x.double().repeat_interleave(books, 0))
+    x64 = x.double()
+    for m in range(books):  # one book at a time: a (V * M, d) repeat of x is GBs for wide tables
+        rhs.index_add_(0, flat[:, m], x64)
     scale = float(gram.diagonal().mean()) if rows else 1.0
     gram.diagonal().add_(ridge * scale + 1e-12)
     solution = torch.linalg.solve(gram, rhs)
