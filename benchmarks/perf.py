@@ -12,11 +12,14 @@ what the numbers are, and fitting 1M rows would take the benchmark's whole budge
 
 Training: one SGD step (forward, backward, update) of a bag-of-embeddings classifier
 (mean-pooled table rows -> linear head, cross entropy) with each method's training module,
-against the same model on ``nn.Embedding(sparse=True)``. Peak memory is the process's peak
+against the same model on ``nn.Embedding(sparse=True)``. DPQ and compositional codes train a
+(V, d) query table; they run with ``sparse=true`` so its gradient is sparse exactly like the
+baseline's (plain SGD takes both). Peak memory is the process's peak
 resident set growth while building and training the table, measured in a fresh subprocess per
 method (the VmHWM high-water mark), so one method's allocations do not hide
 another's. "dense V x d" says whether the training module holds any (V, d)-sized tensor
-(parameter, buffer or gradient) while training.
+(parameter, buffer or gradient) while training; "dense V x d gradient" whether a gradient with
+V x d stored values exists after a step (a sparse gradient counts only its rows).
 
 Process environment (set here before torch loads, unless already set; recorded in the results):
 - ``OMP_WAIT_POLICY=PASSIVE``: on a machine whose cores are busy with other work, OpenMP's default
@@ -203,6 +206,8 @@ def bench_inference(rows: int, dim: int, batch: int, rounds: int, seed: int = 0)
     for name, (description, module) in formats.items():
         results[name]["format"] = description
         results[name]["bytes"] = module.num_bytes()
+        if hasattr(module, "cache_bytes"):  # tt: half tables derived at load time, not in the artifact
+            results[name]["cache_bytes"] = module.cache_bytes()
         results[name]["compression"] = module.compression_ratio()
         results[name]["target"] = INFERENCE_TARGETS.get(name)
     if tl is not None:
@@ -248,6 +253,15 @@ def holds_dense_table(module: nn.Module, rows: int, dim: int) -> bool:
     return any(t.numel() >= rows * dim for t in tensors)
 
 
+def holds_dense_gradient(module: nn.Module, rows: int, dim: int) -> bool:
+    """True if a gradient with rows * dim or more stored values exists (sparse gradients count their values)."""
+    for param in module.parameters():
+        grad = param.grad
+        if grad is not None and (grad._values() if grad.is_sparse else grad).numel() >= rows * dim:
+            return True
+    return False
+
+
 def make_step(model: nn.Module, lr: float = 0.05) -> Callable[[torch.Tensor, torch.Tensor], None]:
     # Plain SGD: the one optimizer that takes sparse and dense gradients alike, so every
     # model pays the same update rule.
@@ -284,6 +298,7 @@ def bench_training(rows: int, dim: int, bags: int, length: int, rounds: int, met
         r["target"] = TRAINING_TARGETS.get(name)
         r["training_bytes"] = model.table.training_bytes()
         r["dense_vxd"] = holds_dense_table(model.table, rows, dim)
+        r["dense_vxd_grad"] = holds_dense_gradient(model.table, rows, dim)
     return {"rows": rows, "dim": dim, "bags": bags, "bag_length": length, "rounds": rounds,
             "optimizer": "SGD lr=0.05", "baseline": "nn.Embedding(sparse=True)", "methods": results}
 
@@ -368,6 +383,10 @@ def markdown(report: dict[str, Any]) -> str:
         v = inf["formats"]["tt"]["vs_tltorch"]
         lines += ["", f"tt vs tensorly-torch FactorizedEmbedding (same shape and rank): **{v:.1f}x faster** "
                       f"(target >= {TT_VS_TLTORCH_TARGET:g}x: {_verdict(v, TT_VS_TLTORCH_TARGET, True)})."]
+    tt = inf["formats"].get("tt", {})
+    if "cache_bytes" in tt:
+        lines += ["", f"tt's lookup cache (both half products, rebuilt from the cores at load time, not stored): "
+                      f"{tt['cache_bytes'] / 2**20:.1f} MiB; the artifact (cores) is {tt['bytes'] / 2**10:.0f} KiB."]
     elif not inf["tltorch_installed"]:
         lines += ["", "tensorly-torch is not installed: the tt vs tensorly-torch comparison was not run."]
     tr = report.get("training")
@@ -380,14 +399,16 @@ def markdown(report: dict[str, Any]) -> str:
         if base_mem is not None:
             lines.append(f"nn.Embedding(sparse=True) peak memory: {base_mem / 2**20:.0f} MiB.")
             lines.append("")
-        lines += ["| method | spec | step time vs nn.Embedding | target | | peak memory | holds dense V x d |",
-                  "|---|---|---:|---:|---|---:|---|"]
+        lines += ["| method | spec | step time vs nn.Embedding | target | | peak memory | holds dense V x d "
+                  "| dense V x d gradient |",
+                  "|---|---|---:|---:|---|---:|---|---|"]
         for name, r in tr["methods"].items():
             target = r.get("target")
             peak = f"{mem[name] / 2**20:.0f} MiB" if name in mem else "-"
             lines.append(f"| {name} | `{r['spec']}` | {r['ratio']:.2f}x | "
                          f"{'<= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, False)} | "
-                         f"{peak} | {'yes' if r['dense_vxd'] else 'no'} |")
+                         f"{peak} | {'yes' if r['dense_vxd'] else 'no'} | "
+                         f"{'yes' if r.get('dense_vxd_grad') else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
