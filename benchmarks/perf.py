@@ -381,7 +381,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{'>= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, True)} |")
     if "vs_tltorch" in inf["formats"].get("tt", {}):
         v = inf["formats"]["tt"]["vs_tltorch"]
-        lines += ["", f"tt vs tensorly-torch FactorizedEmbedding (same shape and rank): **{v:.1f}x faster** "
+        lines += ["", f"tt vs tensorly-torch FactorizedEmbedding (same shape and rank): **{v:.2f}x faster** "
                       f"(target >= {TT_VS_TLTORCH_TARGET:g}x: {_verdict(v, TT_VS_TLTORCH_TARGET, True)})."]
     tt = inf["formats"].get("tt", {})
     if "cache_bytes" in tt:
@@ -417,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=65_536)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bags", type=int, default=512)
     parser.add_argument("--bag-length", type=int, default=32)
-    parser.add_argument("--train-rounds", type=int, default=10)
+    parser.add_argument("--train-rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
