@@ -199,10 +199,28 @@ def test_whole_half_tables_equal_the_chain_with_the_same_gradients():
         for side, part in (("left", slice(0, m)), ("right", slice(m, None))):
             shape = vocab[part]
             chain = tt_half(cores[part], row_digits(torch.arange(math.prod(shape)), shape), side)
-            whole = tt_half_table(cores[part], side)
-            torch.testing.assert_close(whole, chain)
             upstream = torch.randn(chain.shape, generator=g, dtype=torch.float64)
             want = torch.autograd.grad(chain, cores[part], upstream)
+            whole = tt_half_table(cores[part], side)
+            torch.testing.assert_close(whole, chain)
             got = torch.autograd.grad(whole, cores[part], upstream)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dim_shape", [[4, 4, 8], [2, 4, 16]])
+@pytest.mark.parametrize("count", [5, 300])  # few ids: the chain over distinct prefixes; many: whole halves
+def test_training_rows_and_gradients_equal_the_naive_chain(dim_shape, count):
+    from embcompress.frozen.tt import tt_rows
+
+    g = torch.Generator().manual_seed(5)
+    vocab, ranks = [5, 6, 7], [1, 3, 4, 1]
+    cores = [torch.randn(ranks[k], vocab[k], dim_shape[k], ranks[k + 1], generator=g, dtype=torch.float64,
+                         requires_grad=True) for k in range(3)]
+    ids = torch.randint(0, 210, (count,), generator=g)
+    dense = naive_table(cores, vocab, dim_shape, 210)
+    rows = tt_rows(cores, vocab, 2, ids)
+    torch.testing.assert_close(rows, dense[ids])
+    upstream = torch.randn(rows.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(rows, cores, upstream), torch.autograd.grad(dense[ids], cores, upstream)):
+        torch.testing.assert_close(a, b)
