@@ -187,6 +187,11 @@ def _loss_text(loss: float, metric: str) -> str:
     return f"{100 * loss:.1f} points" if metric == "accuracy" else f"{100 * loss:.1f}% relative"
 
 
+def _delta_text(loss: float, metric: str) -> str:
+    """"a loss of 1.2 points" or, when the compressed model scored better, "a gain of 1.2 points"."""
+    return f"a {'loss' if loss >= 0 else 'gain'} of {_loss_text(abs(loss), metric)}"
+
+
 def _tolerance(metric: str, ref: Row) -> float:
     if metric == "accuracy":
         return max(ACCURACY_TOLERANCE, ref.std)
@@ -226,10 +231,10 @@ def _no_loss_claim(rows: list[Row], task: str, method: str, min_ratio: float, to
     loss = _loss(best, ref)
     verdict = "holds" if loss <= tol else "fails"
     measured = (f"`{method}` {best.ratio:.1f}x: {_pm(best)} vs {_pm(ref)} dense "
-                f"({_loss_text(loss, ref.metric)} lost, {len(best.scores)} seeds)")
+                f"({_delta_text(loss, ref.metric)}, {len(best.scores)} seeds)")
     text = (f"- **{what}** on {task}: **{verdict}**. Best `{method}` at >= {min_ratio:g}x is {best.ratio:.1f}x "
-            f"(`{best.spec}`, {_bytes(best.bytes)}): {_pm(best)} vs {_pm(ref)} dense, a loss of "
-            f"{_loss_text(loss, ref.metric)} (tolerance {_loss_text(tol, ref.metric)}, {len(best.scores)} seed(s)).")
+            f"(`{best.spec}`, {_bytes(best.bytes)}): {_pm(best)} vs {_pm(ref)} dense, "
+            f"{_delta_text(loss, ref.metric)} (tolerance {_loss_text(tol, ref.metric)}, {len(best.scores)} seed(s)).")
     if verdict == "fails":
         text += (f" It misses by {_loss_text(loss - tol, ref.metric)} beyond the tolerance; the largest `{method}` "
                  f"ratio within tolerance here: {_largest_ok(rows, task, method, ref, tol)}. What would close it: {closing}")
@@ -281,14 +286,14 @@ def _memcom_claims(rows: list[Row]) -> list[Verdict]:
     loss = _loss(near16, ref)
     verdict = "holds" if loss <= 0.04 else "fails"
     text = (f"- **{what16}**: **{verdict}** at {near16.ratio:.1f}x (`{near16.spec}`, {_bytes(near16.bytes)}): "
-            f"nDCG@10 {_pm(near16)} vs {_pm(ref)} dense ({100 * loss:.1f}% relative loss, {len(near16.scores)} seeds).")
+            f"nDCG@10 {_pm(near16)} vs {_pm(ref)} dense ({_delta_text(loss, ref.metric)}, {len(near16.scores)} seeds).")
     if verdict == "fails":
         text += (f" It misses by {100 * (loss - 0.04):.1f} points of relative loss. What would close it: MEmCom's "
                  "per-entity weight can only rescale a shared bucket vector, and with 943 users and 1,682 items the "
                  "collisions at 16x are dense. The paper's datasets have millions of entities with a long tail where "
                  "collisions cost little; frequent IDs in buckets of their own would be the fair fix here.")
     out = [Verdict(what16, "rec", verdict, f"{near16.ratio:.1f}x: {_pm(near16)} vs {_pm(ref)} dense "
-                   f"({100 * loss:.1f}% relative loss)", text)]
+                   f"({_delta_text(loss, ref.metric)})", text)]
     return out + _memcom_vs_hash(rows, memcom, what_hash)
 
 
