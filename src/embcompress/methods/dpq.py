@@ -66,7 +66,8 @@ class DPQConfig(MethodConfig):
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of the SX backward pass"})
     sparse: bool = field(default=False, metadata={
         "help": "the query table gets sparse gradients (rows looked up only), like nn.Embedding(sparse=True); "
-                "needs an optimizer that takes them (SGD, SparseAdam, Adagrad)"})
+                "needs an optimizer that takes them (SGD, SparseAdam, Adagrad); not under DDP, which only "
+                "all-reduces sparse gradients of nn.Embedding/EmbeddingBag modules"})
 
     def validate(self) -> None:
         if self.groups < 1:
