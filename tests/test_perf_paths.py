@@ -2,6 +2,7 @@
 and FrozenEmbedding.bag against nn.EmbeddingBag on the materialized table. No timing here:
 speed ratios live in benchmarks/perf.py."""
 
+import copy
 import math
 
 import numpy as np
@@ -186,6 +187,8 @@ def test_grouped_windows_read_the_same_codes_as_byte_windows(name):
         module._group = group
     assert torch.equal(grouped, windows)
     assert torch.equal(grouped - module._slot_offsets, module.codes(ids).int())
+    converted = copy.deepcopy(module).float()  # a dtype cast of the module leaves the code reads alone
+    assert torch.equal(converted._indices(ids), grouped)
 
 
 # -- bag mode ------------------------------------------------------------------------------------

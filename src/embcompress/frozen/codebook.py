@@ -247,8 +247,8 @@ class CodebookEmbedding(FrozenEmbedding):
         # cut out with shifts and a mask. Up to 6 bytes a group, so the float64 read is exact.
         group = math.lcm(bits, 8) // 8
         self._group = group if mode == "window" and group <= 6 and row_bytes % group == 0 else 0
-        self.register_buffer("_group_weights", torch.pow(256.0, torch.arange(max(self._group, 1),
-                                                                            dtype=torch.float64)), persistent=False)
+        # int64, converted at use: a float64 buffer would follow module.float() / .half() and break the read.
+        self.register_buffer("_group_weights", 256 ** torch.arange(max(self._group, 1)), persistent=False)
         self.register_buffer("_group_shifts", torch.arange(group * 8 // bits) * bits, persistent=False)
 
     def _byte_table(self, codebooks: torch.Tensor, per_byte: int, slots: int) -> torch.Tensor:
@@ -296,7 +296,7 @@ class CodebookEmbedding(FrozenEmbedding):
             # float64 dot product per group, then int64 shift and mask. 16 five-bit codes a row at
             # 65,536 rows: 1.5 ms where the byte-window arithmetic below took 14 ms.
             n = rows.shape[0]
-            value = (rows.view(n, -1, self._group).double() @ self._group_weights).long()
+            value = (rows.view(n, -1, self._group).double() @ self._group_weights.double()).long()
             codes = ((value.unsqueeze(-1) >> self._group_shifts) & (mask - 1)).view(n, self.books).int()
         else:
             wide = rows.int()
