@@ -14,7 +14,7 @@ import torch
 from .frozen.codebook import decode_codes
 from .kmeans import kmeans
 
-__all__ = ["additive_refine", "beam_encode", "icm_codes", "improve_codes", "least_squares_codebooks",
+__all__ = ["additive_refine", "beam_encode", "best_codes", "icm_codes", "improve_codes", "least_squares_codebooks",
            "local_search_codes", "relative_error", "residual_kmeans", "row_errors"]
 
 
@@ -37,23 +37,40 @@ def _beam_step(residual: torch.Tensor, codes: torch.Tensor, book: torch.Tensor,
 
 
 @torch.no_grad()
-def beam_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int = 8, chunk: int = 8192) -> torch.Tensor:
+def beam_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int = 8, chunk: int = 8192,
+                order: str = "energy") -> torch.Tensor:
     """Additive codes by beam search (greedy when beam = 1). -> (V, M).
 
-    Books are visited by decreasing energy (mean squared codeword norm): least-squares codebooks
-    lose the residual order, and a beam decides best when the large terms come first.
+    ``order="energy"`` visits books by decreasing energy (mean squared codeword norm): least-squares
+    codebooks lose the residual order, and a beam decides best when the large terms come first.
+    ``order="stored"`` visits them as stored, the order residual k-means built them in.
+    Neither is safe alone with many books: least-squares codebooks can hold large codewords that
+    cancel across books, and a greedy pass over them can end worse than the zero vector, so
+    callers compare candidates with :func:`best_codes` and polish with :func:`icm_codes`.
     """
-    order = codebooks.pow(2).sum(-1).mean(-1).argsort(descending=True)
+    if order not in ("energy", "stored"):
+        raise ValueError(f"order must be 'energy' or 'stored', got {order!r}")
+    books = codebooks.shape[0]
+    visit = (codebooks.pow(2).sum(-1).mean(-1).argsort(descending=True) if order == "energy"
+             else torch.arange(books))
     out = []
     for start in range(0, x.shape[0], chunk):
         residual = x[start:start + chunk].unsqueeze(1)
         codes = torch.zeros(residual.shape[0], 1, 0, dtype=torch.long)
-        for m in order.tolist():
+        for m in visit.tolist():
             residual, codes = _beam_step(residual, codes, codebooks[m], beam)
         out.append(codes[:, 0])
     if not out:
-        return torch.zeros(0, codebooks.shape[0], dtype=torch.long)
-    return torch.cat(out)[:, order.argsort()]
+        return torch.zeros(0, books, dtype=torch.long)
+    return torch.cat(out)[:, visit.argsort()]
+
+
+@torch.no_grad()
+def best_codes(x: torch.Tensor, candidates: list[torch.Tensor], codebooks: torch.Tensor) -> torch.Tensor:
+    """Per row, the candidate code (each (V, M)) with the smallest error under ``codebooks``."""
+    errors = torch.stack([row_errors(x, c, codebooks) for c in candidates])  # (C, V)
+    pick = errors.argmin(0)
+    return torch.stack(candidates)[pick, torch.arange(x.shape[0])]
 
 
 @torch.no_grad()
@@ -139,11 +156,11 @@ def additive_refine(x: torch.Tensor, codes: torch.Tensor, codewords: int, rounds
 @torch.no_grad()
 def improve_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, beam: int = 8,
                   sweeps: int = 2) -> torch.Tensor:
-    """Best per row of the given codes and a fresh beam search, then ICM sweeps."""
+    """Best per row of the given codes and fresh beam searches in both book orders, then ICM sweeps.
+    Never increases any row's error."""
     if beam > 0:
-        fresh = beam_encode(x, codebooks, beam)
-        better = row_errors(x, fresh, codebooks) < row_errors(x, codes, codebooks)
-        codes = torch.where(better.unsqueeze(1), fresh, codes)
+        codes = best_codes(x, [codes, beam_encode(x, codebooks, beam), beam_encode(x, codebooks, beam, order="stored")],
+                           codebooks)
     return icm_codes(x, codes, codebooks, sweeps=sweeps)
 
 
