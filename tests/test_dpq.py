@@ -165,3 +165,23 @@ def test_post_hoc_start_is_kmeans_and_refinement_does_not_hurt(spec):
     refined = embcompress.from_pretrained(weight, spec, steps=30)
     start_error = relative_mse(start.export().materialize(), weight)
     assert relative_mse(refined.export().materialize(), weight) <= start_error + 1e-6
+
+
+def test_fitted_table_keeps_its_codes_when_fine_tuned_and_the_mode_is_saved(tmp_path):
+    # Batch statistics would re-rank a fitted table's scores: about half its codes changed at the
+    # first training step before the fit froze them (GloVe, 10 x 64).
+    weight = synthetic_table(300, D, seed=4)
+    torch.manual_seed(0)
+    table = embcompress.from_pretrained(weight, "dpq:groups=4,codewords=16", steps=0)
+    assert table.layout() == {"batchnorm_stats": "running"}
+    eval_rows = table.eval()(torch.arange(300))
+    ids = torch.randperm(300)[:64]
+    assert torch.equal(table.train()(ids), eval_rows[ids])  # same codes, same rows, in training
+    loaded = embcompress.load(embcompress.save(table, tmp_path / "t.emb"))
+    assert loaded.layout() == {"batchnorm_stats": "running"}
+    fresh = embcompress.build("dpq:groups=4,codewords=16", 300, D)
+    assert fresh.layout() == {"batchnorm_stats": "batch"}
+    fresh.train()(ids)
+    assert fresh.running_mean.abs().sum() > 0  # the paper's training: batch statistics, running ones updated
+    with pytest.raises(ValueError, match="batchnorm_stats"):
+        fresh.set_batchnorm_stats("frozen")
