@@ -327,13 +327,15 @@ def _distilled_claim(rows: list[Row]) -> Verdict:
                 continue
             sign = 1 if HIGHER_IS_BETTER[dist[common[0]].metric] else -1
             wins = sum(sign * (dist[t].mean - low[t].mean) > 0 for t in common)
+            # A gap no larger than the seeds' spread of either method is noise, whichever way it goes.
+            noise = sum(abs(dist[t].mean - low[t].mean) <= max(dist[t].std, low[t].std) for t in common)
             if procedure == "two-stage":  # the paper's procedure decides the verdict
                 wins_all, total_all = wins_all + wins, total_all + len(common)
             detail = "; ".join(f"{t:g}x: {_pm(dist[t])} ({_bytes(dist[t].bytes)}) vs "
                                f"{_pm(low[t])} ({_bytes(low[t].bytes)})" for t in common)
             verdict = "holds" if wins == len(common) else ("partly" if wins else "fails")
-            lines.append(f"  - {task}, {procedure}: {verdict}, distilled better at {wins}/{len(common)} budgets "
-                         f"(distilled vs lowrank: {detail}).")
+            lines.append(f"  - {task}, {procedure}: {verdict}, distilled better at {wins}/{len(common)} budgets, "
+                         f"{noise} of the {len(common)} gaps within one seed std (distilled vs lowrank: {detail}).")
     if not total_all:
         return Verdict(what, "sentiment, lm", "not tested", "no paired two-stage results",
                        f"- **{what}**: **not tested** (no paired two-stage results).")
