@@ -64,6 +64,7 @@ import embcompress  # noqa: E402
 from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding,  # noqa: E402
                                 QREmbedding, ScalarQuantizedEmbedding, TensorTrainCores)
 from embcompress.hashing import HashFunction  # noqa: E402
+from embcompress.methods.codes import CompositionalCodeEmbedding  # noqa: E402
 from embcompress.methods.tt import TTConfig, resolve_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,6 +75,7 @@ INFERENCE_TARGETS = {"dpq": 1.5, "codes": 1.5, "pq": 1.5, "memcom": 1.5, "hash":
 TT_VS_TLTORCH_TARGET = 5.0
 # Training targets: maximum step-time ratio over nn.Embedding(sparse=True).
 TRAINING_TARGETS = {"dpq": 3.0, "codes": 3.0, "tt": 5.0, "memcom": 1.5}
+FIXED_CODES = {"codes-fixed"}  # built in the fixed state with random codes
 
 # Training-module specs for the step-time benchmark (sizes as a 1M x 128 table would use them).
 TRAIN_SPECS = {
@@ -81,6 +83,8 @@ TRAIN_SPECS = {
     # baseline does (plain SGD takes them; so do SparseAdam and Adagrad).
     "dpq": "dpq:variant=sx,groups=32,codewords=16,sparse=true",
     "codes": "codes:books=16,codewords=32,sparse=true",
+    # The paper's downstream training: codes learned once (post hoc or frozen), codebooks trained.
+    "codes-fixed": "codes:books=16,codewords=32",
     "pq": "pq:groups=16,codewords=256",
     "memcom": "memcom:buckets=10000",
     "hash": "hash:buckets=10000,hash=universal",
@@ -276,6 +280,16 @@ def make_step(model: nn.Module, lr: float = 0.05) -> Callable[[torch.Tensor, tor
     return step
 
 
+def training_table(name: str, rows: int, dim: int) -> nn.Module:
+    """The training module benchmarked as ``name`` (TRAIN_SPECS; FIXED_CODES in the fixed state)."""
+    if name not in FIXED_CODES:
+        return embcompress.build(TRAIN_SPECS[name], rows, dim)
+    table = CompositionalCodeEmbedding(rows, dim, TRAIN_SPECS[name], layout={"state": "fixed"})
+    gen = torch.Generator().manual_seed(1)
+    table.codes.copy_(torch.randint(0, table.config.codewords, table.codes.shape, generator=gen))
+    return table
+
+
 def bench_training(rows: int, dim: int, bags: int, length: int, rounds: int, methods: list[str],
                    seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
@@ -286,7 +300,7 @@ def bench_training(rows: int, dim: int, bags: int, length: int, rounds: int, met
     base_step = make_step(baseline_model)
     models, contenders = {}, {}
     for name in methods:
-        model = BagModel(embcompress.build(TRAIN_SPECS[name], rows, dim), dim, 10).train()
+        model = BagModel(training_table(name, rows, dim), dim, 10).train()
         models[name] = model
         step = make_step(model)
         contenders[name] = lambda s=step: s(ids, labels)
@@ -313,7 +327,7 @@ def _peak_rss_child(name: str, rows: int, dim: int, bags: int, length: int, step
     if name == "nn.Embedding":
         model: nn.Module = SparseBagModel(rows, dim, 10)
     else:
-        model = BagModel(embcompress.build(TRAIN_SPECS[name], rows, dim), dim, 10).train()
+        model = BagModel(training_table(name, rows, dim), dim, 10).train()
     step = make_step(model)
     for _ in range(steps):
         step(ids, labels)
