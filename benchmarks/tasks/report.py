@@ -373,6 +373,26 @@ def missing_cells(out_dir: Path, records: dict[str, dict[str, Any]]) -> list[str
     return [k for k in planned if k not in records]
 
 
+def degenerate_dpq(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Cells whose `dpq` table has one dimension per group (groups == dim, variant sx).
+
+    With 1-wide subvectors a dot-product score q * key_k ranks the K keys by key alone (by the key's
+    sign once batch-normalized), so each group can pick only a couple of its K codewords: the budget
+    search's config wastes most of its code bits. Listed so a reader does not take such a cell as
+    DPQ's quality at that ratio.
+    """
+    out = set()
+    for r in records.values():
+        if r["status"] != "ok" or r["method"] != "dpq":
+            continue
+        for table in r["tables"].values():
+            fields = dict(f.split("=", 1) for f in table["spec"].split(":", 1)[1].split(",") if "=" in f)
+            if (fields.get("variant", "sx") == "sx" and int(fields.get("groups", 0)) == table["dim"]
+                    and int(fields.get("codewords", 0)) > 2):  # two codewords: the sign is all there is
+                out.add(f"{r['task']} / {r['procedure']} / {r['label']} (`{table['spec'].split(',shared')[0]}`, dim {table['dim']})")
+    return sorted(out)
+
+
 def _settings(out_dir: Path, records: dict[str, dict[str, Any]]) -> str:
     """The run's plan and training sizes, from run.json and the harness's SIZES (not typed in)."""
     from .tasks import SIZES
@@ -427,6 +447,14 @@ def write_report(out_dir: Path, records: dict[str, dict[str, Any]]) -> Path:
             parts.append(task_table(rows, task, "two-stage"))
         parts.append(f"\n![{task}]({plot.name})\n")
     parts.append(claims_section(verdicts))
+    degenerate = degenerate_dpq(records)
+    if degenerate:
+        parts.append("## Notes\n")
+        parts.append("- `dpq` cells whose budget config has one dimension per group (groups = table width). A "
+                     "dot-product score on a 1-wide subvector ranks the codewords by the key alone (after batch "
+                     "norm, by its sign), so each group can use only a few of its K codewords: these cells measure "
+                     "the budget search's choice, not DPQ at its best at that ratio (wider groups fit the "
+                     "same budget): " + "; ".join(degenerate) + ".\n")
     parts.append(_settings(out_dir, records))
     if skipped:
         parts.append("## Cells that did not train\n")
