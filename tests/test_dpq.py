@@ -185,3 +185,13 @@ def test_fitted_table_keeps_its_codes_when_fine_tuned_and_the_mode_is_saved(tmp_
     assert fresh.running_mean.abs().sum() > 0  # the paper's training: batch statistics, running ones updated
     with pytest.raises(ValueError, match="batchnorm_stats"):
         fresh.set_batchnorm_stats("frozen")
+
+
+def test_sx_refuses_one_dim_groups_and_the_budget_never_picks_them():
+    # q * k is monotone in q: a 1-dim SX group can only ever pick its largest or smallest key.
+    with pytest.raises(SpecError, match="variant=vq"):
+        embcompress.build(f"dpq:groups={D},codewords=16", V, D)
+    assert embcompress.build(f"dpq:variant=vq,groups={D},codewords=16", V, D).width == 1  # distances are fine
+    for ratio in (2, 4, 8):
+        config = config_for_budget("dpq", 20_000, 64, ratio=ratio)
+        assert 64 // config.groups >= 2, config

@@ -78,6 +78,18 @@ class DPQConfig(MethodConfig):
             raise SpecError(f"dpq: tau must be a positive number, got {self.tau}")
 
 
+def check_shape(config: DPQConfig, embedding_dim: int) -> None:
+    """Groups divide the dim, and SX groups are at least 2 wide: a 1-dim group's dot-product score
+    q * k is monotone in q, so (batch-normalized or not) only the codewords with the largest and the
+    smallest key can ever win: 2 of K codes (measured: 2.0 distinct eval codes per group of 128)."""
+    check_groups("dpq", config.groups, embedding_dim)
+    if config.variant == "sx" and config.groups == embedding_dim:
+        wider = [g for g in divisors(embedding_dim) if g < embedding_dim]
+        hint = f"groups={wider[-1]} or less, or " if wider else ""
+        raise SpecError(f"dpq: variant=sx with groups={config.groups} gives 1-dim groups, which can only use 2 of "
+                        f"their {config.codewords} codewords; use {hint}variant=vq")
+
+
 @register
 class DPQEmbedding(CompressedEmbedding):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
@@ -95,7 +107,7 @@ class DPQEmbedding(CompressedEmbedding):
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, config, padding_idx)
         cfg = self.config
-        check_groups("dpq", cfg.groups, embedding_dim)
+        check_shape(cfg, embedding_dim)
         self.groups, self.codewords = cfg.groups, cfg.codewords
         self.width = embedding_dim // cfg.groups
         stored = 1 if cfg.shared else cfg.groups
@@ -132,7 +144,7 @@ class DPQEmbedding(CompressedEmbedding):
     # -- size ------------------------------------------------------------------------------
     @classmethod
     def expected_bytes(cls, config: DPQConfig, num_embeddings: int, embedding_dim: int) -> int:
-        check_groups("dpq", config.groups, embedding_dim)
+        check_shape(config, embedding_dim)
         stored = 1 if config.shared else config.groups
         width = embedding_dim // config.groups
         return (packed_size(num_embeddings, config.groups, bits_for(config.codewords))
