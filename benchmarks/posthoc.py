@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/posthoc.py                      # 80 and 40 bits per row, all methods
     python benchmarks/posthoc.py --bits 80 --methods codes dpq --rows 100000
+    python benchmarks/posthoc.py --methods codes --no-faiss --update   # re-run rows, keep the others
 
 Budgets count every byte the artifact holds (codes, codebooks, cores, scalars). FAISS codecs
 (PQ, OPQ+PQ, residual quantizer) run side by side when faiss-cpu is installed; their totals count
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "posthoc_glove")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows re-run here (same method and budget) in an existing --out JSON")
     args = parser.parse_args()
     torch.manual_seed(0)
     table = load_table("glove-6b-50d", limit=args.rows)
@@ -106,6 +109,12 @@ def main() -> None:
                   f"({report['seconds']:.0f} s)", flush=True)
         if not args.no_faiss:
             results.extend({**r, "budget_bits": bits} for r in faiss_rows(table, bits))
+    if args.update and args.out.with_suffix(".json").exists():
+        rerun = {(r["method"], r["budget_bits"]) for r in results}
+        kept = [r for r in json.loads(args.out.with_suffix(".json").read_text())
+                if (r["method"], r["budget_bits"]) not in rerun]
+        results = _merge_in_order(kept, results)
+        args.bits = sorted({r["budget_bits"] for r in results}, reverse=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     lines = [f"# Post hoc compression of GloVe 6B 50d ({rows:,} x {dim})", "",
@@ -116,6 +125,12 @@ def main() -> None:
                   _markdown([r for r in results if r["budget_bits"] == bits]), ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _merge_in_order(kept: list[dict], fresh: list[dict]) -> list[dict]:
+    """Kept rows with the fresh ones in the benchmark's method order (FAISS rows last)."""
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return sorted(kept + fresh, key=lambda r: (-r["budget_bits"], rank.get(r["method"], len(rank))))
 
 
 def _markdown(rows: list[dict]) -> str:
