@@ -24,6 +24,10 @@ TASK_TITLES = {
     "rec": "Recommendation: MovieLens-100K, MF + BPR, leave-last-out (nDCG@10 over all items)",
 }
 HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "ndcg@10": True}
+# One color per method in every plot (a method and its two-stage run share it; the default color
+# cycle repeats after 10 series, and a plot holds up to 12).
+METHOD_COLORS = {"scalar": "#7f7f7f", "hash": "#d62728", "qr": "#ff9896", "lowrank": "#8c564b", "pq": "#bcbd22",
+                 "dpq": "#2ca02c", "codes": "#1f77b4", "memcom": "#9467bd", "tt": "#17becf", "distilled": "#ff7f0e"}
 ACCURACY_TOLERANCE = 0.005  # "no / negligible loss" on accuracy: within half a point ...
 PERPLEXITY_TOLERANCE = 0.02  # ... and within 2% relative perplexity
 
@@ -149,7 +153,7 @@ def plot_task(rows: list[Row], task: str, path: Path) -> None:
         label = method if procedure == "scratch" else f"{method} (two-stage)"
         ax.errorbar([r.bytes for r in items], [r.mean * scale for r in items], yerr=[r.std * scale for r in items],
                     marker="o" if procedure == "scratch" else "s", markersize=4, capsize=2, label=label,
-                    linestyle="-" if procedure == "scratch" else ":")
+                    linestyle="-" if procedure == "scratch" else ":", color=METHOD_COLORS.get(method))
     ax.set_xscale("log")
     ax.set_xlabel("bytes of the embedding table(s), log scale")
     ax.set_ylabel(chosen[0].metric + (" (%)" if scale == 100 else ""))
