@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "base_specs": {"pq": "pq:iters=5"},
     },
     "standard": {
-        # Sized to about 50 min on 2 idle cores for the whole grid (measured: 5,907 CPU seconds over
+        # Sized to about 50 min on 2 idle cores for the whole grid (measured: 5,896 CPU seconds over
         # 519 cells; run.py logs the estimate from cell_seconds below). Cuts from the first sizing
         # (estimated there at ~149 min): topic documents truncated at 128 tokens instead of 256 (dense
         # test accuracy 94.2% vs 96.9% on seed 0, every cell ~1.7x cheaper), LM vocabulary 5,000
