@@ -127,18 +127,24 @@ def icm_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, swe
     """Coordinate descent on the codes (iterated conditional modes): each book in turn takes the
     codeword nearest to what the other books leave. Never increases the error. Returns new codes."""
     codes = codes.clone()
-    books = codebooks.shape[0]
     norms = codebooks.pow(2).sum(-1)  # (M, K)
     for start in range(0, x.shape[0], chunk):
         xs, cs = x[start:start + chunk], codes[start:start + chunk]
-        residual = xs - _sum_codewords(cs, codebooks)
-        for _ in range(sweeps):
-            for m in range(books):
-                residual += codebooks[m][cs[:, m]]
-                best = (norms[m] - 2 * residual @ codebooks[m].T).argmin(1)
-                cs[:, m] = best
-                residual -= codebooks[m][best]
+        _icm_sweeps(xs - _sum_codewords(cs, codebooks), cs, codebooks, norms, sweeps)
     return codes
+
+
+def _icm_sweeps(residual: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor,
+                sweeps: int) -> torch.Tensor:
+    """ICM in place: ``sweeps`` times, each book in turn takes the codeword nearest to what the other
+    books leave. ``residual`` (n, d) = rows - decode(codes); updates ``codes`` and ``residual``."""
+    for _ in range(sweeps):
+        for m in range(codebooks.shape[0]):
+            residual += codebooks[m][codes[:, m]]
+            pick = (norms[m] - 2 * residual @ codebooks[m].T).argmin(1)
+            codes[:, m] = pick
+            residual -= codebooks[m][pick]
+    return residual
 
 
 @torch.no_grad()
@@ -184,13 +190,7 @@ def local_search_codes(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Te
             if perturb:
                 where = torch.rand(trial.shape, generator=generator).argsort(1)[:, :perturb]
                 trial.scatter_(1, where, torch.randint(0, codewords, where.shape, generator=generator))
-            residual = xs - _sum_codewords(trial, codebooks)
-            for _ in range(sweeps):
-                for m in range(books):
-                    residual += codebooks[m][trial[:, m]]
-                    pick = (norms[m] - 2 * residual @ codebooks[m].T).argmin(1)
-                    trial[:, m] = pick
-                    residual -= codebooks[m][pick]
+            residual = _icm_sweeps(xs - _sum_codewords(trial, codebooks), trial, codebooks, norms, sweeps)
             trial_error = residual.pow(2).sum(1)
             better = trial_error < error
             best[better] = trial[better]

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..additive import (additive_refine, beam_encode, best_codes, icm_codes, least_squares_codebooks,
-                        local_search_codes, relative_error, residual_kmeans, row_errors)
+from ..additive import (additive_refine, beam_encode, improve_codes, least_squares_codebooks, local_search_codes,
+                        relative_error, residual_kmeans, row_errors)
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
@@ -296,12 +296,10 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
                                                 progress)
                 codebooks = least_squares_codebooks(train, codes, cfg.codewords)
             elif stage == "all rows" and train is not weight:
-                # Three encodings, best per row: fresh beam searches in both book orders, and the residual
-                # k-means chain of the start (the only sane one with many books; see beam_encode).
-                candidates = [beam_encode(weight, codebooks, max(1, beam)),
-                              beam_encode(weight, codebooks, max(1, beam), order="stored"),
-                              beam_encode(weight, start_books, max(1, beam), order="stored")]
-                codes = icm_codes(weight, best_codes(weight, candidates, codebooks), codebooks)
+                # Three encodings, best per row: the residual k-means chain of the start (the only sane
+                # one with many books; see beam_encode) and fresh beam searches in both book orders.
+                chain = beam_encode(weight, start_books, max(1, beam), order="stored")
+                codes = improve_codes(weight, chain, codebooks, beam=max(1, beam), sweeps=1)
                 codebooks = least_squares_codebooks(weight, codes, cfg.codewords)
                 log.info("codes: all rows encoded, relative MSE %.4f",
                          relative_error(row_errors(weight, codes, codebooks), weight))
