@@ -123,7 +123,6 @@ class DPQEmbedding(CompressedEmbedding):
             self.register_buffer("running_mean", torch.zeros(cfg.groups, cfg.codewords))
             self.register_buffer("running_var", torch.ones(cfg.groups, cfg.codewords))
         self._fitting = False  # post hoc fit: running statistics only, sparse query gradients
-        self.batchnorm_stats = "batch"
         self.set_batchnorm_stats((layout or {}).get("batchnorm_stats", "batch"))
         self._last_aux: torch.Tensor | None = None
 
