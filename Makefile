@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench bench-quick bench-perf bench-posthoc clean
 
-$(STAMP): pyproject.toml requirements/torch.txt requirements/data.txt
+$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'

@@ -26,24 +26,44 @@ Process environment (set here before torch loads, unless already set; recorded i
   spin-waiting made EVERY parallel op cost ~12 ms (a scheduler timeslice) whatever its size, so
   a run measured the neighbours, not the code (index_select of 4k rows: 12 ms spinning, 0.07 ms
   passive).
-- ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator option): every lookup returns a fresh
-  65,536 x 128 float32 output; without huge pages its 32 MB are page-faulted on every call, which
-  on this VM took ~20 ms of nn.Embedding's ~26 ms and the same for every format (ratios all
-  squashed toward 1). With it the same allocation took ~3 ms.
-Both apply to nn.Embedding and every contender alike; ``--plain-env`` turns them off.
+- ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator option): big allocations on huge pages.
+- glibc ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)``: freed memory stays in the process and is
+  reused, as it is in a serving process under jemalloc or tcmalloc (PyTorch's CPU tuning guide
+  recommends either). Every lookup returns a fresh 65,536 x 128 float32 output; by default glibc
+  maps those 32 MB afresh per call and the kernel zeroes them page by page: 2.2 ms of
+  nn.Embedding's 4.3 ms on a quiet 2-core VM, the same for every format, so all ratios are
+  squashed toward 1. With the memory reused nn.Embedding took 1.6 ms.
+All apply to nn.Embedding and every contender alike; ``--plain-env`` turns them off. The inference
+table also shows each ratio measured with the plain environment (a child run with ``--plain-env``),
+so both the steady-state and the fresh-memory figures are on record.
 
 Outputs: benchmarks/results/perf.json and perf.md, and the tables on stdout.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
 BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve every allocation from the heap and never give freed memory back to the kernel."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+MEMORY_REUSED = False
 if __name__ == "__main__" and "--plain-env" not in sys.argv and "torch" not in sys.modules:
     for _key, _value in BENCH_ENV.items():
         os.environ.setdefault(_key, _value)
+    MEMORY_REUSED = keep_freed_memory()
 
 import argparse  # noqa: E402 - the environment above must be set before torch loads
 import json  # noqa: E402
@@ -52,6 +72,7 @@ import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -62,7 +83,7 @@ from torch import nn  # noqa: E402
 
 import embcompress  # noqa: E402
 from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding,  # noqa: E402
-                                QREmbedding, ScalarQuantizedEmbedding, TensorTrainCores)
+                                QREmbedding, ScalarQuantizedEmbedding, TensorTrainCores, kernels)
 from embcompress.hashing import HashFunction  # noqa: E402
 from embcompress.methods.codes import CompositionalCodeEmbedding  # noqa: E402
 from embcompress.methods.tt import TTConfig, resolve_shapes  # noqa: E402
@@ -364,6 +385,19 @@ def bench_memory(rows: int, dim: int, bags: int, length: int, methods: list[str]
     return out
 
 
+def bench_inference_plain_env(rows: int, dim: int, batch: int, rounds: int, threads: int) -> dict[str, Any]:
+    """The inference table again in a child process with the plain environment (see the docstring)."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--plain-env", "--skip-training",
+                               "--skip-plain", "--rows", str(rows), "--dim", str(dim), "--batch", str(batch),
+                               "--rounds", str(rounds), "--threads", str(threads), "--out", out],
+                              capture_output=True, text=True, timeout=1800,
+                              cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode != 0:
+            raise RuntimeError(f"plain-environment inference run failed:\n{proc.stderr[-2000:]}")
+        return json.loads((Path(out) / "perf.json").read_text())["inference"]
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def _verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:
@@ -378,21 +412,27 @@ def markdown(report: dict[str, Any]) -> str:
     env = ", ".join(f"{k}={v}" for k, v in report.get("env", {}).items()) or "default"
     loads = [report.get(k) for k in ("load_average_start", "load_average_end")]
     load = " -> ".join(f"{l[0]:.1f}" for l in loads if l)
-    lines = [f"Machine: {report.get('cpus', '?')} CPUs, torch {report['torch']}, environment {env}; "
-             f"1-minute load average {load} (start -> end of the run; the machine is shared).",
+    plain = report.get("inference_plain_env")
+    reused = "freed memory reused (glibc mallopt)" if report.get("memory_reused") else "glibc defaults"
+    kernel = "on" if report.get("c_kernels") else "off (torch path)"
+    lines = [f"Machine: {report.get('cpus', '?')} CPUs, torch {report['torch']}, environment {env}, {reused}; "
+             f"C lookups {kernel}; 1-minute load average {load} (start -> end of the run; the machine is shared).",
              "",
              f"### Inference: lookups/s vs nn.Embedding (V={inf['rows']:,}, d={inf['dim']}, "
              f"{inf['batch']:,} random ids per call, {inf['threads']} threads, median of {inf['rounds']} rounds)",
              "",
-             f"nn.Embedding: {inf['dense_lookups_per_s'] / 1e6:.1f} M lookups/s on this run.",
+             f"nn.Embedding: {inf['dense_lookups_per_s'] / 1e6:.1f} M lookups/s on this run"
+             + (f" ({plain['dense_lookups_per_s'] / 1e6:.1f} M with fresh memory per call)." if plain else "."),
              "",
-             "| format | stored as | compression | speed vs nn.Embedding | target | |",
-             "|---|---|---:|---:|---:|---|"]
+             "| format | stored as | compression | speed vs nn.Embedding | target | | fresh memory per call |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for name, r in inf["formats"].items():
         target = r.get("target")
         comp = f"{r['compression']:.0f}x" if "compression" in r else "-"
+        fresh = plain["formats"].get(name, {}).get("ratio") if plain else None
         lines.append(f"| {name} | {r['format']} | {comp} | {r['ratio']:.2f}x | "
-                     f"{'>= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, True)} |")
+                     f"{'>= %.2gx' % target if target else '-'} | {_verdict(r['ratio'], target, True)} | "
+                     f"{'%.2fx' % fresh if fresh else '-'} |")
     if "vs_tltorch" in inf["formats"].get("tt", {}):
         v = inf["formats"]["tt"]["vs_tltorch"]
         lines += ["", f"tt vs tensorly-torch FactorizedEmbedding (same shape and rank): **{v:.2f}x faster** "
@@ -442,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(TRAIN_SPECS), help="training methods, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="do not repeat the inference table with the plain environment in a child run")
     parser.add_argument("--plain-env", action="store_true",
                         help=f"leave {', '.join(BENCH_ENV)} as they are (see the module docstring)")
     args = parser.parse_args(argv)
@@ -451,8 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"torch": torch.__version__, "machine": platform.machine(),
                               "cpus": os.cpu_count(), "env": {k: os.environ.get(k) for k in BENCH_ENV},
+                              "memory_reused": MEMORY_REUSED, "c_kernels": kernels.enabled(),
                               "load_average_start": list(os.getloadavg()),
                               "inference": bench_inference(args.rows, args.dim, args.batch, args.rounds)}
+    if not args.skip_plain:
+        report["inference_plain_env"] = bench_inference_plain_env(args.rows, args.dim, args.batch, args.rounds,
+                                                                  args.threads)
     methods = [m for m in args.methods.split(",") if m]
     if not args.skip_training:
         report["training"] = bench_training(args.rows, args.dim, args.bags, args.bag_length, args.train_rounds,

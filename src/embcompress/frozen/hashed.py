@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hashing import HashFunction
+from . import kernels
 from .base import FrozenEmbedding, register_format
 
 __all__ = ["HashedEmbedding"]
@@ -46,6 +47,11 @@ class HashedEmbedding(FrozenEmbedding):
             self.register_buffer(name, None if value is None else value.detach().float().contiguous())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(ids, self.table) and all(t is None or t.dtype == torch.float32
+                                                   for t in (self.table, self.scale, self.bias)):
+            # One fused pass: hash, gather, scale and bias per row (frozen/kernels.py).
+            return kernels.hashed_lookup(ids.contiguous(), self.num_embeddings, self.hash, self.table,
+                                         self.scale, self.bias)
         buckets = self.hash(ids)
         capture = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not capture:

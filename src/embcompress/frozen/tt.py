@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import kernels
 from .base import FrozenEmbedding, register_format
 
 __all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split", "check_tt_shapes", "row_digits"]
@@ -260,8 +261,8 @@ class TensorTrainCores(FrozenEmbedding):
         both = tables["left"] is not None and tables["right"] is not None
         self._transposed = both and d_left > d_right
         for side, table in tables.items():
-            if self._transposed:
-                table = table.transpose(1, 2).contiguous()
+            if table is not None:
+                table = (table.transpose(1, 2) if self._transposed else table).contiguous()
             self.register_buffer(f"_{side}_table", table, persistent=False)
 
     def cache_bytes(self) -> int:
@@ -279,6 +280,9 @@ class TensorTrainCores(FrozenEmbedding):
                 rows = torch.bmm(gathered_right, gathered_left).transpose(1, 2) if self._transposed else \
                     torch.bmm(gathered_left, gathered_right)
                 return rows.reshape(ids.shape[0], self.embedding_dim)
+            if kernels.usable(ids, left) and left.dtype == right.dtype == torch.float32 and \
+                    (not self._transposed or self.embedding_dim <= kernels.TT_MAX_ROW):
+                return kernels.tt_lookup(ids.contiguous(), self.num_embeddings, left, right, self._transposed)
             return tt_rows_cached(left, right, ids, self._transposed)
         return tt_rows(self.cores, self.vocab_shape, self.split, ids, left, right)
 

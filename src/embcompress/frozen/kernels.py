@@ -1,0 +1,133 @@
+"""Dispatch to the fused C lookups (``embcompress._kernels``), with torch's path as the fallback.
+
+The C extension is optional: it is built at install time when a C compiler is present. Each
+format asks :func:`usable` before calling it; the torch path runs instead when the extension is
+missing or turned off (``EMBCOMPRESS_KERNELS=0`` or :func:`set_enabled`), while a graph is being
+captured (TorchScript, ``torch.export``, ``torch.compile``, ONNX keep plain torch ops), and for
+tensors that are not on the CPU. Both paths give the same numbers (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..hashing import PRIME, HashFunction
+
+try:
+    from .. import _kernels
+except ImportError:  # built without a C compiler: the torch path serves every lookup
+    _kernels = None
+
+__all__ = ["available", "enabled", "set_enabled", "usable", "codebook_lookup", "hashed_lookup", "tt_lookup",
+           "factors_lookup"]
+
+_enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
+TT_MAX_ROW = 4096  # the C tt lookup builds a transposed row of up to this many floats on its stack
+
+
+def available() -> bool:
+    """True if the C extension was built and imports."""
+    return _kernels is not None
+
+
+def enabled() -> bool:
+    """True if lookups will use the C extension where they can."""
+    return _kernels is not None and _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the C lookups on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """True if a lookup over these tensors may run in C (eager mode, CPU, extension on)."""
+    if not (_enabled and _kernels is not None):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _address(tensor: torch.Tensor, dtype: torch.dtype) -> int:
+    if tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"kernel input must be contiguous {dtype}, got {tensor.dtype} "
+                         f"({'contiguous' if tensor.is_contiguous() else 'strided'})")
+    return tensor.data_ptr()
+
+
+def codebook_lookup(ids: torch.Tensor, num_embeddings: int, packed: torch.Tensor, row_bits: int, slot_bits: int,
+                    offsets: torch.Tensor, table: torch.Tensor, combine: str) -> torch.Tensor:
+    """Rows of ids (N,) int64 decoded from packed uint8 codes against table (rows, width) float32.
+
+    Row r's slot s is the ``slot_bits``-bit field at bit ``r * row_bits + s * slot_bits`` of
+    ``packed``; it indexes ``table`` at ``field + offsets[s]``. ``combine`` "concat" lays the slots'
+    table rows side by side, "sum" adds them.
+    """
+    if combine not in ("concat", "sum"):
+        raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
+    slots, width = offsets.shape[0], table.shape[1]
+    out = torch.empty(ids.shape[0], width if combine == "sum" else slots * width)
+    _kernels.codebook_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings,
+                             _address(packed, torch.uint8), packed.numel(), row_bits, slot_bits, slots,
+                             _address(offsets, torch.int32), _address(table, torch.float32), table.shape[0],
+                             width, combine == "sum", out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def hashed_lookup(ids: torch.Tensor, num_embeddings: int, hash: HashFunction, table: torch.Tensor,
+                  scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """scale[i] * table[hash(i)] + bias[i] for ids (N,) int64 (scale and bias optional)."""
+    if table.shape[0] != hash.buckets:
+        raise ValueError(f"table has {table.shape[0]} rows, the hash {hash.buckets} buckets")
+    for name, value in (("scale", scale), ("bias", bias)):
+        if value is not None and value.shape != (num_embeddings,):
+            raise ValueError(f"{name} must have shape ({num_embeddings},), got {tuple(value.shape)}")
+    out = torch.empty(ids.shape[0], table.shape[1])
+    _kernels.hashed_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings, hash.kind == "universal",
+                           hash.a, hash.b, PRIME, hash.buckets, _address(table, torch.float32), table.shape[1],
+                           0 if scale is None else _address(scale, torch.float32),
+                           0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
+                           torch.get_num_threads())
+    return out
+
+
+def tt_lookup(ids: torch.Tensor, num_embeddings: int, left: torch.Tensor, right: torch.Tensor,
+              transposed: bool = False) -> torch.Tensor:
+    """Row i = left[i // R] @ right[i % R], flattened; left (L, d_left, rank), right (R, rank, d_right).
+
+    ``transposed``: the halves are stored as left^T (L, rank, d_left) and right^T (R, d_right, rank).
+    """
+    if transposed:
+        left_rows, rank, d_left = left.shape
+        right_rows, d_right, right_rank = right.shape
+    else:
+        left_rows, d_left, rank = left.shape
+        right_rows, right_rank, d_right = right.shape
+    if right_rank != rank:
+        raise ValueError(f"half tables disagree on the rank: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    out = torch.empty(ids.shape[0], d_left * d_right)
+    _kernels.tt_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings, _address(left, torch.float32),
+                       left_rows, d_left, _address(right, torch.float32), right_rows, d_right, rank, transposed,
+                       out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def factors_lookup(ids: torch.Tensor | None, codes: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None,
+                   relu: bool = False) -> torch.Tensor:
+    """Rows relu?(codes[ids]) @ basis + bias; with ``ids`` None, row i uses codes[i] (gathered already)."""
+    rows, rank = codes.shape
+    if basis.shape[0] != rank or (bias is not None and bias.shape != (basis.shape[1],)):
+        raise ValueError(f"codes {tuple(codes.shape)}, basis {tuple(basis.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit together")
+    count = rows if ids is None else ids.shape[0]
+    out = torch.empty(count, basis.shape[1])
+    _kernels.factors_lookup(0 if ids is None else _address(ids, torch.int64), count, rows,
+                            _address(codes, torch.float32), rank, relu, _address(basis, torch.float32),
+                            basis.shape[1], 0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
+                            torch.get_num_threads())
+    return out

@@ -1,0 +1,112 @@
+"""The fused C lookups (embcompress._kernels) against the torch path on the same modules: equal
+outputs for every layout the formats produce, bounds checks instead of out-of-buffer reads, and
+the torch path wherever the C path must not run. No timing here: speed lives in benchmarks/perf.py."""
+
+import os
+
+import pytest
+import torch
+
+from embcompress.frozen import CodebookEmbedding, HashedEmbedding, kernels
+from embcompress.hashing import HashFunction
+from test_perf_paths import DIRECT
+
+pytestmark = pytest.mark.skipif(not kernels.available() and os.environ.get("EMBCOMPRESS_KERNELS") == "0",
+                                reason="C lookups turned off for this run")
+
+KERNEL_FORMATS = sorted(name for name in DIRECT if name.startswith(("codebook", "hashed")))
+
+
+def torch_path(module, ids):
+    previous = kernels.set_enabled(False)
+    try:
+        return module.lookup(ids)
+    finally:
+        kernels.set_enabled(previous)
+
+
+def test_extension_is_built_by_the_dev_install():
+    # CI installs with a C compiler; a silent build failure would leave every lookup on the slow path.
+    assert kernels.available(), "embcompress._kernels did not build: check the compiler output of `pip install -e .`"
+
+
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+@pytest.mark.parametrize("count", [0, 1, 37, 5000])  # 5000 rows split across threads
+def test_kernel_matches_torch_path(name, count):
+    module = DIRECT[name]
+    ids = torch.randint(0, module.num_embeddings, (count,), generator=torch.Generator().manual_seed(count))
+    assert kernels.usable(ids, module.stored_tensors()[next(iter(module.stored_tensors()))])
+    fast, reference = module.lookup(ids), torch_path(module, ids)
+    assert fast.shape == reference.shape == (count, module.embedding_dim)
+    if "sum" in name:  # the same additions in slot order; embedding_bag may vectorize them differently
+        torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_split_gives_the_same_rows(threads):
+    module = DIRECT["codebook-K5-M8-sum"]
+    ids = torch.randint(0, module.num_embeddings, (9001,), generator=torch.Generator().manual_seed(1))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = module.lookup(ids)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, torch_path(module, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_ids_and_forward_shapes():
+    module = DIRECT["codebook-K16-M4-concat-shared"]
+    ids = torch.randint(0, module.num_embeddings, (40,))[::3]
+    assert torch.equal(module.lookup(ids), torch_path(module, ids.contiguous()))
+    grid = torch.randint(0, module.num_embeddings, (3, 5), dtype=torch.int32)
+    assert module(grid).shape == (3, 5, module.embedding_dim)
+
+
+@pytest.mark.parametrize("name", ["codebook-K4-M6-concat", "codebook-K5-M8-sum", "hashed-scale-bias", "hashed-mod"])
+@pytest.mark.parametrize("bad", [-1, 97, 1 << 40])
+def test_kernel_refuses_out_of_range_ids(name, bad):
+    module = DIRECT[name]  # lookup() is called directly here, past forward()'s own id check
+    ids = torch.tensor([0, 3, bad, 5])
+    with pytest.raises(ValueError, match="outside"):
+        module.lookup(ids)
+
+
+def test_corrupt_codes_raise_instead_of_reading_past_the_codebook():
+    # K = 3 needs 2 bits: the code value 3 names no codeword. The torch path would index past the
+    # codebook too; the kernel must say so, not read neighbouring memory.
+    codes = torch.tensor([[0, 1], [2, 0]])
+    module = CodebookEmbedding.from_codes(codes, torch.randn(2, 3, 4), "concat")
+    module.packed.fill_(0xFF)
+    with pytest.raises(ValueError, match="corrupt"):
+        module.lookup(torch.tensor([0, 1]))
+
+
+def test_universal_hash_matches_torch_for_ids_past_two_to_the_32():
+    # a * id overflows int64 here: both paths must wrap the same way and take the same remainder.
+    rows = (1 << 34) + 10
+    hash = HashFunction("universal", 17, a=2_000_000_011, b=12345)
+    module = HashedEmbedding.__new__(HashedEmbedding)  # a 2^34-row table holds no per-row tensors
+    torch.nn.Module.__init__(module)
+    module.num_embeddings, module.embedding_dim, module.padding_idx, module.hash = rows, 6, None, hash
+    module.register_buffer("table", torch.randn(17, 6))
+    module.scale = module.bias = None
+    ids = torch.tensor([0, 1, (1 << 33) + 7, rows - 1, 12_345_678_901])
+    assert torch.equal(module.lookup(ids), torch_path(module, ids))
+
+
+def test_graph_capture_keeps_torch_ops():
+    module = DIRECT["codebook-K4-M6-concat"]
+    traced = torch.jit.trace(module, torch.arange(7), check_trace=False)
+    # A trace through the C call would record only the empty output and return garbage for new ids.
+    assert "index_select" in str(traced.inlined_graph)
+    other = torch.randint(0, module.num_embeddings, (50,))
+    assert torch.equal(traced(other), module(other))
+
+
+def test_converted_dtypes_fall_back_to_torch():
+    module = HashedEmbedding(10, 4, hash={"kind": "mod", "buckets": 3}, table=torch.randn(3, 4)).double()
+    ids = torch.tensor([1, 2, 9])
+    assert module.lookup(ids).dtype == torch.float64
