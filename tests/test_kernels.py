@@ -110,3 +110,26 @@ def test_converted_dtypes_fall_back_to_torch():
     module = HashedEmbedding(10, 4, hash={"kind": "mod", "buckets": 3}, table=torch.randn(3, 4)).double()
     ids = torch.tensor([1, 2, 9])
     assert module.lookup(ids).dtype == torch.float64
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_large_outputs_take_streaming_stores_with_the_same_rows(combine):
+    # Outputs of 8 MB and more are written with streaming stores: 40,000 rows x 64 floats = 10 MB.
+    g = torch.Generator().manual_seed(3)
+    books = 8 if combine == "concat" else 4
+    codebooks = torch.randn(books, 16, 64 // books if combine == "concat" else 64, generator=g)
+    module = CodebookEmbedding.from_codes(torch.randint(0, 16, (1000, books), generator=g), codebooks, combine)
+    ids = torch.randint(0, 1000, (40_000,), generator=g)
+    fast, reference = module.lookup(ids), torch_path(module, ids)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    if combine == "concat":
+        assert torch.equal(fast, reference)
+
+
+def test_large_hashed_outputs_take_streaming_stores_with_the_same_rows():
+    g = torch.Generator().manual_seed(4)
+    module = HashedEmbedding(5000, 64, hash=HashFunction.create("universal", 300, g).to_dict(),
+                             table=torch.randn(300, 64, generator=g), scale=torch.randn(5000, generator=g),
+                             bias=torch.randn(5000, generator=g))
+    ids = torch.randint(0, 5000, (40_000,), generator=g)
+    assert torch.equal(module.lookup(ids), torch_path(module, ids))
