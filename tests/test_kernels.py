@@ -2,12 +2,13 @@
 outputs for every layout the formats produce, bounds checks instead of out-of-buffer reads, and
 the torch path wherever the C path must not run. No timing here: speed lives in benchmarks/perf.py."""
 
+import math
 import os
 
 import pytest
 import torch
 
-from embcompress.frozen import CodebookEmbedding, HashedEmbedding, kernels
+from embcompress.frozen import CodebookEmbedding, FactorizedEmbedding, HashedEmbedding, TensorTrainCores, kernels
 from embcompress.hashing import HashFunction
 from test_perf_paths import DIRECT
 
@@ -133,3 +134,34 @@ def test_large_hashed_outputs_take_streaming_stores_with_the_same_rows():
                              bias=torch.randn(5000, generator=g))
     ids = torch.randint(0, 5000, (40_000,), generator=g)
     assert torch.equal(module.lookup(ids), torch_path(module, ids))
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "tanh", "gelu"])
+@pytest.mark.parametrize("rank", [3, 16, 80])  # 80: past the kernel's 64-code chunk
+def test_factors_kernel_matches_torch_path(activation, rank):
+    g = torch.Generator().manual_seed(rank)
+    codes = torch.randn(300, rank, generator=g)
+    codes[7, 0] = float("nan")  # relu keeps NaN, as torch.relu does
+    module = FactorizedEmbedding(300, 72, activation=activation, codes=codes,
+                                 basis=torch.randn(rank, 72, generator=g), bias=torch.randn(72, generator=g))
+    ids = torch.randint(0, 300, (2500,), generator=g)
+    ids[0] = 7
+    torch.testing.assert_close(module.lookup(ids), torch_path(module, ids), rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("dim_shape", [[4, 6], [8, 2], [16, 8, 1]])  # d_left > d_right: transposed halves
+def test_tt_kernel_matches_torch_path(dim_shape):
+    g = torch.Generator().manual_seed(len(dim_shape))
+    vocab = [7, 5, 3][: len(dim_shape)]
+    ranks = [1] + [4] * (len(dim_shape) - 1) + [1]
+    cores = {f"core{k}": torch.randn(ranks[k], vocab[k], dim_shape[k], ranks[k + 1], generator=g)
+             for k in range(len(dim_shape))}
+    rows = 7 * 5 * 3 // (1 if len(dim_shape) == 3 else 3) - 2
+    module = TensorTrainCores(rows, math.prod(dim_shape), vocab_shape=vocab[: len(dim_shape)], dim_shape=dim_shape,
+                              **cores)
+    assert module._left_table is not None and module._right_table is not None
+    assert module._transposed == (dim_shape != [4, 6])
+    ids = torch.randint(0, rows, (3000,), generator=g)
+    torch.testing.assert_close(module.lookup(ids), torch_path(module, ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        module.lookup(torch.tensor([rows]))
