@@ -195,3 +195,66 @@ def test_sx_refuses_one_dim_groups_and_the_budget_never_picks_them():
     for ratio in (2, 4, 8):
         config = config_for_budget("dpq", 20_000, 64, ratio=ratio)
         assert 64 // config.groups >= 2, config
+
+
+def _reference_sx(table, ids):
+    """The plain SX forward the fast path replaces: einsum scores, F.batch_norm (which updates the
+    running statistics of the copies returned), argmax, hard + soft - soft.detach()."""
+    import torch.nn.functional as F
+
+    from embcompress.methods.dpq import BN_EPS, BN_MOMENTUM
+
+    n = ids.shape[0]
+    q = F.embedding(ids, table.query).view(n, table.groups, table.width)
+    keys = table.keys.expand(table.groups, -1, -1)
+    scores = torch.einsum("ndw,dkw->ndk", q, keys)
+    stats = None
+    if table.config.batchnorm:
+        stats = table.running_mean.clone(), table.running_var.clone()
+        flat = F.batch_norm(scores.reshape(n, -1), stats[0].view(-1), stats[1].view(-1),
+                            training=table.training and n > 1, momentum=BN_MOMENTUM, eps=BN_EPS)
+        scores = flat.view_as(scores)
+    hard = decode_codes(scores.argmax(-1), table.values, "concat")
+    probs = torch.softmax(scores / table.config.tau, -1)
+    soft = torch.einsum("ndk,dkw->ndw", probs, table.values.detach().expand(table.groups, -1, -1)).reshape(n, -1)
+    return hard + soft - soft.detach(), stats
+
+
+@pytest.mark.parametrize("spec", ["dpq:groups=4,codewords=8", "dpq:groups=4,codewords=8,tau=0.5",
+                                  "dpq:groups=4,codewords=8,shared=true", "dpq:groups=4,codewords=8,batchnorm=false",
+                                  "dpq:groups=2,codewords=300"])
+@pytest.mark.parametrize("block_floats", [None, 100])
+def test_sx_fast_path_equals_batch_norm_softmax_reference(spec, block_floats, monkeypatch):
+    from embcompress.methods import dpq
+
+    if block_floats is not None:
+        monkeypatch.setattr(dpq, "BLOCK_FLOATS", block_floats)  # several score blocks
+    torch.manual_seed(0)
+    table = DPQEmbedding(3000, 16, spec).double().train()
+    ids = torch.randperm(3000)[:1500]
+    upstream = torch.randn(1500, 16, dtype=torch.float64)
+    params = [table.query, table.keys, table.values]
+    want, stats = _reference_sx(table, ids)
+    want_grads = torch.autograd.grad(want, params, upstream)
+    got = table(ids)
+    got_grads = torch.autograd.grad(got, params, upstream)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    if stats is not None:  # the running statistics moved as F.batch_norm moves them
+        torch.testing.assert_close(table.running_mean, stats[0])
+        torch.testing.assert_close(table.running_var, stats[1])
+    table.eval()
+    want_eval, _ = _reference_sx(table, ids)
+    torch.testing.assert_close(table(ids), want_eval)
+    torch.testing.assert_close(decode_codes(table.codes(ids), table.values, "concat"), want_eval)
+
+
+def test_sx_codes_take_the_first_maximum_on_ties():
+    from embcompress.methods.dpq import _sx_codes
+
+    qt = torch.ones(2, 3, 5)  # (D, w, N)
+    keys = torch.zeros(2, 4, 3)
+    keys[:, 1] = keys[:, 3] = 1.0  # codewords 1 and 3 tie for every row
+    codes, _ = _sx_codes(qt, keys, torch.zeros(2, 4))
+    assert torch.equal(codes, torch.ones(5, 2, dtype=torch.long))

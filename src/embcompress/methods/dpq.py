@@ -160,47 +160,84 @@ class DPQEmbedding(CompressedEmbedding):
     def _keys(self) -> torch.Tensor:
         return self.values if self.keys is None else self.keys
 
+    def _batch_stats(self, q: torch.Tensor) -> bool:
+        # Batch statistics need >= 2 rows; smaller batches, the post hoc fit and a fitted table
+        # (batchnorm_stats="running") use the running ones.
+        return self.training and self.batchnorm_stats == "batch" and not self._fitting and q.shape[0] > 1
+
     def _scores(self, q: torch.Tensor) -> torch.Tensor:
-        """q (N, D, w) -> batch-normalized scores (N, D, K); updates running stats in training."""
+        """VQ: q (N, D, w) -> batch-normalized scores (N, D, K); updates running stats in training."""
         keys = self._keys().expand(self.groups, -1, -1)
-        if self.config.variant == "vq":
-            with torch.no_grad():  # VQ's codes take no gradient: Q learns straight through, C from aux
-                scores = -(q.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ndw,dkw->ndk", q, keys)
-                           + keys.pow(2).sum(-1).unsqueeze(0))
-        else:
-            scores = torch.einsum("ndw,dkw->ndk", q, keys)
+        with torch.no_grad():  # VQ's codes take no gradient: Q learns straight through, C from aux
+            scores = -(q.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ndw,dkw->ndk", q, keys)
+                       + keys.pow(2).sum(-1).unsqueeze(0))
         if not self.config.batchnorm:
             return scores
         n = scores.shape[0]
-        # Batch statistics need >= 2 rows; smaller batches, the post hoc fit and a fitted table
-        # (batchnorm_stats="running") use the running ones.
-        batch_stats = self.training and self.batchnorm_stats == "batch" and not self._fitting and n > 1
-        flat = F.batch_norm(scores.reshape(n, self.groups * self.codewords), self.running_mean.view(-1), self.running_var.view(-1),
-                            training=batch_stats, momentum=BN_MOMENTUM, eps=BN_EPS)
+        flat = F.batch_norm(scores.reshape(n, self.groups * self.codewords), self.running_mean.view(-1),
+                            self.running_var.view(-1), training=self._batch_stats(q), momentum=BN_MOMENTUM,
+                            eps=BN_EPS)
         return flat.view_as(scores)
+
+    def _affine_scores(self, qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SX: qt (D, w, N) -> (keys', bias) (D, K, w), (D, K) with normalized scores = keys' . q - bias.
+
+        A batch-normalized dot-product score is affine in q: with per-group batch mean m and
+        covariance C of q (biased, as batch norm uses), score k has mean <m, key_k> and variance
+        key_k^T C key_k, so keys' = key / sqrt(var + eps) and bias = mean / sqrt(var + eps). These
+        are (D, K) statistics from (D, w, w) moments, where batch norm reduces the (N, D, K) scores
+        twice forward and three times backward; autograd differentiates the moments, which is the
+        batch-norm backward. Updates the running statistics in training, like F.batch_norm.
+        """
+        keys = self.keys.expand(self.groups, -1, -1)
+        if not self.config.batchnorm:
+            return keys, keys.new_zeros(self.groups, self.codewords)
+        if self._batch_stats(qt.transpose(0, 2)):
+            n = qt.shape[2]
+            mean, cov = _Moments.apply(qt)  # (D, w), (D, w, w)
+            mu = (keys * mean.unsqueeze(1)).sum(-1)
+            var = (torch.bmm(keys, cov) * keys).sum(-1)
+            with torch.no_grad():  # F.batch_norm's update: the running variance is the unbiased one
+                self.running_mean.mul_(1 - BN_MOMENTUM).add_(mu, alpha=BN_MOMENTUM)
+                self.running_var.mul_(1 - BN_MOMENTUM).add_(var * (n / (n - 1)), alpha=BN_MOMENTUM)
+        else:
+            mu, var = self.running_mean, self.running_var
+        inv_std = torch.rsqrt(var + BN_EPS)
+        return keys * inv_std.unsqueeze(-1), mu * inv_std
+
+    def _transposed(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (D, w, N) contiguous: one 2-d transpose (0.9 ms at 16k x 128, where permuting
+        (N, D, w) to (D, w, N) took 2.5 ms). SX works in this layout: each group's rows are one
+        contiguous (w, N) matrix, which the batched products read 2-4x faster than strided views."""
+        return _Transpose.apply(q).view(self.groups, self.width, q.shape[0])
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of unique, non-padding ids (N,) -> (N, d)."""
         n, d = ids.shape[0], self.embedding_dim
         # Sparse query gradients (config.sparse, and always in the post hoc fit, which uses SparseAdam):
         # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
-        q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting).view(n, self.groups, self.width)
-        scores = self._scores(q)
-        codes = scores.max(-1).indices  # argmax (first maximum, like argmax), faster over a short last dim
+        q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting)
+        if self.config.variant == "sx":
+            qt = self._transposed(q)
+            keys, bias = self._affine_scores(qt)
+            soft = self.training and torch.is_grad_enabled()
+            codes, probs = _sx_codes(qt, keys, bias, self.config.tau if soft else None)
+            if soft:
+                # Section 2.1: forward = one-hot(argmax) @ V exactly; backward through softmax(s / tau) @ V.
+                # Values take their gradient from the hard path only, as with p - stopgrad(p - onehot).
+                hard = decode_codes(codes, self.values.detach(), "concat")
+                values = self.values.expand(self.groups, -1, -1)
+                return _SoftPath.apply(hard, qt, keys, bias, values, self.config.tau, probs, codes)
+        else:
+            codes = self._scores(q.view(n, self.groups, self.width)).max(-1).indices  # first maximum, like argmax
         hard = decode_codes(codes, self.values, "concat")
         if not self.training:
             return hard  # exactly what the exported codes + values decode to
-        if self.config.variant == "vq":
-            # Section 2.2: straight-through to Q; centroids pulled toward stopgrad(Q) by aux.
-            flat_q = q.reshape(n, d)
-            self._last_aux = (hard - flat_q.detach()).pow(2).mean() if n else None
-            return flat_q + (hard - flat_q).detach()
-        # Section 2.1: forward = one-hot(argmax) @ V exactly; backward through softmax(s / tau) @ V.
-        # Values take their gradient from the hard path only, as with p - stopgrad(p - onehot).
-        # straight_through gives hard + soft - soft.detach() without computing soft in the forward.
-        tau = self.config.tau
-        probs = torch.softmax(scores if tau == 1.0 else scores / tau, -1)  # x / 1 == x: skip the pass
-        return straight_through(hard, probs, self.values, "concat")
+        if self.config.variant == "sx":
+            return hard  # SX in training without autograd: the hard rows are the output
+        # Section 2.2: straight-through to Q; centroids pulled toward stopgrad(Q) by aux.
+        self._last_aux = (hard - q.detach()).pow(2).mean() if n else None
+        return q + (hard - q).detach()
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         # Dedupe first: scores and batch statistics are computed once per distinct row.
@@ -234,11 +271,18 @@ class DPQEmbedding(CompressedEmbedding):
         was_training = self.training
         self.eval()
         try:
-            parts = [self._scores(self.query[ids[s:s + chunk]].view(-1, self.groups, self.width)).argmax(-1)
+            parts = [self._codes(self.query[ids[s:s + chunk]])
                      for s in range(0, ids.shape[0], chunk)]
         finally:
             self.train(was_training)
         return torch.cat(parts) if parts else torch.zeros(0, self.groups, dtype=torch.long)
+
+    def _codes(self, q: torch.Tensor) -> torch.Tensor:
+        """Rows (N, d) -> codes (N, D), as the training forward computes them."""
+        if self.config.variant == "sx":
+            qt = self._transposed(q)
+            return _sx_codes(qt, *self._affine_scores(qt))[0]
+        return self._scores(q.view(-1, self.groups, self.width)).argmax(-1)
 
     def export(self) -> CodebookEmbedding:
         """Codes of ALL rows recomputed in eval mode (never cached from training batches) + values."""
@@ -366,3 +410,133 @@ class DPQEmbedding(CompressedEmbedding):
             rows = decode_codes(codes[s:s + chunk], self.values, "concat")
             total += float((rows - weight[s:s + chunk]).pow(2).sum())
         return total / weight.numel()
+
+
+# -- SX scores in blocks ------------------------------------------------------------------------
+# SX's scores, their argmax and the softmax of the straight-through backward are (N, D, K) tensors:
+# 32 MB at the benchmark's 16k rows x 32 groups x 16 codewords, where the rest of a step moves a few
+# (N, d) = 8 MB tensors. The scores are made once, laid out (D, K, N) so that the reductions over K
+# run along contiguous rows, and the backward reuses the forward's probabilities. They are made in
+# blocks of rows below glibc's largest mmap threshold (32 MB), so without a caching allocator they
+# come from reused heap memory instead of fresh pages (a fresh 32 MB costs ~14 ms of page faults on
+# the benchmark VM, an in-place pass over it ~1 ms).
+BLOCK_FLOATS = 1 << 21  # 8 MB score blocks
+
+
+def _block_rows(groups: int, codewords: int) -> int:
+    return max(1, BLOCK_FLOATS // (groups * codewords))
+
+
+@torch.no_grad()
+def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: float | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """qt (D, w, N) -> codes (N, D): argmax_k (keys_k . q - bias_k), the first maximum on ties.
+
+    With ``tau``, also the blocks of softmax((keys . q - bias) / tau), each (D, K, rows), for
+    :class:`_SoftPath`'s backward.
+    """
+    groups, _, n = qt.shape
+    codewords = keys.shape[1]
+    codes = torch.empty(groups, n, dtype=torch.long, device=qt.device)
+    # Tensor.max(dim).indices over 16 codewords ran 10x slower than amax; instead the first index
+    # attaining the maximum is the largest of (K - k) over the k that attain it.
+    rank_dtype = torch.uint8 if codewords < 256 else torch.int32
+    rank = torch.arange(codewords, 0, -1, dtype=rank_dtype, device=qt.device).view(1, codewords, 1)
+    bias = bias.unsqueeze(2)
+    probs = []
+    step = _block_rows(groups, codewords)
+    for start in range(0, n, step):
+        # bmm then an in-place subtraction: baddbmm's broadcast copy of the bias took longer than the product.
+        scores = torch.bmm(keys, qt[:, :, start:start + step]).sub_(bias)  # (D, K, rows)
+        top = (scores >= scores.amax(1, keepdim=True)).view(torch.uint8).to(rank_dtype).mul_(rank).amax(1)
+        # A NaN score matches nothing (top = 0): clamp keeps the code in range, as argmax would.
+        torch.sub(codewords, top, out=codes[:, start:start + step]).clamp_(max=codewords - 1)
+        if tau is not None:
+            probs.append(torch.softmax(scores if tau == 1.0 else scores.mul_(1.0 / tau), 1))
+    return codes.t(), probs
+
+
+class _Transpose(torch.autograd.Function):
+    """x (N, d) -> x^T contiguous, with a contiguous gradient: autograd's own backward of
+    t().contiguous() hands the embedding a transposed gradient, and a sparse query gradient with
+    transposed values broke the optimizer's in-place update of the table."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.t().contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.t().contiguous()
+
+
+class _Moments(torch.autograd.Function):
+    """qt (D, w, N) -> per-group mean (D, w) and biased covariance (D, w, w) of the N columns.
+
+    Backward in one product: d/dq of <G_m, mean> + <G_C, cov> is G_m / N + (G_C + G_C^T) (q - mean) / N
+    (the mean's effect on cov cancels, as the centered rows sum to zero); autograd through
+    mean, subtraction and bmm took five passes over (D, w, N)."""
+
+    @staticmethod
+    def forward(ctx: Any, qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = qt.shape[2]
+        mean = qt.mean(2)
+        centered = qt - mean.unsqueeze(2)
+        ctx.save_for_backward(centered)
+        return mean, torch.bmm(centered, centered.transpose(1, 2)).div_(n)
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: torch.Tensor, grad_cov: torch.Tensor) -> torch.Tensor:
+        (centered,) = ctx.saved_tensors
+        n = centered.shape[2]
+        grad = torch.bmm((grad_cov + grad_cov.transpose(1, 2)).div_(n), centered)
+        return grad.add_((grad_mean / n).unsqueeze(2))
+
+
+class _SoftPath(torch.autograd.Function):
+    """Forward: the hard rows (values[codes], computed by the caller without autograd) as they are.
+    Backward: the hard rows' gradient to the values (the chosen codewords' sums), plus the gradient of
+    the soft rows softmax((keys . q - bias) / tau) @ values (values as constants) with respect to q
+    (as qt (D, w, N)), keys and bias, from the forward's probability blocks (:func:`_sx_codes`)."""
+
+    @staticmethod
+    def forward(ctx: Any, hard: torch.Tensor, qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+                values: torch.Tensor, tau: float, probs: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(qt, keys, values, codes)
+        ctx.tau, ctx.probs = tau, probs
+        return hard.view_as(hard)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qt, keys, values, codes = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
+        groups, width, n = qt.shape
+        codewords = keys.shape[1]
+        gt = grad.t().contiguous().view(groups, width, n)  # the layout of qt
+        # Hard path: values[d, k] gets the sum of its rows' gradients. A scatter along the last dim
+        # (each of the D * w rows sums into its own K bins) took 0.5 ms where index_select's
+        # backward, an index_add of N * D rows of w floats into D * K rows, took 3-14 ms.
+        grad_values_t = gt.new_zeros(groups, width, codewords).scatter_add_(
+            2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
+        grad_qt = torch.empty_like(qt)
+        grad_keys_t = qt.new_zeros(groups, width, codewords)  # transposed: qt @ grad_scores^T
+        grad_bias = qt.new_zeros(groups, codewords)
+        keys_t = keys.transpose(1, 2)
+        values = values.detach()
+        start = 0
+        for block in probs:
+            stop = start + block.shape[2]
+            grad_probs = torch.bmm(values, gt[:, :, start:stop])  # (D, K, rows)
+            # grad_scores = p * (grad_probs - sum_k p grad_probs)
+            grad_scores = torch._softmax_backward_data(grad_probs, block, 1, block.dtype)
+            if ctx.tau != 1.0:
+                grad_scores.mul_(1.0 / ctx.tau)
+            if len(probs) == 1:
+                torch.bmm(keys_t, grad_scores, out=grad_qt)
+            else:
+                grad_qt[:, :, start:stop] = torch.bmm(keys_t, grad_scores)
+            grad_keys_t.baddbmm_(qt[:, :, start:stop], grad_scores.transpose(1, 2))
+            grad_bias.sub_(grad_scores.sum(2))
+            start = stop
+        return (None, grad_qt, grad_keys_t.transpose(1, 2), grad_bias, grad_values_t.transpose(1, 2),
+                None, None, None)
