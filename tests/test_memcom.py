@@ -84,3 +84,25 @@ def test_budget_and_its_ceiling():
         config_for_budget("memcom", rows, dim, ratio=32)
     with pytest.raises(embcompress.SpecError, match=r"2\*V\) is always below d/2 = 16"):
         config_for_budget("memcom:bias=true", rows, dim, ratio=20)
+
+
+@pytest.mark.parametrize("spec", ["memcom:buckets=7", "memcom:buckets=7,bias=true"])
+def test_lookup_has_the_numbers_and_gradients_of_the_plain_formula(spec):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    table = embcompress.build(spec, 50, 6).double().train()
+    with torch.no_grad():
+        table.scale.uniform_(-2, 2)
+        if table.bias is not None:
+            table.bias.normal_()
+    ids = torch.tensor([3, 10, 3, 49, 0, 17, 10, 3])  # repeats and bucket collisions
+    upstream = torch.randn(8, 6, dtype=torch.float64)
+    params = [p for p in (table.table, table.scale, table.bias) if p is not None]
+    plain = F.embedding(table.hash(ids), table.table) * table.scale[ids].unsqueeze(1)
+    if table.bias is not None:
+        plain = plain + table.bias[ids].unsqueeze(1)
+    got = table(ids)
+    torch.testing.assert_close(got, plain)
+    for a, b in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(plain, params, upstream)):
+        torch.testing.assert_close(a, b)
