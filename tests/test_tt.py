@@ -224,3 +224,20 @@ def test_training_rows_and_gradients_equal_the_naive_chain(dim_shape, count):
     upstream = torch.randn(rows.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(rows, cores, upstream), torch.autograd.grad(dense[ids], cores, upstream)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dim_shape", [[8, 2, 2], [2, 2, 8], [4, 2, 8]])  # D_l > D_r, D_l < D_r, equal
+@pytest.mark.parametrize("count", [5, 400])  # few ids: tt_rows' chain; many: both halves whole, no dedupe
+def test_module_rows_and_gradients_equal_the_naive_table(dim_shape, count):
+    torch.manual_seed(6)
+    vocab = [5, 6, 7]
+    table = TensorTrainEmbedding(200, math.prod(dim_shape), "tt:cores=3,rank=3",
+                                 layout={"vocab_shape": vocab, "dim_shape": dim_shape}).double()
+    cores = list(table.cores)
+    ids = torch.randint(0, 200, (count,))  # repeats at 400
+    dense = naive_table(cores, vocab, dim_shape, 200)
+    rows = table(ids)
+    torch.testing.assert_close(rows, dense[ids])
+    upstream = torch.randn(rows.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(rows, cores, upstream), torch.autograd.grad(dense[ids], cores, upstream)):
+        torch.testing.assert_close(a, b)

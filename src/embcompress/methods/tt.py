@@ -31,7 +31,7 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..config import MethodConfig, SpecError
-from ..frozen.tt import TensorTrainCores, check_tt_shapes, choose_split, tt_rows
+from ..frozen.tt import TensorTrainCores, check_tt_shapes, choose_split, tt_half_table, tt_rows
 from ..registry import register
 
 __all__ = ["TTConfig", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
@@ -285,7 +285,25 @@ class TensorTrainEmbedding(CompressedEmbedding):
                 return candidates
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return tt_rows(list(self.cores), self.vocab_shape, self.split, ids)
+        cores = list(self.cores)
+        right_rows = math.prod(self.vocab_shape[self.split:])
+        if 4 * ids.shape[0] < max(math.prod(self.vocab_shape[:self.split]), right_rows):
+            return tt_rows(cores, self.vocab_shape, self.split, ids)
+        # Batches that need a quarter or more of each half's rows (the benchmark's 16k ids into
+        # 10^4 x 10^2 halves): both halves whole (what tt_rows builds in this case too), then one
+        # gather of each per id and a batched product, without tt_rows' dedupe: its sort, final
+        # gather and that gather's backward cost more than the repeated rows they spare.
+        left = tt_half_table(cores[:self.split], "left")  # (V_l, D_l, r)
+        right = tt_half_table(cores[self.split:], "right")  # (V_r, r, D_r)
+        left_index, right_index = ids // right_rows, ids % right_rows
+        if left.shape[1] > right.shape[2]:
+            # row^T = R^T @ L^T: with D_l = 16 > D_r = 8 (V = 10^6, d = 128) this orientation plus the
+            # transposed copy made the training step 12% faster than L @ R.
+            left_t = left.transpose(1, 2).contiguous().index_select(0, left_index)
+            right_t = right.transpose(1, 2).contiguous().index_select(0, right_index)
+            return torch.bmm(right_t, left_t).transpose(1, 2).reshape(ids.shape[0], -1)
+        rows = torch.bmm(left.index_select(0, left_index), right.index_select(0, right_index))
+        return rows.reshape(ids.shape[0], -1)
 
     def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
             lr: float | None = None, batch_size: int = 2048) -> "TensorTrainEmbedding":
