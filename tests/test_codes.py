@@ -237,3 +237,30 @@ def test_default_hidden_size_is_the_papers():
     assert CodesConfig().hidden_size == 32 * 16 // 2
     table = CompositionalCodeEmbedding(10, 4, "codes:books=2,codewords=8,hidden=5")
     assert table.encoder[0].out_features == 5 and table.encoder[2].out_features == 16
+
+
+def test_book_sum_has_the_numbers_and_gradients_of_embedding_bag():
+    from embcompress.methods.codes import _book_sum
+
+    gen = torch.Generator().manual_seed(2)
+    codebooks = torch.randn(4, 8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    codes = torch.randint(0, 8, (50, 4), generator=gen)
+    codes[:10] = codes[10:20]  # repeated rows
+    upstream = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    out = _book_sum(codes, codebooks)
+    plain = F.embedding_bag(codes + torch.arange(4) * 8, codebooks.reshape(-1, 6), mode="sum")
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(torch.autograd.grad(out, codebooks, upstream)[0],
+                               torch.autograd.grad(plain, codebooks, upstream)[0])
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_first():
+    from embcompress.methods.codes import _first_argmax
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, 32, generator=gen).softmax(-1)
+    x[0, 0] = 0.25  # all tied: the first wins
+    x[1, 2, 7] = x[1, 2, 20] = 2.0
+    assert torch.equal(_first_argmax(x), x.argmax(-1))
+    wide = torch.randn(3, 300, generator=gen)
+    assert torch.equal(_first_argmax(wide), wide.argmax(-1))
