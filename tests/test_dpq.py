@@ -224,17 +224,21 @@ def _reference_sx(table, ids):
                                   "dpq:groups=4,codewords=8,shared=true", "dpq:groups=4,codewords=8,batchnorm=false",
                                   "dpq:groups=2,codewords=300"])
 @pytest.mark.parametrize("block_floats", [None, 100])
-def test_sx_fast_path_equals_batch_norm_softmax_reference(spec, block_floats, monkeypatch):
+@pytest.mark.parametrize("repeats", [False, True])
+def test_sx_fast_path_equals_batch_norm_softmax_reference(spec, block_floats, repeats, monkeypatch):
     from embcompress.methods import dpq
 
     if block_floats is not None:
         monkeypatch.setattr(dpq, "BLOCK_FLOATS", block_floats)  # several score blocks
     torch.manual_seed(0)
     table = DPQEmbedding(3000, 16, spec).double().train()
-    ids = torch.randperm(3000)[:1500]
+    ids = torch.randint(0, 1000, (1500,)) if repeats else torch.randperm(3000)[:1500]
     upstream = torch.randn(1500, 16, dtype=torch.float64)
     params = [table.query, table.keys, table.values]
-    want, stats = _reference_sx(table, ids)
+    # The reference dedupes: scores and batch statistics once per distinct row.
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    want, stats = _reference_sx(table, unique)
+    want = want[inverse]
     want_grads = torch.autograd.grad(want, params, upstream)
     got = table(ids)
     got_grads = torch.autograd.grad(got, params, upstream)
@@ -248,6 +252,9 @@ def test_sx_fast_path_equals_batch_norm_softmax_reference(spec, block_floats, mo
     want_eval, _ = _reference_sx(table, ids)
     torch.testing.assert_close(table(ids), want_eval)
     torch.testing.assert_close(decode_codes(table.codes(ids), table.values, "concat"), want_eval)
+    table.train()
+    with torch.no_grad():  # training mode without autograd: the hard rows
+        torch.testing.assert_close(table(ids), _reference_sx(table, unique)[0][inverse])
 
 
 def test_sx_codes_take_the_first_maximum_on_ties():
