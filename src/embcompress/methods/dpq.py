@@ -39,7 +39,7 @@ from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
 from ..frozen import CodebookEmbedding
-from ..frozen.codebook import decode_codes, straight_through
+from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..progress import progress_bar
 from ..registry import register
@@ -213,7 +213,7 @@ class DPQEmbedding(CompressedEmbedding):
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of unique, non-padding ids (N,) -> (N, d)."""
-        n, d = ids.shape[0], self.embedding_dim
+        n = ids.shape[0]
         # Sparse query gradients (config.sparse, and always in the post hoc fit, which uses SparseAdam):
         # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
         q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting)
@@ -231,10 +231,8 @@ class DPQEmbedding(CompressedEmbedding):
         else:
             codes = self._scores(q.view(n, self.groups, self.width)).max(-1).indices  # first maximum, like argmax
         hard = decode_codes(codes, self.values, "concat")
-        if not self.training:
-            return hard  # exactly what the exported codes + values decode to
-        if self.config.variant == "sx":
-            return hard  # SX in training without autograd: the hard rows are the output
+        if not self.training or self.config.variant == "sx":
+            return hard  # eval: exactly what the exported codes + values decode to; SX without autograd
         # Section 2.2: straight-through to Q; centroids pulled toward stopgrad(Q) by aux.
         self._last_aux = (hard - q.detach()).pow(2).mean() if n else None
         return q + (hard - q).detach()
