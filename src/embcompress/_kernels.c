@@ -94,19 +94,20 @@ static int can_stream(const float *out, int64_t n, int64_t row_floats, int64_t p
 #endif
 }
 
-/* dst[0:count] = src[0:count] * scale + bias (each optional), count a multiple of 4, dst 16-byte
- * aligned, bypassing the cache. The same float operations as the ordinary path. */
+/* dst[0:count] = src[0:count] (* scale) (+ bias), count a multiple of 4, dst 16-byte aligned,
+ * bypassing the cache. The same float operations as the ordinary path. */
 static inline __attribute__((always_inline)) void stream_row(float *dst, const float *src, int64_t count,
-                                                            const float *scale, const float *bias) {
+                                                            int has_scale, float scale, int has_bias, float bias) {
 #if defined(__SSE2__)
+    const __m128 scale4 = _mm_set1_ps(scale), bias4 = _mm_set1_ps(bias);
     for (int64_t k = 0; k < count; k += 4) {
         __m128 v = _mm_loadu_ps(src + k);
-        if (scale) v = _mm_mul_ps(v, _mm_set1_ps(*scale));
-        if (bias) v = _mm_add_ps(v, _mm_set1_ps(*bias));
+        if (has_scale) v = _mm_mul_ps(v, scale4);
+        if (has_bias) v = _mm_add_ps(v, bias4);
         _mm_stream_ps(dst + k, v);
     }
 #else
-    (void)dst, (void)src, (void)count, (void)scale, (void)bias;
+    (void)dst, (void)src, (void)count, (void)has_scale, (void)scale, (void)has_bias, (void)bias;
 #endif
 }
 
@@ -209,7 +210,7 @@ codebook_rows_impl(const codebook_job *j, int64_t start, int64_t stop, int *erro
                     return;
                 }
                 if (stream) {
-                    stream_row(out + s * width, table + index * width, width, NULL, NULL);
+                    stream_row(out + s * width, table + index * width, width, 0, 0.0f, 0, 0.0f);
                 } else {
                     memcpy(out + s * width, table + index * width, (size_t)width * sizeof(float));
                 }
@@ -240,7 +241,7 @@ codebook_rows_impl(const codebook_job *j, int64_t start, int64_t stop, int *erro
                 }
                 for (int v = 0; v < SUM_BLOCK / 16; v++) {
                     if (stream && first + count == slots) {
-                        stream_row(out + k0 + 16 * v, (const float *)&acc[v], 16, NULL, NULL);
+                        stream_row(out + k0 + 16 * v, (const float *)&acc[v], 16, 0, 0.0f, 0, 0.0f);
                     } else {
                         memcpy(out + k0 + 16 * v, &acc[v], sizeof acc[v]);
                     }
@@ -389,7 +390,8 @@ HOT static void hashed_rows(void *job, int64_t start, int64_t stop, int *error) 
         const float *restrict src = table + ring[i % RING] * width;
         float *restrict out = out_base + i * width;
         if (j->stream) {
-            stream_row(out, src, width, scale_base ? scale_base + id : NULL, bias_base ? bias_base + id : NULL);
+            stream_row(out, src, width, scale_base != NULL, scale_base ? scale_base[id] : 0.0f, bias_base != NULL,
+                       bias_base ? bias_base[id] : 0.0f);
             continue;
         }
         if (scale_base) {
