@@ -18,15 +18,6 @@ pytestmark = pytest.mark.skipif(not kernels.available() and os.environ.get("EMBC
 KERNEL_FORMATS = sorted(name for name in DIRECT if name.startswith(("codebook", "hashed")))
 
 
-@pytest.fixture
-def one_thread():
-    """Streaming stores are used by single-threaded lookups only."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def torch_path(module, ids):
     previous = kernels.set_enabled(False)
     try:
@@ -123,8 +114,8 @@ def test_converted_dtypes_fall_back_to_torch():
 
 
 @pytest.mark.parametrize("combine", ["concat", "sum"])
-def test_large_outputs_take_streaming_stores_with_the_same_rows(combine, one_thread):
-    # Single-threaded outputs of 8 MB and more are streamed: 40,000 rows x 64 floats = 10 MB.
+def test_large_outputs_take_streaming_stores_with_the_same_rows(combine):
+    # Outputs of 8 MB and more are written with streaming stores: 40,000 rows x 64 floats = 10 MB.
     g = torch.Generator().manual_seed(3)
     books = 8 if combine == "concat" else 4
     codebooks = torch.randn(books, 16, 64 // books if combine == "concat" else 64, generator=g)
@@ -136,7 +127,7 @@ def test_large_outputs_take_streaming_stores_with_the_same_rows(combine, one_thr
         assert torch.equal(fast, reference)
 
 
-def test_large_hashed_outputs_take_streaming_stores_with_the_same_rows(one_thread):
+def test_large_hashed_outputs_take_streaming_stores_with_the_same_rows():
     g = torch.Generator().manual_seed(4)
     module = HashedEmbedding(5000, 64, hash=HashFunction.create("universal", 300, g).to_dict(),
                              table=torch.randn(300, 64, generator=g), scale=torch.randn(5000, generator=g),

@@ -78,20 +78,20 @@ static int run_rows(row_worker work, void *job, int64_t n, int threads) {
     return error;
 }
 
-/* A single thread writes outputs of at least this many bytes with streaming stores: far larger
- * than the L2 cache, they would only evict the tables being read, and each ordinary store first
- * reads its cache line (65,536 dpq-shaped rows on one core: 0.85 ms streamed, 1.5 ms stored).
- * Two threads streaming saturated the VM's memory writes instead (dpq 1.0 ms streamed, 0.77 ms
- * stored), so with more than one thread the stores stay ordinary. */
+/* Outputs of at least this many bytes are written with streaming stores: far larger than the L2
+ * cache, they would only evict the tables being read, and each ordinary store first reads its
+ * cache line. One core, 65,536 dpq-shaped rows: 0.85 ms streamed, 1.5 ms stored; on two cores, in
+ * benchmarks/perf.py (two runs each): dpq 1.93-2.00x nn.Embedding streamed, 1.40-1.94x stored;
+ * codes (4-bit, sum) 1.00-1.10x vs 0.79-0.81x; hash and memcom equal or better. */
 #define STREAM_MIN_BYTES ((int64_t)8 << 20)
 
 /* Streaming needs SSE2, rows of whole 16-byte groups and a 16-byte aligned output. */
-static int can_stream(const float *out, int64_t n, int64_t row_floats, int64_t piece_floats, int threads) {
+static int can_stream(const float *out, int64_t n, int64_t row_floats, int64_t piece_floats) {
 #if defined(__SSE2__)
-    return threads == 1 && n * row_floats * (int64_t)sizeof(float) >= STREAM_MIN_BYTES && row_floats % 4 == 0 &&
+    return n * row_floats * (int64_t)sizeof(float) >= STREAM_MIN_BYTES && row_floats % 4 == 0 &&
            piece_floats % 4 == 0 && ((uintptr_t)out & 15) == 0;
 #else
-    (void)out, (void)n, (void)row_floats, (void)piece_floats, (void)threads;
+    (void)out, (void)n, (void)row_floats, (void)piece_floats;
     return 0;
 #endif
 }
@@ -305,7 +305,7 @@ static PyObject *codebook_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     codebook_job job = {(const int64_t *)ids, rows, (const uint8_t *)packed, packed_len, row_bits,
                         slot_bits, slots, (const int32_t *)offsets, (const float *)table,
                         table_rows, width, sum, (float *)out, 0, 0};
-    job.stream = can_stream(job.out, n, sum ? width : slots * width, sum ? 16 : width, threads);
+    job.stream = can_stream(job.out, n, sum ? width : slots * width, sum ? 16 : width);
     for (int64_t s = 0; s < slots; s++) { /* can some stored value point outside the table? */
         const int64_t first = job.offsets[s], last = first + ((int64_t)1 << slot_bits) - 1;
         if (first < 0 || last >= table_rows) job.check_codes = 1;
@@ -425,7 +425,7 @@ static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     hashed_job job = {(const int64_t *)ids, rows, universal, a, b, prime, buckets,
                       (const float *)table, width, (const float *)scale, (const float *)bias,
                       (float *)out, 0, 0};
-    job.stream = can_stream(job.out, n, width, width, threads);
+    job.stream = can_stream(job.out, n, width, width);
     job.fast_universal = universal && (uint64_t)prime == MERSENNE_31 && a >= 0 && b >= 0 &&
                          (uint64_t)a <= MERSENNE_31 && (uint64_t)b <= MERSENNE_31 &&
                          (uint64_t)buckets <= UINT32_MAX;
