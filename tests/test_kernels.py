@@ -165,3 +165,45 @@ def test_tt_kernel_matches_torch_path(dim_shape):
     torch.testing.assert_close(module.lookup(ids), torch_path(module, ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         module.lookup(torch.tensor([rows]))
+
+
+@pytest.mark.parametrize("spec", ["dpq:groups=4,codewords=8", "dpq:groups=8,codewords=16,tau=0.5",
+                                  "dpq:groups=4,codewords=8,shared=true", "dpq:groups=4,codewords=8,batchnorm=false",
+                                  "dpq:groups=2,codewords=200", "dpq:groups=2,codewords=300"])  # 300: torch path
+@pytest.mark.parametrize("count", [1, 37, 1500])  # 37, 1500: a last partial vector of 16 rows
+def test_dpq_sx_training_kernels_match_torch_path(spec, count):
+    from embcompress.methods.dpq import DPQEmbedding
+
+    def run(use_kernels):
+        torch.manual_seed(0)
+        table = DPQEmbedding(3000, 32, spec).train()
+        ids = torch.randperm(3000)[:count]
+        upstream = torch.randn(count, 32)
+        previous = kernels.set_enabled(use_kernels)
+        try:
+            out = table(ids)
+            grads = torch.autograd.grad(out, [table.query, table.keys, table.values], upstream)
+        finally:
+            kernels.set_enabled(previous)
+        return out, grads, table
+
+    (out, grads, table), (want, want_grads, reference) = run(True), run(False)
+    torch.testing.assert_close(out, want)  # the same codes, hence the same rows
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-4, atol=1e-5)
+    if table.config.batchnorm:
+        torch.testing.assert_close(table.running_var, reference.running_var)
+
+
+def test_dpq_sx_kernel_codes_first_maximum_and_nan():
+    from embcompress.methods.dpq import _sx_codes
+
+    qt = torch.ones(2, 3, 20)  # (D, w, N)
+    keys = torch.zeros(2, 4, 3)
+    keys[:, 1] = keys[:, 3] = 1.0  # codewords 1 and 3 tie for every row
+    qt[1, 0, 5] = float("nan")  # a NaN score: code K - 1, as the torch path gives
+    codes, probs = _sx_codes(qt, keys, torch.zeros(2, 4), tau=1.0)
+    expected = torch.ones(20, 2, dtype=torch.long)
+    expected[5, 1] = 3
+    assert torch.equal(codes, expected)
+    torch.testing.assert_close(probs[0][0, :, 0], torch.softmax(torch.tensor([0.0, 3.0, 0.0, 3.0]), 0))

@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -27,7 +28,7 @@
  * prefetching each row waited ~100 ns on its own miss (65,536 rows: 9 ms where 4,096 took 0.2). */
 #define PREFETCH_AHEAD 16
 
-enum { OK = 0, BAD_ID = 1, BAD_CODE = 2 };
+enum { OK = 0, BAD_ID = 1, BAD_CODE = 2, NO_MEMORY = 3 };
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 /* One build for every x86-64 machine; the loader picks the AVX2 clone where the CPU has it. */
@@ -53,11 +54,11 @@ static void *run_chunk(void *arg) {
     return NULL;
 }
 
-/* Splits [0, n) into up to `threads` chunks; chunk 0 runs on the calling thread. Returns the first
- * error any chunk reported. */
-static int run_rows(row_worker work, void *job, int64_t n, int threads) {
+/* Splits [0, n) into up to `threads` chunks of at least `min_chunk` items; chunk 0 runs on the
+ * calling thread. Returns the first error any chunk reported. */
+static int run_parallel(row_worker work, void *job, int64_t n, int threads, int64_t min_chunk) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > n / MIN_ROWS_PER_THREAD) threads = (int)(n / MIN_ROWS_PER_THREAD);
+    if (threads > n / min_chunk) threads = (int)(n / min_chunk);
     if (threads < 1) threads = 1;
     chunk chunks[MAX_THREADS];
     pthread_t handles[MAX_THREADS];
@@ -121,9 +122,15 @@ static inline void stream_fence(int streamed) {
 #endif
 }
 
+static int run_rows(row_worker work, void *job, int64_t n, int threads) {
+    return run_parallel(work, job, n, threads, MIN_ROWS_PER_THREAD);
+}
+
 static PyObject *raise_for(int error) {
     if (error == BAD_ID) {
         PyErr_SetString(PyExc_ValueError, "an id is outside [0, num_embeddings)");
+    } else if (error == NO_MEMORY) {
+        PyErr_NoMemory();
     } else if (error == BAD_CODE) {
         PyErr_SetString(PyExc_ValueError,
                         "a stored code points past its codebook: the packed codes are corrupt");
@@ -624,6 +631,221 @@ static PyObject *factors_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     return raise_for(error);
 }
 
+/* -- DPQ-SX training: scores, codes, softmax and its backward, 16 rows per vector --------- */
+
+/* Layouts (D groups, w = d / D, K codewords, N rows): queries and their gradient (D, w, N),
+ * keys and values (D, K, w), bias (D, K), probabilities (D, K, N), codes (D, N). In this layout 16
+ * consecutive rows of one group are one vector, so each score, exponential and product below works
+ * on 16 rows at once, and a group's whole forward (or backward) is one pass over its rows: no
+ * (D, K, N) scores are written and reread, as torch's batched products and softmax did.
+ * The limits keep a group's scratch (K + w vectors, K x w accumulators) small. */
+#define DPQ_MAX_CODEWORDS 256
+#define DPQ_MAX_WIDTH 64
+#define DPQ_MAX_PAIRS 4096 /* K * w */
+
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) ivec16 select16i(ivec16 mask, ivec16 a, ivec16 b) {
+    return (a & mask) | (b & ~mask);
+}
+
+static inline __attribute__((always_inline)) vec16 select16(ivec16 mask, vec16 a, vec16 b) {
+    return (vec16)select16i(mask, (ivec16)a, (ivec16)b);
+}
+
+/* exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exact
+ * scaling by 2^n), within 2 ulp of expf; inputs below -87.3 give 0, NaN stays NaN. */
+static inline __attribute__((always_inline)) vec16 exp16(vec16 x) {
+    const vec16 hi = splat16(88.3762626647949f), lo = splat16(-87.3365447505531f);
+    const ivec16 too_low = x < lo;
+    x = select16(x > hi, hi, x);
+    x = select16(too_low, lo, x);
+    const vec16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vec16 t = x * splat16(1.44269504088896341f) + magic;
+    const ivec16 n = (ivec16)t - (ivec16)magic;
+    const vec16 nf = t - magic;
+    vec16 r = x - nf * splat16(0.693359375f);
+    r = r - nf * splat16(-2.12194440e-4f);
+    vec16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const vec16 scaled = (vec16)((ivec16)p + (n << 23));
+    return select16(too_low, splat16(0.0f), scaled);
+}
+
+/* 16 floats from p[0:count] (count <= 16), zeros after. */
+static inline __attribute__((always_inline)) vec16 load_part(const float *p, int64_t count) {
+    if (count == 16) return load16(p);
+    vec16 v = splat16(0.0f);
+    memcpy(&v, p, (size_t)count * sizeof(float));
+    return v;
+}
+
+static inline __attribute__((always_inline)) void store_part(float *p, vec16 v, int64_t count) {
+    memcpy(p, &v, (size_t)count * sizeof(float));
+}
+
+static inline __attribute__((always_inline)) float sum16(vec16 v) {
+    float total = 0.0f;
+    for (int r = 0; r < 16; r++) total += v[r];
+    return total;
+}
+
+typedef struct {
+    const float *qt, *keys, *bias, *values, *probs, *grad;
+    int64_t width, n, codewords;
+    float inv_tau;
+    int64_t *codes;
+    float *probs_out, *grad_qt, *grad_keys, *grad_bias;
+} dpq_job;
+
+/* Groups [start, stop): codes = first argmax_k (keys_k . q - bias_k) (K - 1 where a score is NaN,
+ * as torch's amax-based argmax gives), and with probs_out, softmax((keys . q - bias) / tau). */
+HOT CONTRACT static void dpq_forward_groups(void *job, int64_t start, int64_t stop, int *error) {
+    const dpq_job *j = (const dpq_job *)job;
+    const int64_t w = j->width, n = j->n, K = j->codewords;
+    vec16 q[DPQ_MAX_WIDTH], scores[DPQ_MAX_CODEWORDS];
+    (void)error;
+    for (int64_t d = start; d < stop; d++) {
+        const float *qt = j->qt + d * w * n, *keys = j->keys + d * K * w, *bias = j->bias + d * K;
+        for (int64_t n0 = 0; n0 < n; n0 += 16) {
+            const int64_t count = n - n0 < 16 ? n - n0 : 16;
+            for (int64_t i = 0; i < w; i++) q[i] = load_part(qt + i * n + n0, count);
+            vec16 best = splat16(0.0f);
+            ivec16 index = {0}, nan = {0};
+            for (int64_t k = 0; k < K; k++) {
+                vec16 score = splat16(0.0f);
+                for (int64_t i = 0; i < w; i++) score += splat16(keys[k * w + i]) * q[i];
+                score -= splat16(bias[k]);
+                scores[k] = score;
+                nan |= score != score;
+                if (k == 0) {
+                    best = score;
+                    continue;
+                }
+                const ivec16 better = score > best; /* strict: the first maximum wins ties */
+                best = select16(better, score, best);
+                index = select16i(better, (ivec16){0} + (int32_t)k, index);
+            }
+            index = select16i(nan, (ivec16){0} + (int32_t)(K - 1), index);
+            for (int64_t r = 0; r < count; r++) j->codes[d * n + n0 + r] = index[r];
+            if (!j->probs_out) continue;
+            const vec16 top = best * splat16(j->inv_tau);
+            vec16 total = splat16(0.0f);
+            for (int64_t k = 0; k < K; k++) {
+                scores[k] = exp16(scores[k] * splat16(j->inv_tau) - top);
+                total += scores[k];
+            }
+            const vec16 inv_total = splat16(1.0f) / total;
+            float *probs = j->probs_out + d * K * n + n0;
+            for (int64_t k = 0; k < K; k++) store_part(probs + k * n, scores[k] * inv_total, count);
+        }
+    }
+}
+
+/* Groups [start, stop) of the soft path's backward: with grad_probs_k = values_k . g and
+ * grad_scores = p * (grad_probs - sum_k p grad_probs) / tau (softmax's backward):
+ * grad_q = sum_k grad_scores_k keys_k, grad_keys_k = sum_rows grad_scores_k q, grad_bias_k = -sum_rows grad_scores_k. */
+HOT CONTRACT static void dpq_backward_groups(void *job, int64_t start, int64_t stop, int *error) {
+    const dpq_job *j = (const dpq_job *)job;
+    const int64_t w = j->width, n = j->n, K = j->codewords;
+    vec16 q[DPQ_MAX_WIDTH], g[DPQ_MAX_WIDTH], gq[DPQ_MAX_WIDTH], gp[DPQ_MAX_CODEWORDS], p[DPQ_MAX_CODEWORDS];
+    /* 64-byte aligned: the compiler moves vec16 values with aligned vector instructions. */
+    vec16 *acc_keys = aligned_alloc(64, (size_t)K * (size_t)w * sizeof(vec16));
+    vec16 *acc_bias = aligned_alloc(64, (size_t)K * sizeof(vec16));
+    if (!acc_keys || !acc_bias) {
+        free(acc_keys), free(acc_bias);
+        *error = NO_MEMORY;
+        return;
+    }
+    for (int64_t d = start; d < stop; d++) {
+        const float *qt = j->qt + d * w * n, *gt = j->grad + d * w * n, *probs = j->probs + d * K * n;
+        const float *keys = j->keys + d * K * w, *values = j->values + d * K * w;
+        for (int64_t x = 0; x < K * w; x++) acc_keys[x] = splat16(0.0f);
+        for (int64_t k = 0; k < K; k++) acc_bias[k] = splat16(0.0f);
+        for (int64_t n0 = 0; n0 < n; n0 += 16) {
+            const int64_t count = n - n0 < 16 ? n - n0 : 16;
+            for (int64_t i = 0; i < w; i++) {
+                q[i] = load_part(qt + i * n + n0, count);
+                g[i] = load_part(gt + i * n + n0, count);
+                gq[i] = splat16(0.0f);
+            }
+            vec16 dot = splat16(0.0f);
+            for (int64_t k = 0; k < K; k++) {
+                vec16 grad_prob = splat16(0.0f);
+                for (int64_t i = 0; i < w; i++) grad_prob += splat16(values[k * w + i]) * g[i];
+                gp[k] = grad_prob;
+                p[k] = load_part(probs + k * n + n0, count); /* zero past the last row: no contribution */
+                dot += p[k] * grad_prob;
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const vec16 gs = p[k] * (gp[k] - dot) * splat16(j->inv_tau);
+                acc_bias[k] -= gs;
+                for (int64_t i = 0; i < w; i++) {
+                    gq[i] += splat16(keys[k * w + i]) * gs;
+                    acc_keys[k * w + i] += gs * q[i];
+                }
+            }
+            for (int64_t i = 0; i < w; i++) store_part(j->grad_qt + d * w * n + i * n + n0, gq[i], count);
+        }
+        for (int64_t x = 0; x < K * w; x++) j->grad_keys[d * K * w + x] = sum16(acc_keys[x]);
+        for (int64_t k = 0; k < K; k++) j->grad_bias[d * K + k] = sum16(acc_bias[k]);
+    }
+    free(acc_keys), free(acc_bias);
+}
+
+static int dpq_shape_ok(long long groups, long long width, long long n, long long codewords) {
+    if (groups < 1 || width < 1 || width > DPQ_MAX_WIDTH || n < 0 || codewords < 1 ||
+        codewords > DPQ_MAX_CODEWORDS || codewords * width > DPQ_MAX_PAIRS) {
+        PyErr_SetString(PyExc_ValueError, "dpq kernels: shapes outside the supported range");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *dpq_sx_forward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long qt, keys, bias, codes, probs;
+    long long groups, width, n, codewords;
+    double inv_tau;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLLKKLdKKi", &qt, &groups, &width, &n, &keys, &bias, &codewords, &inv_tau,
+                          &codes, &probs, &threads) ||
+        !dpq_shape_ok(groups, width, n, codewords)) {
+        return NULL;
+    }
+    dpq_job job = {(const float *)qt, (const float *)keys, (const float *)bias, NULL, NULL, NULL, width, n,
+                   codewords, (float)inv_tau, (int64_t *)codes, (float *)probs, NULL, NULL, NULL};
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = run_parallel(dpq_forward_groups, &job, groups, threads, 1);
+    Py_END_ALLOW_THREADS
+    return raise_for(error);
+}
+
+static PyObject *dpq_sx_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long qt, keys, values, probs, grad, grad_qt, grad_keys, grad_bias;
+    long long groups, width, n, codewords;
+    double inv_tau;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLLKKLKdKKKKi", &qt, &groups, &width, &n, &keys, &values, &codewords, &probs,
+                          &inv_tau, &grad, &grad_qt, &grad_keys, &grad_bias, &threads) ||
+        !dpq_shape_ok(groups, width, n, codewords)) {
+        return NULL;
+    }
+    dpq_job job = {(const float *)qt, (const float *)keys, NULL, (const float *)values, (const float *)probs,
+                   (const float *)grad, width, n, codewords, (float)inv_tau, NULL, NULL, (float *)grad_qt,
+                   (float *)grad_keys, (float *)grad_bias};
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = run_parallel(dpq_backward_groups, &job, groups, threads, 1);
+    Py_END_ALLOW_THREADS
+    return raise_for(error);
+}
+
 static PyMethodDef methods[] = {
     {"codebook_lookup", codebook_lookup, METH_VARARGS,
      "Decode rows of bit-packed codes against a codebook table into a preallocated output."},
@@ -633,6 +855,10 @@ static PyMethodDef methods[] = {
      "Rows of a tensor train from its two cached half tables (one small matmul per row)."},
     {"factors_lookup", factors_lookup, METH_VARARGS,
      "Rows act(codes[id]) @ basis + bias of a factorized table (identity or relu in here)."},
+    {"dpq_sx_forward", dpq_sx_forward, METH_VARARGS,
+     "DPQ-SX codes (first argmax of keys . q - bias) and, optionally, softmax probabilities."},
+    {"dpq_sx_backward", dpq_sx_backward, METH_VARARGS,
+     "DPQ-SX soft path backward: gradients of the queries, keys and bias from the probabilities."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,7 +21,7 @@ except ImportError:  # built without a C compiler: the torch path serves every l
     _kernels = None
 
 __all__ = ["available", "enabled", "set_enabled", "usable", "codebook_lookup", "hashed_lookup", "tt_lookup",
-           "factors_lookup"]
+           "factors_lookup", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward"]
 
 _enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
 TT_MAX_ROW = 4096  # the C tt lookup builds a transposed row of up to this many floats on its stack
@@ -131,3 +131,44 @@ def factors_lookup(ids: torch.Tensor | None, codes: torch.Tensor, basis: torch.T
                             basis.shape[1], 0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
                             torch.get_num_threads())
     return out
+
+
+DPQ_MAX_CODEWORDS, DPQ_MAX_WIDTH, DPQ_MAX_PAIRS = 256, 64, 4096  # limits of the C DPQ-SX kernels
+
+
+def dpq_supported(qt: torch.Tensor, keys: torch.Tensor) -> bool:
+    """True if the C DPQ-SX kernels take queries qt (D, w, N) against keys (D, K, w) here."""
+    _, codewords, width = keys.shape
+    return (usable(qt, keys) and qt.dtype == keys.dtype == torch.float32 and codewords <= DPQ_MAX_CODEWORDS
+            and width <= DPQ_MAX_WIDTH and codewords * width <= DPQ_MAX_PAIRS)
+
+
+def dpq_sx_forward(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: float | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (N, D) = first argmax_k (keys_k . q - bias_k) per group, and with ``tau`` the
+    probabilities softmax((keys . q - bias) / tau) as (D, K, N). qt (D, w, N), keys (D, K, w), bias (D, K)."""
+    groups, width, n = qt.shape
+    codewords = keys.shape[1]
+    codes = torch.empty(groups, n, dtype=torch.int64)
+    probs = torch.empty(groups, codewords, n) if tau is not None else None
+    _kernels.dpq_sx_forward(_address(qt, torch.float32), groups, width, n, _address(keys, torch.float32),
+                            _address(bias, torch.float32), codewords, 0.0 if tau is None else 1.0 / tau,
+                            codes.data_ptr(), 0 if probs is None else probs.data_ptr(), torch.get_num_threads())
+    return codes.t(), probs
+
+
+def dpq_sx_backward(qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, probs: torch.Tensor, tau: float,
+                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (of qt (D, w, N), keys (D, K, w), bias (D, K)) of the soft rows softmax(scores / tau) @ values,
+    given the rows' gradient ``grad`` in qt's layout and the forward's probabilities (D, K, N)."""
+    groups, width, n = qt.shape
+    codewords = keys.shape[1]
+    if values.shape != keys.shape or probs.shape != (groups, codewords, n) or grad.shape != qt.shape:
+        raise ValueError(f"dpq backward shapes disagree: qt {tuple(qt.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, probs {tuple(probs.shape)}, grad {tuple(grad.shape)}")
+    grad_qt, grad_keys, grad_bias = torch.empty_like(qt), torch.empty_like(keys), torch.empty(groups, codewords)
+    _kernels.dpq_sx_backward(_address(qt, torch.float32), groups, width, n, _address(keys, torch.float32),
+                             _address(values, torch.float32), codewords, _address(probs, torch.float32), 1.0 / tau,
+                             _address(grad, torch.float32), grad_qt.data_ptr(), grad_keys.data_ptr(),
+                             grad_bias.data_ptr(), torch.get_num_threads())
+    return grad_qt, grad_keys, grad_bias

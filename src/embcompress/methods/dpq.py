@@ -38,7 +38,7 @@ from torch import nn
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
-from ..frozen import CodebookEmbedding
+from ..frozen import CodebookEmbedding, kernels
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..progress import progress_bar
@@ -435,6 +435,9 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
     """
     groups, _, n = qt.shape
     codewords = keys.shape[1]
+    if kernels.dpq_supported(qt, keys):  # one fused pass per group in C (frozen/kernels.py)
+        codes, probs = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
+        return codes, [] if probs is None else [probs]
     codes = torch.empty(groups, n, dtype=torch.long, device=qt.device)
     # Tensor.max(dim).indices over 16 codewords ran 10x slower than amax; instead the first index
     # attaining the maximum is the largest of (K - k) over the k that attain it.
@@ -511,11 +514,17 @@ class _SoftPath(torch.autograd.Function):
         groups, width, n = qt.shape
         codewords = keys.shape[1]
         gt = grad.t().contiguous().view(groups, width, n)  # the layout of qt
+        grad_qt = grad_keys = grad_bias = None
+        if len(probs) == 1 and probs[0].shape[2] == n and kernels.dpq_supported(qt, keys):
+            grad_qt, grad_keys, grad_bias = kernels.dpq_sx_backward(
+                qt, keys.contiguous(), values.detach().contiguous(), probs[0], ctx.tau, gt)
         # Hard path: values[d, k] gets the sum of its rows' gradients. A scatter along the last dim
         # (each of the D * w rows sums into its own K bins) took 0.5 ms where index_select's
         # backward, an index_add of N * D rows of w floats into D * K rows, took 3-14 ms.
         grad_values_t = gt.new_zeros(groups, width, codewords).scatter_add_(
             2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
+        if grad_qt is not None:
+            return None, grad_qt, grad_keys, grad_bias, grad_values_t.transpose(1, 2), None, None, None
         grad_qt = torch.empty_like(qt)
         grad_keys_t = qt.new_zeros(groups, width, codewords)  # transposed: qt @ grad_scores^T
         grad_bias = qt.new_zeros(groups, codewords)
