@@ -207,3 +207,10 @@ def test_dpq_sx_kernel_codes_first_maximum_and_nan():
     expected[5, 1] = 3
     assert torch.equal(codes, expected)
     torch.testing.assert_close(probs[0][0, :, 0], torch.softmax(torch.tensor([0.0, 3.0, 0.0, 3.0]), 0))
+
+
+def test_factors_kernel_tanh_is_accurate_across_its_range():
+    values = torch.tensor([0.0, -0.0, 1e-7, -1e-4, 3e-3, 0.5, -1.0, 3.0, -9.0, 20.0, -100.0, float("inf")])
+    module = FactorizedEmbedding(len(values), 1, activation="tanh", codes=values.view(-1, 1), basis=torch.ones(1, 1))
+    got = module.lookup(torch.arange(len(values))).view(-1)
+    torch.testing.assert_close(got, torch.tanh(values), rtol=0, atol=2e-7)

@@ -493,6 +493,68 @@ combine_rows(float *out, const float *init, const float *restrict coef, const fl
     }
 }
 
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) ivec16 select16i(ivec16 mask, ivec16 a, ivec16 b) {
+    return (a & mask) | (b & ~mask);
+}
+
+static inline __attribute__((always_inline)) vec16 select16(ivec16 mask, vec16 a, vec16 b) {
+    return (vec16)select16i(mask, (ivec16)a, (ivec16)b);
+}
+
+/* exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exact
+ * scaling by 2^n), within 2 ulp of expf; inputs below -87.3 give 0, NaN stays NaN. */
+static inline __attribute__((always_inline)) vec16 exp16(vec16 x) {
+    const vec16 hi = splat16(88.3762626647949f), lo = splat16(-87.3365447505531f);
+    const ivec16 too_low = x < lo;
+    x = select16(x > hi, hi, x);
+    x = select16(too_low, lo, x);
+    const vec16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vec16 t = x * splat16(1.44269504088896341f) + magic;
+    const ivec16 n = (ivec16)t - (ivec16)magic;
+    const vec16 nf = t - magic;
+    vec16 r = x - nf * splat16(0.693359375f);
+    r = r - nf * splat16(-2.12194440e-4f);
+    vec16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const vec16 scaled = (vec16)((ivec16)p + (n << 23));
+    return select16(too_low, splat16(0.0f), scaled);
+}
+
+/* tanh of 16 floats as sign(x) (1 - e) / (1 + e), e = exp(-2|x|): within a few float ulps of 1
+ * absolutely (so relative error grows for |x| below ~1e-4); NaN stays NaN. */
+static inline __attribute__((always_inline)) vec16 tanh16(vec16 x) {
+    const ivec16 sign_bit = (ivec16){0} + INT32_MIN;
+    const ivec16 sign = (ivec16)x & sign_bit;
+    const vec16 e = exp16(splat16(-2.0f) * (vec16)((ivec16)x & ~sign_bit));
+    const vec16 magnitude = (splat16(1.0f) - e) / (splat16(1.0f) + e);
+    return (vec16)((ivec16)magnitude | sign);
+}
+
+/* 16 floats from p[0:count] (count <= 16), zeros after. */
+static inline __attribute__((always_inline)) vec16 load_part(const float *p, int64_t count) {
+    if (count == 16) return load16(p);
+    vec16 v = splat16(0.0f);
+    memcpy(&v, p, (size_t)count * sizeof(float));
+    return v;
+}
+
+static inline __attribute__((always_inline)) void store_part(float *p, vec16 v, int64_t count) {
+    memcpy(p, &v, (size_t)count * sizeof(float));
+}
+
+static inline __attribute__((always_inline)) float sum16(vec16 v) {
+    float total = 0.0f;
+    for (int r = 0; r < 16; r++) total += v[r];
+    return total;
+}
+
 typedef struct {
     const int64_t *ids;
     int64_t rows;
@@ -569,7 +631,7 @@ typedef struct {
     int64_t rows;
     const float *codes;      /* (rows or n, rank) */
     int64_t rank;
-    int relu;                /* apply max(0, x) to the codes first */
+    int activation;          /* applied to the codes first: 0 identity, 1 relu, 2 tanh */
     const float *basis;      /* (rank, dim) */
     int64_t dim;
     const float *bias;       /* (dim,) or NULL */
@@ -598,10 +660,16 @@ HOT CONTRACT static void factors_rows(void *job, int64_t start, int64_t stop, in
         for (int64_t k0 = 0; k0 < rank; k0 += 64) { /* ranks past 64 add onto the partial row */
             const int64_t depth = rank - k0 < 64 ? rank - k0 : 64;
             const float *coef = code + k0;
-            if (j->relu) {
+            if (j->activation == 1) {
                 for (int64_t k = 0; k < depth; k++) { /* torch's relu: NaN stays NaN */
                     const float x = coef[k];
                     activated[k] = x > 0.0f || x != x ? x : 0.0f;
+                }
+                coef = activated;
+            } else if (j->activation == 2) {
+                for (int64_t k = 0; k < depth; k += 16) {
+                    const int64_t count = depth - k < 16 ? depth - k : 16;
+                    store_part(activated + k, tanh16(load_part(coef + k, count)), count);
                 }
                 coef = activated;
             }
@@ -613,16 +681,16 @@ HOT CONTRACT static void factors_rows(void *job, int64_t start, int64_t stop, in
 static PyObject *factors_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long ids, codes, basis, bias, out;
     long long n, rows, rank, dim;
-    int relu, threads;
-    if (!PyArg_ParseTuple(args, "KLLKLpKLKKi", &ids, &n, &rows, &codes, &rank, &relu, &basis, &dim, &bias,
+    int activation, threads;
+    if (!PyArg_ParseTuple(args, "KLLKLiKLKKi", &ids, &n, &rows, &codes, &rank, &activation, &basis, &dim, &bias,
                           &out, &threads)) {
         return NULL;
     }
-    if (n < 0 || rank < 1 || dim < 1) {
-        PyErr_SetString(PyExc_ValueError, "factors_lookup: inconsistent factor shapes");
+    if (n < 0 || rank < 1 || dim < 1 || activation < 0 || activation > 2) {
+        PyErr_SetString(PyExc_ValueError, "factors_lookup: inconsistent factor shapes or activation");
         return NULL;
     }
-    factors_job job = {(const int64_t *)ids, rows, (const float *)codes, rank, relu, (const float *)basis,
+    factors_job job = {(const int64_t *)ids, rows, (const float *)codes, rank, activation, (const float *)basis,
                        dim, (const float *)bias, (float *)out};
     int error;
     Py_BEGIN_ALLOW_THREADS
@@ -642,58 +710,6 @@ static PyObject *factors_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
 #define DPQ_MAX_CODEWORDS 256
 #define DPQ_MAX_WIDTH 64
 #define DPQ_MAX_PAIRS 4096 /* K * w */
-
-typedef int32_t ivec16 __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) ivec16 select16i(ivec16 mask, ivec16 a, ivec16 b) {
-    return (a & mask) | (b & ~mask);
-}
-
-static inline __attribute__((always_inline)) vec16 select16(ivec16 mask, vec16 a, vec16 b) {
-    return (vec16)select16i(mask, (ivec16)a, (ivec16)b);
-}
-
-/* exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exact
- * scaling by 2^n), within 2 ulp of expf; inputs below -87.3 give 0, NaN stays NaN. */
-static inline __attribute__((always_inline)) vec16 exp16(vec16 x) {
-    const vec16 hi = splat16(88.3762626647949f), lo = splat16(-87.3365447505531f);
-    const ivec16 too_low = x < lo;
-    x = select16(x > hi, hi, x);
-    x = select16(too_low, lo, x);
-    const vec16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vec16 t = x * splat16(1.44269504088896341f) + magic;
-    const ivec16 n = (ivec16)t - (ivec16)magic;
-    const vec16 nf = t - magic;
-    vec16 r = x - nf * splat16(0.693359375f);
-    r = r - nf * splat16(-2.12194440e-4f);
-    vec16 p = splat16(1.9875691500e-4f);
-    p = p * r + splat16(1.3981999507e-3f);
-    p = p * r + splat16(8.3334519073e-3f);
-    p = p * r + splat16(4.1665795894e-2f);
-    p = p * r + splat16(1.6666665459e-1f);
-    p = p * r + splat16(5.0000001201e-1f);
-    p = p * (r * r) + r + splat16(1.0f);
-    const vec16 scaled = (vec16)((ivec16)p + (n << 23));
-    return select16(too_low, splat16(0.0f), scaled);
-}
-
-/* 16 floats from p[0:count] (count <= 16), zeros after. */
-static inline __attribute__((always_inline)) vec16 load_part(const float *p, int64_t count) {
-    if (count == 16) return load16(p);
-    vec16 v = splat16(0.0f);
-    memcpy(&v, p, (size_t)count * sizeof(float));
-    return v;
-}
-
-static inline __attribute__((always_inline)) void store_part(float *p, vec16 v, int64_t count) {
-    memcpy(p, &v, (size_t)count * sizeof(float));
-}
-
-static inline __attribute__((always_inline)) float sum16(vec16 v) {
-    float total = 0.0f;
-    for (int r = 0; r < 16; r++) total += v[r];
-    return total;
-}
 
 typedef struct {
     const float *qt, *keys, *bias, *values, *probs, *grad;
@@ -854,7 +870,7 @@ static PyMethodDef methods[] = {
     {"tt_lookup", tt_lookup, METH_VARARGS,
      "Rows of a tensor train from its two cached half tables (one small matmul per row)."},
     {"factors_lookup", factors_lookup, METH_VARARGS,
-     "Rows act(codes[id]) @ basis + bias of a factorized table (identity or relu in here)."},
+     "Rows act(codes[id]) @ basis + bias of a factorized table (identity, relu or tanh)."},
     {"dpq_sx_forward", dpq_sx_forward, METH_VARARGS,
      "DPQ-SX codes (first argmax of keys . q - bias) and, optionally, softmax probabilities."},
     {"dpq_sx_backward", dpq_sx_backward, METH_VARARGS,

@@ -63,11 +63,10 @@ class FactorizedEmbedding(FrozenEmbedding):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if kernels.usable(ids, self.codes) and all(t is None or t.dtype == torch.float32
                                                    for t in (self.codes, self.basis, self.bias)):
-            # One fused pass per row: gather, (relu,) rank-r combination of the basis rows, bias.
-            # tanh and gelu stay in torch (vectorized math) on the small (N, r) gathered codes.
-            if self.activation in ("identity", "relu"):
-                return kernels.factors_lookup(ids.contiguous(), self.codes, self.basis, self.bias,
-                                              relu=self.activation == "relu")
+            # One fused pass per row: gather, activation, rank-r combination of the basis rows, bias.
+            # gelu (erf) stays in torch on the small (N, r) gathered codes.
+            if self.activation in kernels.FACTOR_ACTIVATIONS:
+                return kernels.factors_lookup(ids.contiguous(), self.codes, self.basis, self.bias, self.activation)
             return kernels.factors_lookup(None, self.activated_codes(ids).contiguous(), self.basis, self.bias)
         codes = F.embedding(ids, self.codes)  # (N, r): fresh, so the activation may run in place
         if self.activation == "relu":

@@ -117,18 +117,25 @@ def tt_lookup(ids: torch.Tensor, num_embeddings: int, left: torch.Tensor, right:
     return out
 
 
+FACTOR_ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2}  # the activations the C factors lookup applies
+
+
 def factors_lookup(ids: torch.Tensor | None, codes: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None,
-                   relu: bool = False) -> torch.Tensor:
-    """Rows relu?(codes[ids]) @ basis + bias; with ``ids`` None, row i uses codes[i] (gathered already)."""
+                   activation: str = "identity") -> torch.Tensor:
+    """Rows act(codes[ids]) @ basis + bias (act in FACTOR_ACTIVATIONS); with ``ids`` None, row i uses
+    codes[i] (gathered and activated already)."""
     rows, rank = codes.shape
     if basis.shape[0] != rank or (bias is not None and bias.shape != (basis.shape[1],)):
         raise ValueError(f"codes {tuple(codes.shape)}, basis {tuple(basis.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit together")
+    if activation not in FACTOR_ACTIVATIONS:
+        raise ValueError(f"the C factors lookup applies {', '.join(FACTOR_ACTIVATIONS)}, not {activation!r}")
     count = rows if ids is None else ids.shape[0]
     out = torch.empty(count, basis.shape[1])
     _kernels.factors_lookup(0 if ids is None else _address(ids, torch.int64), count, rows,
-                            _address(codes, torch.float32), rank, relu, _address(basis, torch.float32),
-                            basis.shape[1], 0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
+                            _address(codes, torch.float32), rank, FACTOR_ACTIVATIONS[activation],
+                            _address(basis, torch.float32), basis.shape[1],
+                            0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
                             torch.get_num_threads())
     return out
 
