@@ -214,3 +214,36 @@ def test_factors_kernel_tanh_is_accurate_across_its_range():
     module = FactorizedEmbedding(len(values), 1, activation="tanh", codes=values.view(-1, 1), basis=torch.ones(1, 1))
     got = module.lookup(torch.arange(len(values))).view(-1)
     torch.testing.assert_close(got, torch.tanh(values), rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("rows", [5, 4000])  # 4000: split across threads, each into its own table copy
+@pytest.mark.parametrize("dim", [3, 40])  # 40: two 16-float vectors and a scalar tail
+def test_bag_sum_backward_matches_index_add(rows, dim):
+    g = torch.Generator().manual_seed(rows + dim)
+    index = torch.randint(0, 24, (rows, 6), generator=g)  # positions may share table rows
+    grad = torch.randn(rows, dim, generator=g)
+    want = torch.zeros(24, dim)
+    for position in range(6):
+        want.index_add_(0, index[:, position], grad)
+    # Sums of up to ~1,000 terms in another order: float rounding only.
+    torch.testing.assert_close(kernels.bag_sum_backward(index, grad, 24), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="corrupt"):
+        kernels.bag_sum_backward(index, grad, 20)
+
+
+def test_codebook_sum_gradients_match_torch_path():
+    from embcompress.frozen.codebook import decode_codes
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 8, (3000, 4), generator=g)
+    upstream = torch.randn(3000, 24, generator=g)
+    grads = []
+    for use_kernels in (True, False):
+        codebooks = torch.randn(4, 8, 24, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        previous = kernels.set_enabled(use_kernels)
+        try:
+            (decode_codes(codes, codebooks, "sum") * upstream).sum().backward()
+        finally:
+            kernels.set_enabled(previous)
+        grads.append(codebooks.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)

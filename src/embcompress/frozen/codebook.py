@@ -68,6 +68,9 @@ class _BagSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         (codes,) = ctx.saved_tensors
+        if kernels.usable(codes, grad) and grad.dtype == torch.float32:
+            # In C: per-thread cached copies of the table, no one-hot blocks (frozen/kernels.py).
+            return None, kernels.bag_sum_backward(codes.contiguous(), grad.contiguous(), ctx.rows)
         rows, n = ctx.rows, codes.shape[0]
         grad_table = grad.new_zeros(grad.shape[1], rows)  # transposed: each block adds grad^T @ one_hot
         ones = grad.new_ones(1, 1).expand(n, codes.shape[1])

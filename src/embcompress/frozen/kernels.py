@@ -21,7 +21,7 @@ except ImportError:  # built without a C compiler: the torch path serves every l
     _kernels = None
 
 __all__ = ["available", "enabled", "set_enabled", "usable", "codebook_lookup", "hashed_lookup", "tt_lookup",
-           "factors_lookup", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward"]
+           "factors_lookup", "bag_sum_backward", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward"]
 
 _enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
 TT_MAX_ROW = 4096  # the C tt lookup builds a transposed row of up to this many floats on its stack
@@ -137,6 +137,17 @@ def factors_lookup(ids: torch.Tensor | None, codes: torch.Tensor, basis: torch.T
                             _address(basis, torch.float32), basis.shape[1],
                             0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
                             torch.get_num_threads())
+    return out
+
+
+def bag_sum_backward(index: torch.Tensor, grad: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """The table gradient (table_rows, d) of rows = sum_m table[index[:, m]]: row index[r, m] gets grad[r]."""
+    n, positions = index.shape
+    if grad.shape[0] != n:
+        raise ValueError(f"index has {n} rows, the gradient {grad.shape[0]}")
+    out = torch.empty(table_rows, grad.shape[1])
+    _kernels.bag_sum_backward(_address(index, torch.int64), n, positions, table_rows,
+                              _address(grad, torch.float32), grad.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
 
 
