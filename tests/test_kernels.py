@@ -206,7 +206,8 @@ def test_dpq_sx_kernel_codes_first_maximum_and_nan():
     expected = torch.ones(20, 2, dtype=torch.long)
     expected[5, 1] = 3
     assert torch.equal(codes, expected)
-    torch.testing.assert_close(probs[0][0, :, 0], torch.softmax(torch.tensor([0.0, 3.0, 0.0, 3.0]), 0))
+    # (D, blocks of 16 rows, K, 16): group 0, row 0
+    torch.testing.assert_close(probs[0][0, 0, :, 0], torch.softmax(torch.tensor([0.0, 3.0, 0.0, 3.0]), 0))
 
 
 def test_factors_kernel_tanh_is_accurate_across_its_range():

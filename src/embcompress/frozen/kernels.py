@@ -164,11 +164,12 @@ def dpq_supported(qt: torch.Tensor, keys: torch.Tensor) -> bool:
 def dpq_sx_forward(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: float | None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes (N, D) = first argmax_k (keys_k . q - bias_k) per group, and with ``tau`` the
-    probabilities softmax((keys . q - bias) / tau) as (D, K, N). qt (D, w, N), keys (D, K, w), bias (D, K)."""
+    probabilities softmax((keys . q - bias) / tau) in blocks of 16 rows, (D, ceil(N / 16), K, 16),
+    the layout :func:`dpq_sx_backward` reads. qt (D, w, N), keys (D, K, w), bias (D, K)."""
     groups, width, n = qt.shape
     codewords = keys.shape[1]
     codes = torch.empty(groups, n, dtype=torch.int64)
-    probs = torch.empty(groups, codewords, n) if tau is not None else None
+    probs = torch.empty(groups, -(-n // 16), codewords, 16) if tau is not None else None
     _kernels.dpq_sx_forward(_address(qt, torch.float32), groups, width, n, _address(keys, torch.float32),
                             _address(bias, torch.float32), codewords, 0.0 if tau is None else 1.0 / tau,
                             codes.data_ptr(), 0 if probs is None else probs.data_ptr(), torch.get_num_threads())
@@ -178,10 +179,10 @@ def dpq_sx_forward(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau
 def dpq_sx_backward(qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, probs: torch.Tensor, tau: float,
                     grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (of qt (D, w, N), keys (D, K, w), bias (D, K)) of the soft rows softmax(scores / tau) @ values,
-    given the rows' gradient ``grad`` in qt's layout and the forward's probabilities (D, K, N)."""
+    given the rows' gradient ``grad`` in qt's layout and :func:`dpq_sx_forward`'s blocked probabilities."""
     groups, width, n = qt.shape
     codewords = keys.shape[1]
-    if values.shape != keys.shape or probs.shape != (groups, codewords, n) or grad.shape != qt.shape:
+    if values.shape != keys.shape or probs.shape != (groups, -(-n // 16), codewords, 16) or grad.shape != qt.shape:
         raise ValueError(f"dpq backward shapes disagree: qt {tuple(qt.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}, probs {tuple(probs.shape)}, grad {tuple(grad.shape)}")
     grad_qt, grad_keys, grad_bias = torch.empty_like(qt), torch.empty_like(keys), torch.empty(groups, codewords)

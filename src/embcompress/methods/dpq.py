@@ -431,7 +431,7 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
     """qt (D, w, N) -> codes (N, D): argmax_k (keys_k . q - bias_k), the first maximum on ties.
 
     With ``tau``, also the blocks of softmax((keys . q - bias) / tau), each (D, K, rows), for
-    :class:`_SoftPath`'s backward.
+    :class:`_SoftPath`'s backward; from the C kernel, one (D, ceil(N / 16), K, 16) block.
     """
     groups, _, n = qt.shape
     codewords = keys.shape[1]
@@ -515,7 +515,7 @@ class _SoftPath(torch.autograd.Function):
         codewords = keys.shape[1]
         gt = grad.t().contiguous().view(groups, width, n)  # the layout of qt
         grad_qt = grad_keys = grad_bias = None
-        if len(probs) == 1 and probs[0].shape[2] == n and kernels.dpq_supported(qt, keys):
+        if len(probs) == 1 and probs[0].dim() == 4:  # the C forward's blocked probabilities
             grad_qt, grad_keys, grad_bias = kernels.dpq_sx_backward(
                 qt, keys.contiguous(), values.detach().contiguous(), probs[0], ctx.tau, gt)
         # Hard path: values[d, k] gets the sum of its rows' gradients. A scatter along the last dim
