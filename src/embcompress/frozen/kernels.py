@@ -1,10 +1,13 @@
-"""Dispatch to the fused C lookups (``embcompress._kernels``), with torch's path as the fallback.
+"""Dispatch to the fused C kernels (``embcompress._kernels``), with torch's path as the fallback.
 
-The C extension is optional: it is built at install time when a C compiler is present. Each
-format asks :func:`usable` before calling it; the torch path runs instead when the extension is
-missing or turned off (``EMBCOMPRESS_KERNELS=0`` or :func:`set_enabled`), while a graph is being
-captured (TorchScript, ``torch.export``, ``torch.compile``, ONNX keep plain torch ops), and for
-tensors that are not on the CPU. Both paths give the same numbers (tests/test_kernels.py).
+The lookups of the frozen formats (codebook, hashed, tt, factors) and two training hot spots
+(DPQ-SX's scores/softmax and the codebook gradient of bag sums) have C versions. The extension is
+optional: it is built at install time when a C compiler is present. Callers ask :func:`usable`
+first; the torch path runs instead when the extension is missing or turned off
+(``EMBCOMPRESS_KERNELS=0`` or :func:`set_enabled`), while a graph is being captured (TorchScript,
+``torch.export``, ``torch.compile``, ONNX keep plain torch ops), and for tensors not on the CPU.
+Both paths give the same numbers: bit for bit where no sum is reordered, within float rounding
+otherwise (tests/test_kernels.py). The wrappers here check every shape the C code relies on.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def codebook_lookup(ids: torch.Tensor, num_embeddings: int, packed: torch.Tensor
     """
     if combine not in ("concat", "sum"):
         raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
+    if offsets.dim() != 1 or table.dim() != 2:
+        raise ValueError(f"offsets must be (slots,) and table (rows, width), got {tuple(offsets.shape)} and "
+                         f"{tuple(table.shape)}")
     slots, width = offsets.shape[0], table.shape[1]
     out = torch.empty(ids.shape[0], width if combine == "sum" else slots * width)
     _kernels.codebook_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings,
@@ -143,7 +149,7 @@ def factors_lookup(ids: torch.Tensor | None, codes: torch.Tensor, basis: torch.T
 def bag_sum_backward(index: torch.Tensor, grad: torch.Tensor, table_rows: int) -> torch.Tensor:
     """The table gradient (table_rows, d) of rows = sum_m table[index[:, m]]: row index[r, m] gets grad[r]."""
     n, positions = index.shape
-    if grad.shape[0] != n:
+    if grad.dim() != 2 or grad.shape[0] != n:
         raise ValueError(f"index has {n} rows, the gradient {grad.shape[0]}")
     out = torch.empty(table_rows, grad.shape[1])
     _kernels.bag_sum_backward(_address(index, torch.int64), n, positions, table_rows,
@@ -168,6 +174,9 @@ def dpq_sx_forward(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau
     the layout :func:`dpq_sx_backward` reads. qt (D, w, N), keys (D, K, w), bias (D, K)."""
     groups, width, n = qt.shape
     codewords = keys.shape[1]
+    if keys.shape != (groups, codewords, width) or bias.shape != (groups, codewords):
+        raise ValueError(f"dpq forward shapes disagree: qt {tuple(qt.shape)}, keys {tuple(keys.shape)}, "
+                         f"bias {tuple(bias.shape)}")
     codes = torch.empty(groups, n, dtype=torch.int64)
     probs = torch.empty(groups, -(-n // 16), codewords, 16) if tau is not None else None
     _kernels.dpq_sx_forward(_address(qt, torch.float32), groups, width, n, _address(keys, torch.float32),
@@ -182,7 +191,7 @@ def dpq_sx_backward(qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     given the rows' gradient ``grad`` in qt's layout and :func:`dpq_sx_forward`'s blocked probabilities."""
     groups, width, n = qt.shape
     codewords = keys.shape[1]
-    if values.shape != keys.shape or probs.shape != (groups, -(-n // 16), codewords, 16) or grad.shape != qt.shape:
+    if keys.shape != (groups, codewords, width) or values.shape != keys.shape or probs.shape != (groups, -(-n // 16), codewords, 16) or grad.shape != qt.shape:
         raise ValueError(f"dpq backward shapes disagree: qt {tuple(qt.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}, probs {tuple(probs.shape)}, grad {tuple(grad.shape)}")
     grad_qt, grad_keys, grad_bias = torch.empty_like(qt), torch.empty_like(keys), torch.empty(groups, codewords)
