@@ -1,16 +1,20 @@
-/* Fused lookups for the frozen formats: ids in, finished rows out, in one pass.
+/* Fused CPU kernels: the lookups of the frozen formats and two training hot spots.
  *
+ * Lookups (codebook, hashed, tensor-train, factors): ids in, finished rows out, in one pass.
  * torch's path decodes a codebook row in several ops (gather the code bytes, widen them, add slot
  * offsets, gather the codewords, sum), each a full pass over N x slots temporaries; at 65,536 ids
  * that costs more than the rows themselves. Here each output row is written once, straight from
  * the packed codes and a cache-resident table. The hashed format likewise hashes, gathers, scales
- * and adds its bias per row.
+ * and adds its bias per row; tt and factors do their small per-row products in registers.
+ * Training: DPQ-SX's scores, codes, softmax and softmax backward, and the codebook gradient of a
+ * bag sum (codes, frozen codebooks under training).
  *
  * The functions take the addresses of contiguous CPU tensors that the Python side
  * (embcompress/frozen/kernels.py) has checked for dtype, layout and size, and release the GIL.
  * Every id and every decoded table index is bounds-checked here as well: a bad id or a corrupt
- * code makes the call raise ValueError, it never reads outside a buffer. Results equal torch's
- * path exactly (same float operations in the same order; built with -ffp-contract=off).
+ * code makes the call raise ValueError, it never reads outside a buffer. Copies, gathers and the
+ * hashed scale/bias equal torch's path bit for bit (built with -ffp-contract=off); sums and
+ * products (codebook sums, tt, factors, DPQ) differ from it by float rounding only.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +35,7 @@
 enum { OK = 0, BAD_ID = 1, BAD_CODE = 2, NO_MEMORY = 3 };
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-/* One build for every x86-64 machine; the loader picks the AVX2 clone where the CPU has it. */
+/* One build for every x86-64 machine; the loader picks the AVX-512 or AVX2 clone where the CPU has it. */
 #define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define HOT
@@ -168,12 +172,6 @@ static inline uint32_t slot_value(const codebook_job *j, int64_t id, int64_t s) 
     return (window >> (bit & 7)) & ((1u << j->slot_bits) - 1);
 }
 
-/* The row loop, written once and specialized by its callers: with `width`, `byte_slots` and `sum`
- * known at compile time the copies and adds become a few vector moves and no library calls.
- * The job's fields are read into locals first: read through `j`, the compiler must assume each
- * store to the output may change them and reloads them per slot, which kept the copies scalar. */
-#define SUM_BLOCK 64 /* floats of a sum accumulated in registers across all slots */
-
 /* 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, two AVX or four SSE
  * ones. Element-wise adds, so the sum is the same per-element float additions as a scalar loop. */
 typedef float vec16 __attribute__((vector_size(64)));
@@ -183,7 +181,13 @@ static inline __attribute__((always_inline)) vec16 load16(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
-#define MAX_SLOT_CHUNK 64
+
+/* The row loop, written once and specialized by its callers: with `width`, `byte_slots` and `sum`
+ * known at compile time the copies and adds become a few vector moves and no library calls.
+ * The job's fields are read into locals first: read through `j`, the compiler must assume each
+ * store to the output may change them and reloads them per slot, which kept the copies scalar. */
+#define SUM_BLOCK 64 /* floats of a sum accumulated in registers across all slots */
+#define MAX_SLOT_CHUNK 64 /* slots whose table rows are looked up before a sum adds them */
 
 static inline __attribute__((always_inline)) void
 codebook_rows_impl(const codebook_job *j, int64_t start, int64_t stop, int *error, const int64_t width,
@@ -445,9 +449,9 @@ static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
 
 /* -- small products per row: tensor-train halves and factors ------------------------------ */
 
-/* These two sum products, so fused multiply-adds are allowed here (the rest of the file is built
- * with -ffp-contract=off): the rows differ from torch's (whose matmuls block and fuse their own
- * way) by float rounding only. */
+/* Functions marked CONTRACT (tt, factors, DPQ) sum products, so fused multiply-adds are allowed
+ * in them (the rest of the file is built with -ffp-contract=off): their results differ from torch's
+ * (whose matmuls block and fuse their own way) by float rounding only. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
@@ -507,7 +511,7 @@ static inline __attribute__((always_inline)) vec16 select16(ivec16 mask, vec16 a
  * scaling by 2^n), within 2 ulp of expf; inputs below -87.3 give 0, NaN stays NaN. */
 static inline __attribute__((always_inline)) vec16 exp16(vec16 x) {
     const vec16 hi = splat16(88.3762626647949f), lo = splat16(-87.3365447505531f);
-    const ivec16 too_low = x < lo;
+    const ivec16 nan = x != x, too_low = x < lo;
     x = select16(x > hi, hi, x);
     x = select16(too_low, lo, x);
     const vec16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
@@ -524,7 +528,7 @@ static inline __attribute__((always_inline)) vec16 exp16(vec16 x) {
     p = p * r + splat16(5.0000001201e-1f);
     p = p * (r * r) + r + splat16(1.0f);
     const vec16 scaled = (vec16)((ivec16)p + (n << 23));
-    return select16(too_low, splat16(0.0f), scaled);
+    return select16(nan, x, select16(too_low, splat16(0.0f), scaled));
 }
 
 /* tanh of 16 floats as sign(x) (1 - e) / (1 + e), e = exp(-2|x|): within a few float ulps of 1
