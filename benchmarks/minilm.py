@@ -21,7 +21,7 @@ the package folders, never imported. Writes benchmarks/results/minilm.{json,md,p
 
     .venv/bin/python benchmarks/minilm.py --quick    # smoke run, 2 methods at 10x, ~5 min
     .venv/bin/python benchmarks/minilm.py            # everything in one process, 2 threads
-    # the published run: two 1-thread processes on 2 cores (~25 min on a busy machine), then merge
+    # the published run: two 1-thread processes on 2 cores (4 min on a quiet machine), then merge
     .venv/bin/python benchmarks/minilm.py --methods dpq memcom --threads 1 --out /tmp/minilm-a &
     .venv/bin/python benchmarks/minilm.py --methods codes tt distilled --threads 1 --out /tmp/minilm-b
     wait; .venv/bin/python benchmarks/minilm.py --merge /tmp/minilm-a.json /tmp/minilm-b.json
@@ -59,10 +59,10 @@ METHODS = ["dpq", "codes", "memcom", "tt", "distilled"]
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 # Post hoc fit options for this table (V = 30522, d = 384), measured on 2 busy cores. DPQ: the
 # k-means start alone reaches relative MSE 0.03 at 10x (192 groups x 64 codewords) in ~4 min;
-# its 200 default refinement steps took > 12 min. codes: the 10x budget is 256 books x 2
-# codewords, and the default fit (beam-search start, LSQ++ polish of all rows over 256 books) ran
-# > 7 min; a greedy start on 8192 rows, one refinement round, no autoencoder and no polish keep it
-# short. TT: 50 refinement steps.
+# its 200 default refinement steps took > 12 min. codes: the 10x budget is 197 books x 8
+# codewords; a greedy start on 8192 rows, one refinement round, no autoencoder and no polish fit
+# it in 93 s (2026-11-30; the default fit's beam search and polish over 197 books take several
+# times longer). TT: 50 refinement steps.
 FIT_OPTIONS = {"dpq": {"steps": 0, "iters": 6},
                "codes": {"steps": 0, "beam": 1, "rounds": 1, "sample": 8192, "polish": 0},
                "tt": {"steps": 50}, "memcom": {"steps": 30}, "distilled": {"steps": 200}}
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[10, 30])
     parser.add_argument("--spec", nargs="+", default=[], metavar="SPEC",
                         help="a method's exact spec instead of its budget rule's choice (one --ratios value "
-                             "per process then), e.g. codes:books=32,codewords=64 at 10x: the codes budget rule's "
-                             "256 books x 2 codewords was killed for memory (> 20 GB) fitting this table")
+                             "per process then), e.g. codes:books=32,codewords=64")
     parser.add_argument("--bbc", nargs=2, type=int, default=[450, 150], metavar=("TRAIN", "TEST"),
                         help="BBC articles for the classifier's training set and the held-out test set")
     parser.add_argument("--rt", nargs=2, type=int, default=[1000, 350], metavar=("TRAIN", "TEST"),
