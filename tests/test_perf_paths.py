@@ -4,6 +4,7 @@ speed ratios live in benchmarks/perf.py."""
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -239,3 +240,11 @@ def test_fast_lookups_are_bit_exact_where_no_sum_is_reordered(name):
         torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(fast, reference)
+
+
+@pytest.mark.skipif(os.environ.get("EMBCOMPRESS_KERNELS") == "0", reason="C kernels turned off for this run")
+def test_extension_is_built_by_the_dev_install():
+    # CI installs with a C compiler; a silent build failure would leave every lookup on the slow path.
+    from embcompress.frozen import kernels
+
+    assert kernels.available(), "embcompress._kernels did not build: check the compiler output of `pip install -e .`"
