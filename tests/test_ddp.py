@@ -1,8 +1,9 @@
 """Compressed tables under DistributedDataParallel: two gloo processes on localhost.
 
 Checks, after a few SGD steps on the same global batch:
-- memcom, tt and DPQ without batch norm: every parameter equals a single-process run's
-  (DDP averages the ranks' gradients of the mean loss over their half batches);
+- memcom, tt and DPQ without batch norm (dense and sparse query gradients): every parameter
+  equals a single-process run's (DDP averages the ranks' gradients of the mean loss over their
+  half batches);
 - DPQ with batch norm: both ranks hold identical codebooks, queries and running statistics. Its
   batch statistics are per rank, as with ``nn.BatchNorm1d`` under DDP (no SyncBatchNorm inside
   the functional batch norm), and DDP broadcasts rank 0's running statistics at every forward,
@@ -23,7 +24,9 @@ from torch import nn
 import embcompress
 
 V, D, BATCH, STEPS = 64, 16, 16, 3
-EXACT = ["memcom:buckets=16", "tt:cores=2,rank=4", "dpq:variant=sx,groups=4,codewords=8,batchnorm=false"]
+EXACT = ["memcom:buckets=16", "tt:cores=2,rank=4", "dpq:variant=sx,groups=4,codewords=8,batchnorm=false",
+         # sparse query gradients: DDP all-reduces them because the query table is an nn.Embedding
+         "dpq:variant=sx,groups=4,codewords=8,batchnorm=false,sparse=true"]
 BN = "dpq:variant=sx,groups=4,codewords=8"
 
 

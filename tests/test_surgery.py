@@ -230,3 +230,17 @@ def test_load_pretrained_detects_damage_and_wrong_models(tmp_path):
         embcompress.load_pretrained(TinyLM(), folder)
     with pytest.raises(ValueError, match="no compressed table"):
         embcompress.save_pretrained(TinyLM(), tmp_path / "empty")
+
+
+@pytest.mark.parametrize("spec", ["dpq:groups=4,codewords=8", "codes:books=4,codewords=8"])
+def test_a_compressed_tables_query_table_is_not_compressed_again(spec):
+    # DPQ and codes keep their query rows in an nn.Embedding (for DDP's sparse gradients); a second
+    # compress_ over the model must treat it as part of the table, not as another table.
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 2))
+    embcompress.compress_(model, spec, init="random")
+    table = model[0]
+    assert isinstance(table.query_table, nn.Embedding)
+    report = embcompress.compress_(model, "lowrank:rank=2", init="random")
+    assert model[0] is table and isinstance(table.query_table, nn.Embedding)
+    assert not report.tables
+    assert set(table.state_dict()) >= {"query"}  # saved under its plain name

@@ -360,8 +360,10 @@ def compress_(
     used_keys: set[str] = set()
 
     # Group embedding modules by the identity of their weight Parameter: one group, one table.
+    # Embeddings inside a compressed table (the query tables of DPQ and codes) are its own parts.
     groups: dict[int, list[tuple[str, nn.Module]]] = {}
-    visited: set[int] = set()
+    visited = {id(part) for table in model.modules() if isinstance(table, CompressedEmbedding)
+               for part in table.modules() if part is not table}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module) in visited:
             continue

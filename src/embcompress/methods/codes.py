@@ -39,6 +39,7 @@ from ..config import MethodConfig, SpecError
 from ..frozen import CodebookEmbedding, kernels
 from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
+from ..query import QueryTableMixin
 from ..registry import register
 
 __all__ = ["CodesConfig", "CompositionalCodeEmbedding", "preferred_codewords"]
@@ -68,8 +69,8 @@ class CodesConfig(MethodConfig):
                 "its codebooks to it in every forward, so export equals the module)"})
     sparse: bool = field(default=False, metadata={
         "help": "learning state: the query table gets sparse gradients (rows looked up only), like "
-                "nn.Embedding(sparse=True); needs an optimizer that takes them (SGD, SparseAdam, Adagrad); not "
-                "under DDP, which only all-reduces sparse gradients of nn.Embedding/EmbeddingBag modules"})
+                "nn.Embedding(sparse=True); needs an optimizer that takes them (SGD, SparseAdam, Adagrad); "
+                "works under DDP"})
 
     def validate(self) -> None:
         if self.books < 1:
@@ -96,7 +97,7 @@ def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torc
 
 
 @register
-class CompositionalCodeEmbedding(CompressedEmbedding):
+class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     """Additive compositional codes, trainable end to end or fitted post hoc to a matrix.
 
     Example:
@@ -119,7 +120,7 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
         self.codebooks = nn.Parameter(torch.randn(cfg.books, cfg.codewords, embedding_dim) / cfg.books ** 0.5)
         self.state = "learning"
         if state == "learning":
-            self.query = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+            self._add_query_table(num_embeddings, embedding_dim, cfg.sparse)
             self.encoder = self._new_encoder()
             # Shape (1,), not (): io's checksum views tensors as bytes, which 0-dim tensors refuse.
             self.register_buffer("step", torch.zeros(1, dtype=torch.long))
@@ -132,7 +133,7 @@ class CompositionalCodeEmbedding(CompressedEmbedding):
                              nn.Linear(cfg.hidden_size, cfg.books * cfg.codewords))
 
     def _to_fixed(self, codes: torch.Tensor) -> None:
-        for name in ("query", "encoder", "step"):
+        for name in ("query_table", "encoder", "step"):
             if hasattr(self, name):
                 delattr(self, name)
         self.register_buffer("codes", codes.to(device=self.codebooks.device, dtype=torch.long).contiguous())

@@ -42,6 +42,7 @@ from ..frozen import CodebookEmbedding, kernels
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..progress import progress_bar
+from ..query import QueryTableMixin
 from ..registry import register
 from .pq import check_groups, divisors
 
@@ -66,8 +67,7 @@ class DPQConfig(MethodConfig):
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of the SX backward pass"})
     sparse: bool = field(default=False, metadata={
         "help": "the query table gets sparse gradients (rows looked up only), like nn.Embedding(sparse=True); "
-                "needs an optimizer that takes them (SGD, SparseAdam, Adagrad); not under DDP, which only "
-                "all-reduces sparse gradients of nn.Embedding/EmbeddingBag modules"})
+                "needs an optimizer that takes them (SGD, SparseAdam, Adagrad); works under DDP"})
 
     def validate(self) -> None:
         if self.groups < 1:
@@ -91,7 +91,7 @@ def check_shape(config: DPQConfig, embedding_dim: int) -> None:
 
 
 @register
-class DPQEmbedding(CompressedEmbedding):
+class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
 
     Example:
@@ -113,7 +113,7 @@ class DPQEmbedding(CompressedEmbedding):
         stored = 1 if cfg.shared else cfg.groups
         shape = (stored, cfg.codewords, self.width)
         # Q starts like nn.Embedding (N(0, 1)); values too, so outputs have the usual scale.
-        self.query = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+        self._add_query_table(num_embeddings, embedding_dim, cfg.sparse)
         if cfg.variant == "sx":
             self.keys = nn.Parameter(torch.randn(shape) / math.sqrt(self.width))
         else:
