@@ -243,3 +243,35 @@ def test_codebook_sum_gradients_match_torch_path():
             kernels.set_enabled(previous)
         grads.append(codebooks.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["dpq:variant=vq,groups=4,codewords=8", "dpq:variant=vq,groups=8,codewords=16,shared=true",
+                                  "dpq:variant=vq,groups=4,codewords=8,batchnorm=false"])
+@pytest.mark.parametrize("count", [1, 37, 1500])
+def test_dpq_vq_kernels_match_torch_path(spec, count):
+    from embcompress.methods.dpq import DPQEmbedding
+
+    def run(use_kernels):
+        torch.manual_seed(0)
+        table = DPQEmbedding(3000, 32, spec).train()
+        ids = torch.randperm(3000)[:count]
+        upstream = torch.randn(count, 32)
+        previous = kernels.set_enabled(use_kernels)
+        try:
+            out = table(ids)
+            loss = (out * upstream).sum() + table.aux_loss()
+            grads = torch.autograd.grad(loss, [table.query, table.values])
+            table.eval()
+            codes = table.codes(ids)
+        finally:
+            kernels.set_enabled(previous)
+        return out, grads, codes, table
+
+    (out, grads, codes, table), (want, want_grads, want_codes, reference) = run(True), run(False)
+    torch.testing.assert_close(out, want)  # the same codes, hence the same rows
+    assert torch.equal(codes, want_codes)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-4, atol=1e-5)
+    if table.config.batchnorm:
+        torch.testing.assert_close(table.running_mean, reference.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(table.running_var, reference.running_var, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,8 @@ except ImportError:  # built without a C compiler: the torch path serves every l
     _kernels = None
 
 __all__ = ["available", "enabled", "set_enabled", "usable", "codebook_lookup", "hashed_lookup", "tt_lookup",
-           "factors_lookup", "bag_sum_backward", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward"]
+           "factors_lookup", "bag_sum_backward", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward", "dpq_vq_stats",
+           "dpq_vq_codes"]
 
 _enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
 TT_MAX_ROW = 4096  # the C tt lookup builds a transposed row of up to this many floats on its stack
@@ -200,3 +201,38 @@ def dpq_sx_backward(qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                              _address(grad, torch.float32), grad_qt.data_ptr(), grad_keys.data_ptr(),
                              grad_bias.data_ptr(), torch.get_num_threads())
     return grad_qt, grad_keys, grad_bias
+
+
+def _check_vq(qt: torch.Tensor, centroids: torch.Tensor) -> tuple[int, int, int, int]:
+    groups, width, n = qt.shape
+    codewords = centroids.shape[1]
+    if centroids.shape != (groups, codewords, width):
+        raise ValueError(f"dpq-vq shapes disagree: qt {tuple(qt.shape)}, centroids {tuple(centroids.shape)}")
+    return groups, width, n, codewords
+
+
+def dpq_vq_stats(qt: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group and centroid (D, K), float64: the sum and the sum of squares over the N rows of the
+    scores -||q - c_k||^2. qt (D, w, N), centroids (D, K, w)."""
+    groups, width, n, codewords = _check_vq(qt, centroids)
+    total = torch.empty(groups, codewords, dtype=torch.float64)
+    total_sq = torch.empty(groups, codewords, dtype=torch.float64)
+    _kernels.dpq_vq_stats(_address(qt, torch.float32), groups, width, n, _address(centroids, torch.float32),
+                          codewords, total.data_ptr(), total_sq.data_ptr(), torch.get_num_threads())
+    return total, total_sq
+
+
+def dpq_vq_codes(qt: torch.Tensor, centroids: torch.Tensor, mean: torch.Tensor | None = None,
+                 inv_std: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (N, D): the first k maximizing (-||q - c_k||^2 - mean_k) * inv_std_k per group (the raw
+    scores without ``mean`` and ``inv_std``, both (D, K) float32)."""
+    groups, width, n, codewords = _check_vq(qt, centroids)
+    if (mean is None) != (inv_std is None) or (mean is not None and (mean.shape != (groups, codewords)
+                                                                     or inv_std.shape != mean.shape)):
+        raise ValueError("dpq-vq: mean and inv_std must both be (D, K) or both be None")
+    codes = torch.empty(groups, n, dtype=torch.int64)
+    _kernels.dpq_vq_codes(_address(qt, torch.float32), groups, width, n, _address(centroids, torch.float32),
+                          codewords, 0 if mean is None else _address(mean, torch.float32),
+                          0 if inv_std is None else _address(inv_std, torch.float32), codes.data_ptr(),
+                          torch.get_num_threads())
+    return codes.t()
