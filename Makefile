@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-quick bench-perf bench-posthoc clean
+.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The C kernels built with AddressSanitizer and UBSan, under the tests that drive them (gcc or clang).
+ASAN_DIR := build/asan
+test-asan: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR) && cp -r src/embcompress $(ASAN_DIR)/
+	$(CC) -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -ffp-contract=off -std=c11 -fPIC -shared \
+		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" src/embcompress/_kernels.c -pthread \
+		-o $(ASAN_DIR)/embcompress/_kernels$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(ASAN_DIR) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_perf_paths.py tests/test_dpq.py \
+		tests/test_codes.py tests/test_tt.py tests/test_distilled.py tests/test_memcom.py
 
 # Task benchmarks (benchmarks/tasks): results, report and plots under benchmarks/results/tasks-<size>/.
 # bench-quick reruns every cell (--fresh; a few minutes, CI) and fails if any cell errors.
