@@ -192,7 +192,9 @@ def dpq_sx_backward(qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     given the rows' gradient ``grad`` in qt's layout and :func:`dpq_sx_forward`'s blocked probabilities."""
     groups, width, n = qt.shape
     codewords = keys.shape[1]
-    if keys.shape != (groups, codewords, width) or values.shape != keys.shape or probs.shape != (groups, -(-n // 16), codewords, 16) or grad.shape != qt.shape:
+    blocked = (groups, -(-n // 16), codewords, 16)
+    if keys.shape != (groups, codewords, width) or values.shape != keys.shape or probs.shape != blocked \
+            or grad.shape != qt.shape:
         raise ValueError(f"dpq backward shapes disagree: qt {tuple(qt.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}, probs {tuple(probs.shape)}, grad {tuple(grad.shape)}")
     grad_qt, grad_keys, grad_bias = torch.empty_like(qt), torch.empty_like(keys), torch.empty(groups, codewords)

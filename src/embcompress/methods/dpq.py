@@ -485,6 +485,15 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
     return codes.t(), probs
 
 
+def _values_grad(codes: torch.Tensor, gt: torch.Tensor, codewords: int) -> torch.Tensor:
+    """Gradient (D, K, w) of values[d, codes[n, d]] for row gradients gt (D, w, N): each value gets the sum
+    of its rows'. A scatter along the last dim (each of the D * w rows sums into its own K bins) took
+    0.5 ms where index_select's backward, an index_add of N * D rows of w floats, took 3-14 ms."""
+    groups, width, n = gt.shape
+    grad_t = gt.new_zeros(groups, width, codewords).scatter_add_(2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
+    return grad_t.transpose(1, 2)
+
+
 class _HardRows(torch.autograd.Function):
     """``decode_codes(codes, values, "concat")`` for codes (N, D) and values (D, K, w), whose values
     gradient is one scatter along K in the (D, w, N) layout (as in :class:`_SoftPath`)."""
@@ -499,11 +508,7 @@ class _HardRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         (codes,) = ctx.saved_tensors
         groups, codewords, width = ctx.shape
-        n = codes.shape[0]
-        gt = grad.t().contiguous().view(groups, width, n)
-        grad_values_t = gt.new_zeros(groups, width, codewords).scatter_add_(
-            2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
-        return None, grad_values_t.transpose(1, 2)
+        return None, _values_grad(codes, grad.t().contiguous().view(groups, width, codes.shape[0]), codewords)
 
 
 class _Transpose(torch.autograd.Function):
@@ -567,13 +572,9 @@ class _SoftPath(torch.autograd.Function):
         if len(probs) == 1 and probs[0].dim() == 4:  # the C forward's blocked probabilities
             grad_qt, grad_keys, grad_bias = kernels.dpq_sx_backward(
                 qt, keys.contiguous(), values.detach().contiguous(), probs[0], ctx.tau, gt)
-        # Hard path: values[d, k] gets the sum of its rows' gradients. A scatter along the last dim
-        # (each of the D * w rows sums into its own K bins) took 0.5 ms where index_select's
-        # backward, an index_add of N * D rows of w floats into D * K rows, took 3-14 ms.
-        grad_values_t = gt.new_zeros(groups, width, codewords).scatter_add_(
-            2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
+        grad_values = _values_grad(codes, gt, codewords)  # the hard path's
         if grad_qt is not None:
-            return None, grad_qt, grad_keys, grad_bias, grad_values_t.transpose(1, 2), None, None, None
+            return None, grad_qt, grad_keys, grad_bias, grad_values, None, None, None
         grad_qt = torch.empty_like(qt)
         grad_keys_t = qt.new_zeros(groups, width, codewords)  # transposed: qt @ grad_scores^T
         grad_bias = qt.new_zeros(groups, codewords)
@@ -594,5 +595,4 @@ class _SoftPath(torch.autograd.Function):
             grad_keys_t.baddbmm_(qt[:, :, start:stop], grad_scores.transpose(1, 2))
             grad_bias.sub_(grad_scores.sum(2))
             start = stop
-        return (None, grad_qt, grad_keys_t.transpose(1, 2), grad_bias, grad_values_t.transpose(1, 2),
-                None, None, None)
+        return None, grad_qt, grad_keys_t.transpose(1, 2), grad_bias, grad_values, None, None, None
