@@ -266,3 +266,37 @@ def test_codebook_sum_gradients_match_torch_path():
             kernels.set_enabled(previous)
         grads.append(codebooks.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["codebook-K4-M6-concat", "codebook-K5-M8-sum", "codebook-K16-M4-concat-shared",
+                                  "hashed-scale-bias", "hashed-mod"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_c_bags_match_pooling_the_rows(name, mode, weighted):
+    if weighted and mode != "sum":
+        pytest.skip("nn.EmbeddingBag takes per-sample weights in sum mode only")
+    module = DIRECT[name]
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 150, (40,), generator=g)  # empty bags, and bags past the 64-row chunk
+    lengths[3] = 0
+    ids = torch.randint(0, module.num_embeddings, (int(lengths.sum()),), generator=g)
+    if module.padding_idx is not None:
+        ids[::7] = module.padding_idx  # left out of sums and of the mean's count
+    offsets = torch.cumsum(lengths, 0) - lengths
+    weights = torch.rand(ids.shape[0], generator=g) if weighted else None
+    got = module.bag(ids, offsets, per_sample_weights=weights, mode=mode)
+    previous = kernels.set_enabled(False)
+    try:
+        want = module.bag(ids, offsets, per_sample_weights=weights, mode=mode)
+    finally:
+        kernels.set_enabled(previous)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_c_bags_refuse_bad_offsets():
+    module = DIRECT["hashed-mod"]
+    ids = torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="offsets"):
+        module.bag(ids, torch.tensor([0, 3, 2]), mode="sum")
+    with pytest.raises(ValueError, match="offsets"):
+        module.bag(ids, torch.tensor([1, 2]), mode="sum")

@@ -295,13 +295,22 @@ static row_worker codebook_worker(const codebook_job *j) {
     }
 }
 
+typedef void (*decode_rows)(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
+static PyObject *run_bags(decode_rows decode, const void *format_job, const int64_t *ids, int64_t n,
+                          const int64_t *offsets, int64_t bags, const float *weights, int64_t width,
+                          int64_t padding_idx, int mean, float *out, int threads);
+static void decode_codebook(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
+static void decode_hashed(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
+
+/* The lookup entry points take optional bag arguments (offsets, bags, weights, padding_idx, mean):
+ * with offsets, `out` receives the pooled bags instead of the rows (see run_bags). */
 static PyObject *codebook_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
-    unsigned long long ids, packed, offsets, table, out;
-    long long n, packed_len, row_bits, slots, table_rows, width, rows;
-    int slot_bits, sum, threads;
-    if (!PyArg_ParseTuple(args, "KLLKLLiLKKLLpKi", &ids, &n, &rows, &packed, &packed_len, &row_bits,
+    unsigned long long ids, packed, offsets, table, out, bag_offsets = 0, weights = 0;
+    long long n, packed_len, row_bits, slots, table_rows, width, rows, bags = 0, padding_idx = -1;
+    int slot_bits, sum, threads, mean = 0;
+    if (!PyArg_ParseTuple(args, "KLLKLLiLKKLLpKi|KLKLp", &ids, &n, &rows, &packed, &packed_len, &row_bits,
                           &slot_bits, &slots, &offsets, &table, &table_rows, &width, &sum, &out,
-                          &threads)) {
+                          &threads, &bag_offsets, &bags, &weights, &padding_idx, &mean)) {
         return NULL;
     }
     if (slot_bits < 1 || slot_bits > 16 || (slot_bits == 8 && row_bits % 8) || slots < 1 ||
@@ -320,6 +329,10 @@ static PyObject *codebook_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     for (int64_t s = 0; s < slots; s++) { /* can some stored value point outside the table? */
         const int64_t first = job.offsets[s], last = first + ((int64_t)1 << slot_bits) - 1;
         if (first < 0 || last >= table_rows) job.check_codes = 1;
+    }
+    if (bag_offsets) {
+        return run_bags(decode_codebook, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
+                        (const float *)weights, sum ? width : slots * width, padding_idx, mean, job.out, threads);
     }
     int error;
     Py_BEGIN_ALLOW_THREADS
@@ -422,11 +435,12 @@ HOT static void hashed_rows(void *job, int64_t start, int64_t stop, int *error) 
 }
 
 static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
-    unsigned long long ids, table, scale, bias, out;
-    long long n, rows, a, b, prime, buckets, width;
-    int universal, threads;
-    if (!PyArg_ParseTuple(args, "KLLpLLLLKLKKKi", &ids, &n, &rows, &universal, &a, &b, &prime, &buckets,
-                          &table, &width, &scale, &bias, &out, &threads)) {
+    unsigned long long ids, table, scale, bias, out, bag_offsets = 0, weights = 0;
+    long long n, rows, a, b, prime, buckets, width, bags = 0, padding_idx = -1;
+    int universal, threads, mean = 0;
+    if (!PyArg_ParseTuple(args, "KLLpLLLLKLKKKi|KLKLp", &ids, &n, &rows, &universal, &a, &b, &prime, &buckets,
+                          &table, &width, &scale, &bias, &out, &threads, &bag_offsets, &bags, &weights,
+                          &padding_idx, &mean)) {
         return NULL;
     }
     if (buckets < 1 || width < 1 || n < 0 || (universal && prime < 1)) {
@@ -440,9 +454,99 @@ static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     job.fast_universal = universal && (uint64_t)prime == MERSENNE_31 && a >= 0 && b >= 0 &&
                          (uint64_t)a <= MERSENNE_31 && (uint64_t)b <= MERSENNE_31 &&
                          (uint64_t)buckets <= UINT32_MAX;
+    if (bag_offsets) {
+        return run_bags(decode_hashed, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
+                        (const float *)weights, width, padding_idx, mean, job.out, threads);
+    }
     int error;
     Py_BEGIN_ALLOW_THREADS
     error = run_rows(hashed_rows, &job, n, threads);
+    Py_END_ALLOW_THREADS
+    return raise_for(error);
+}
+
+/* -- bags: pooled rows without the (N, d) intermediate ----------------------------------- */
+
+/* nn.EmbeddingBag over a decoded format: each bag's ids are decoded in chunks of BAG_CHUNK rows into
+ * a per-thread scratch (cache-resident) and added, weighted, into the bag's output row; no (N, d)
+ * table of rows is ever written. The decode is the format's own lookup loop, called on a copy of
+ * its job whose ids and output point at the chunk and the scratch. */
+#define BAG_CHUNK 64
+
+static void decode_codebook(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error) {
+    codebook_job j = *(const codebook_job *)format_job;
+    j.ids = ids, j.out = out, j.stream = 0;
+    codebook_worker(&j)(&j, 0, count, error);
+}
+
+static void decode_hashed(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error) {
+    hashed_job j = *(const hashed_job *)format_job;
+    j.ids = ids, j.out = out, j.stream = 0;
+    hashed_rows(&j, 0, count, error);
+}
+
+typedef struct {
+    decode_rows decode;
+    const void *format_job;
+    const int64_t *ids, *offsets; /* offsets (bags + 1): bag b holds ids[offsets[b]:offsets[b + 1]] */
+    const float *weights;         /* per id, or NULL */
+    int64_t width, padding_idx;   /* padding_idx < 0: none; padding ids take no part, as in nn.EmbeddingBag */
+    int mean;
+    float *out;                   /* (bags, width) */
+} bag_job;
+
+HOT static void bag_rows(void *job, int64_t start, int64_t stop, int *error) {
+    const bag_job *j = (const bag_job *)job;
+    const int64_t width = j->width;
+    float *scratch = aligned_alloc(64, (size_t)(BAG_CHUNK * width * (int64_t)sizeof(float) + 63) / 64 * 64);
+    if (!scratch) {
+        *error = NO_MEMORY;
+        return;
+    }
+    for (int64_t b = start; b < stop && *error == OK; b++) {
+        float *restrict acc = j->out + b * width;
+        memset(acc, 0, (size_t)width * sizeof(float));
+        int64_t kept = 0;
+        for (int64_t first = j->offsets[b]; first < j->offsets[b + 1] && *error == OK; first += BAG_CHUNK) {
+            const int64_t count = j->offsets[b + 1] - first < BAG_CHUNK ? j->offsets[b + 1] - first : BAG_CHUNK;
+            j->decode(j->format_job, j->ids + first, count, scratch, error);
+            for (int64_t r = 0; r < count && *error == OK; r++) {
+                if (j->ids[first + r] == j->padding_idx) continue;
+                const float *restrict row = scratch + r * width;
+                kept++;
+                if (j->weights) {
+                    const float w = j->weights[first + r];
+                    for (int64_t k = 0; k < width; k++) acc[k] += row[k] * w;
+                } else {
+                    for (int64_t k = 0; k < width; k++) acc[k] += row[k];
+                }
+            }
+        }
+        if (j->mean && kept > 0) {
+            for (int64_t k = 0; k < width; k++) acc[k] /= (float)kept;
+        }
+    }
+    free(scratch);
+}
+
+/* Shared by the format-specific entry points: checks the offsets, then pools the bags in parallel. */
+static PyObject *run_bags(decode_rows decode, const void *format_job, const int64_t *ids, int64_t n,
+                          const int64_t *offsets, int64_t bags, const float *weights, int64_t width,
+                          int64_t padding_idx, int mean, float *out, int threads) {
+    if (bags < 0 || width < 1 || (bags > 0 && offsets[0] != 0) || (bags > 0 && offsets[bags] != n)) {
+        PyErr_SetString(PyExc_ValueError, "bag: offsets must start at 0 and end at the number of ids");
+        return NULL;
+    }
+    for (int64_t b = 0; b < bags; b++) {
+        if (offsets[b + 1] < offsets[b]) {
+            PyErr_SetString(PyExc_ValueError, "bag: offsets must not decrease");
+            return NULL;
+        }
+    }
+    bag_job job = {decode, format_job, ids, offsets, weights, width, padding_idx, mean, out};
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = run_parallel(bag_rows, &job, bags, threads, 16);
     Py_END_ALLOW_THREADS
     return raise_for(error);
 }

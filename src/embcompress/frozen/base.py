@@ -106,6 +106,11 @@ class FrozenEmbedding(nn.Module):
                 per_sample_weights = per_sample_weights.reshape(-1)
         elif ids.dim() != 1 or offsets is None:
             raise ValueError("ids must be 2-D (B, L), or 1-D together with offsets")
+        if mode != "max" and (per_sample_weights is None or mode == "sum"):
+            check_ids(ids, self.num_embeddings)
+            pooled = self.pooled(ids.long(), offsets, per_sample_weights, mode)
+            if pooled is not None:
+                return pooled
         rows = self(ids)
         if self.padding_idx is not None:
             keep = ids.long() != self.padding_idx
@@ -116,6 +121,13 @@ class FrozenEmbedding(nn.Module):
                                    per_sample_weights=per_sample_weights, padding_idx=ids.numel())
         return F.embedding_bag(torch.arange(ids.numel()), rows, offsets.long(), mode=mode,
                                per_sample_weights=per_sample_weights)
+
+    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+               mode: str) -> torch.Tensor | None:
+        """Sum or mean bags computed without the (N, d) rows, or None to pool the rows (the default).
+
+        Formats with a C bag loop override this; ``bag`` has checked the ids and the mode."""
+        return None
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, "

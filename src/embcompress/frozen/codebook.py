@@ -313,13 +313,26 @@ class CodebookEmbedding(FrozenEmbedding):
             codes = torch.div(window, self._window_div, rounding_mode="floor") % mask
         return codes + self._slot_offsets
 
+    def _lookup_table(self) -> torch.Tensor:
+        return self.codebooks.view(-1, self.codebooks.shape[2]) if self._table_is_codebooks else self._table
+
+    def _c_lookup(self, ids: torch.Tensor, bags: "kernels.Bags | None" = None) -> torch.Tensor | None:
+        """One fused pass in C (code bytes -> table rows -> output or pooled bags), or None where it cannot run."""
+        table = self._lookup_table()
+        if not (kernels.usable(ids, self.packed) and table.dtype == torch.float32):
+            return None
+        return kernels.codebook_lookup(ids.contiguous(), self.num_embeddings, self.packed, self.books * self.bits,
+                                       self._slot_bits, self._slot_offsets, table, self.combine, bags)
+
+    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+               mode: str) -> torch.Tensor | None:
+        return self._c_lookup(ids, kernels.Bags(offsets, per_sample_weights, self.padding_idx, mode))
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.codebooks.view(-1, self.codebooks.shape[2]) if self._table_is_codebooks else self._table
-        if kernels.usable(ids, self.packed) and table.dtype == torch.float32:
-            # One fused pass: code bytes -> table rows -> output (frozen/kernels.py).
-            return kernels.codebook_lookup(ids.contiguous(), self.num_embeddings, self.packed,
-                                           self.books * self.bits, self._slot_bits, self._slot_offsets, table,
-                                           self.combine)
+        rows = self._c_lookup(ids)
+        if rows is not None:
+            return rows
+        table = self._lookup_table()
         n = ids.shape[0]
         index = self._indices(ids).view(-1)
         if self.combine == "concat":

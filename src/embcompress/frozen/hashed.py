@@ -46,12 +46,22 @@ class HashedEmbedding(FrozenEmbedding):
                 raise ValueError(f"{name} must have shape ({num_embeddings},), got {tuple(value.shape)}")
             self.register_buffer(name, None if value is None else value.detach().float().contiguous())
 
+    def _c_lookup(self, ids: torch.Tensor, bags: "kernels.Bags | None" = None) -> torch.Tensor | None:
+        """One fused pass in C (hash, gather, scale and bias per row; or pooled bags), or None where it cannot run."""
+        if not (kernels.usable(ids, self.table) and all(t is None or t.dtype == torch.float32
+                                                        for t in (self.table, self.scale, self.bias))):
+            return None
+        return kernels.hashed_lookup(ids.contiguous(), self.num_embeddings, self.hash, self.table, self.scale,
+                                     self.bias, bags)
+
+    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+               mode: str) -> torch.Tensor | None:
+        return self._c_lookup(ids, kernels.Bags(offsets, per_sample_weights, self.padding_idx, mode))
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(ids, self.table) and all(t is None or t.dtype == torch.float32
-                                                   for t in (self.table, self.scale, self.bias)):
-            # One fused pass: hash, gather, scale and bias per row (frozen/kernels.py).
-            return kernels.hashed_lookup(ids.contiguous(), self.num_embeddings, self.hash, self.table,
-                                         self.scale, self.bias)
+        rows = self._c_lookup(ids)
+        if rows is not None:
+            return rows
         buckets = self.hash(ids)
         capture = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not capture:

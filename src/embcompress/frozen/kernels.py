@@ -23,7 +23,7 @@ try:
 except ImportError:  # built without a C compiler: the torch path serves every lookup
     _kernels = None
 
-__all__ = ["available", "enabled", "set_enabled", "usable", "codebook_lookup", "hashed_lookup", "tt_lookup",
+__all__ = ["available", "enabled", "set_enabled", "usable", "Bags", "codebook_lookup", "hashed_lookup", "tt_lookup",
            "factors_lookup", "bag_sum_backward", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward", "dpq_vq_stats",
            "dpq_vq_codes"]
 
@@ -65,12 +65,13 @@ def _address(tensor: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def codebook_lookup(ids: torch.Tensor, num_embeddings: int, packed: torch.Tensor, row_bits: int, slot_bits: int,
-                    offsets: torch.Tensor, table: torch.Tensor, combine: str) -> torch.Tensor:
+                    offsets: torch.Tensor, table: torch.Tensor, combine: str, bags: "Bags | None" = None
+                    ) -> torch.Tensor:
     """Rows of ids (N,) int64 decoded from packed uint8 codes against table (rows, width) float32.
 
     Row r's slot s is the ``slot_bits``-bit field at bit ``r * row_bits + s * slot_bits`` of
     ``packed``; it indexes ``table`` at ``field + offsets[s]``. ``combine`` "concat" lays the slots'
-    table rows side by side, "sum" adds them.
+    table rows side by side, "sum" adds them. With ``bags``, the pooled bags (B, d) instead.
     """
     if combine not in ("concat", "sum"):
         raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
@@ -78,28 +79,58 @@ def codebook_lookup(ids: torch.Tensor, num_embeddings: int, packed: torch.Tensor
         raise ValueError(f"offsets must be (slots,) and table (rows, width), got {tuple(offsets.shape)} and "
                          f"{tuple(table.shape)}")
     slots, width = offsets.shape[0], table.shape[1]
-    out = torch.empty(ids.shape[0], width if combine == "sum" else slots * width)
+    dim = width if combine == "sum" else slots * width
+    out = torch.empty(ids.shape[0] if bags is None else bags.count, dim)
     _kernels.codebook_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings,
                              _address(packed, torch.uint8), packed.numel(), row_bits, slot_bits, slots,
                              _address(offsets, torch.int32), _address(table, torch.float32), table.shape[0],
-                             width, combine == "sum", out.data_ptr(), torch.get_num_threads())
+                             width, combine == "sum", out.data_ptr(), torch.get_num_threads(),
+                             *(() if bags is None else bags.arguments(ids)))
     return out
 
 
+class Bags:
+    """``nn.EmbeddingBag`` pooling for the C lookups: ``starts`` (B,) where each bag begins in the
+    ids, optional per-id weights (sum mode), ids equal to ``padding_idx`` left out, sum or mean."""
+
+    def __init__(self, starts: torch.Tensor, weights: torch.Tensor | None, padding_idx: int | None,
+                 mode: str) -> None:
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"the C bags pool by 'sum' or 'mean', not {mode!r}")
+        if starts.dim() != 1:
+            raise ValueError(f"offsets must be 1-D, got shape {tuple(starts.shape)}")
+        self.starts = starts.to(torch.int64)
+        self.count = starts.shape[0]
+        self.weights = None if weights is None else weights.to(torch.float32).contiguous()
+        self.padding_idx = -1 if padding_idx is None else padding_idx
+        self.mean = mode == "mean"
+
+    def arguments(self, ids: torch.Tensor) -> tuple:
+        n = ids.shape[0]
+        if self.weights is not None and self.weights.shape != (n,):
+            raise ValueError(f"per_sample_weights must have one weight per id ({n}), got {tuple(self.weights.shape)}")
+        # (B + 1) boundaries; the C side checks they start at 0, end at N and never decrease.
+        bounds = torch.cat([self.starts, self.starts.new_tensor([n])]).contiguous()
+        self._bounds = bounds  # kept alive for the duration of the call
+        return (bounds.data_ptr(), self.count, 0 if self.weights is None else self.weights.data_ptr(),
+                self.padding_idx, self.mean)
+
+
 def hashed_lookup(ids: torch.Tensor, num_embeddings: int, hash: HashFunction, table: torch.Tensor,
-                  scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """scale[i] * table[hash(i)] + bias[i] for ids (N,) int64 (scale and bias optional)."""
+                  scale: torch.Tensor | None, bias: torch.Tensor | None, bags: Bags | None = None) -> torch.Tensor:
+    """scale[i] * table[hash(i)] + bias[i] for ids (N,) int64 (scale and bias optional); with ``bags``,
+    the pooled bags (B, d) instead."""
     if table.shape[0] != hash.buckets:
         raise ValueError(f"table has {table.shape[0]} rows, the hash {hash.buckets} buckets")
     for name, value in (("scale", scale), ("bias", bias)):
         if value is not None and value.shape != (num_embeddings,):
             raise ValueError(f"{name} must have shape ({num_embeddings},), got {tuple(value.shape)}")
-    out = torch.empty(ids.shape[0], table.shape[1])
+    out = torch.empty(ids.shape[0] if bags is None else bags.count, table.shape[1])
     _kernels.hashed_lookup(_address(ids, torch.int64), ids.shape[0], num_embeddings, hash.kind == "universal",
                            hash.a, hash.b, PRIME, hash.buckets, _address(table, torch.float32), table.shape[1],
                            0 if scale is None else _address(scale, torch.float32),
                            0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), *(() if bags is None else bags.arguments(ids)))
     return out
 
 
