@@ -10,6 +10,9 @@ d = 128, 65,536 uniform random ids per call, all cores. The big tables are built
 (random codes, codebooks, cores, factors into the frozen constructors): speed does not depend on
 what the numbers are, and fitting 1M rows would take the benchmark's whole budget.
 
+Bags: each format's ``bag(mode="mean")`` against ``nn.EmbeddingBag(mode="mean")``, 2,048 bags of 32
+ids per call.
+
 Training: one SGD step (forward, backward, update) of a bag-of-embeddings classifier
 (mean-pooled table rows -> linear head, cross entropy) with each method's training module,
 against the same model on ``nn.Embedding(sparse=True)``. DPQ and compositional codes train a
@@ -255,6 +258,18 @@ def bench_inference(rows: int, dim: int, batch: int, rounds: int, seed: int = 0)
             "dense_lookups_per_s": lookups, "tltorch_installed": tl is not None, "formats": results}
 
 
+@torch.no_grad()
+def bench_bags(rows: int, dim: int, bags: int, length: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    """Exported formats' ``bag(mode="mean")`` against nn.EmbeddingBag(mode="mean"), same ids."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    dense = nn.EmbeddingBag(rows, dim, mode="mean")
+    formats = build_formats(rows, dim, seed)
+    ids = torch.randint(0, rows, (bags, length), generator=gen)
+    contenders = {name: (lambda m=module: m.bag(ids, mode="mean")) for name, (_, module) in formats.items()}
+    results = interleaved_ratios(lambda: dense(ids), contenders, rounds, settle=1)
+    return {"rows": rows, "dim": dim, "bags": bags, "bag_length": length, "rounds": rounds, "formats": results}
+
+
 # -- training ----------------------------------------------------------------------------------
 
 class BagModel(nn.Module):
@@ -453,6 +468,12 @@ def markdown(report: dict[str, Any]) -> str:
                       f"{tt['cache_bytes'] / 2**20:.1f} MiB; the artifact (cores) is {tt['bytes'] / 2**10:.0f} KiB."]
     elif not inf["tltorch_installed"]:
         lines += ["", "tensorly-torch is not installed: the tt vs tensorly-torch comparison was not run."]
+    bag = report.get("bags")
+    if bag:
+        lines += ["", f"### Bags: `bag(mode=\"mean\")` vs nn.EmbeddingBag(mode=\"mean\") ({bag['bags']:,} bags x "
+                      f"{bag['bag_length']} ids, median of {bag['rounds']} rounds)", "",
+                  "| format | speed vs nn.EmbeddingBag |", "|---|---:|"]
+        lines += [f"| {name} | {r['ratio']:.2f}x |" for name, r in bag["formats"].items()]
     tr = report.get("training")
     if tr:
         mem = report.get("memory", {})
@@ -485,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bags", type=int, default=512)
     parser.add_argument("--bag-length", type=int, default=32)
+    parser.add_argument("--bag-count", type=int, default=2048, help="bags per call in the bag benchmark")
     parser.add_argument("--train-rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
@@ -506,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                               "memory_reused": MEMORY_REUSED, "c_kernels": kernels.enabled(),
                               "load_average_start": list(os.getloadavg()),
                               "inference": bench_inference(args.rows, args.dim, args.batch, args.rounds)}
+    report["bags"] = bench_bags(args.rows, args.dim, args.bag_count, args.bag_length, args.rounds)
     if not args.skip_plain:
         report["inference_plain_env"] = bench_inference_plain_env(args.rows, args.dim, args.batch, args.rounds,
                                                                   args.threads)
