@@ -126,10 +126,6 @@ static inline void stream_fence(int streamed) {
 #endif
 }
 
-static int run_rows(row_worker work, void *job, int64_t n, int threads) {
-    return run_parallel(work, job, n, threads, MIN_ROWS_PER_THREAD);
-}
-
 static PyObject *raise_for(int error) {
     if (error == BAD_ID) {
         PyErr_SetString(PyExc_ValueError, "an id is outside [0, num_embeddings)");
@@ -140,6 +136,15 @@ static PyObject *raise_for(int error) {
                         "a stored code points past its codebook: the packed codes are corrupt");
     }
     return error == OK ? (Py_INCREF(Py_None), Py_None) : NULL;
+}
+
+/* Every entry point ends here: `work` over [0, n) with the GIL released, then None or the error. */
+static PyObject *call_parallel(row_worker work, void *job, int64_t n, int threads, int64_t min_chunk) {
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = run_parallel(work, job, n, threads, min_chunk);
+    Py_END_ALLOW_THREADS
+    return raise_for(error);
 }
 
 /* -- codebook format ---------------------------------------------------------------------- */
@@ -334,11 +339,7 @@ static PyObject *codebook_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
         return run_bags(decode_codebook, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
                         (const float *)weights, sum ? width : slots * width, padding_idx, mean, job.out, threads);
     }
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_rows(codebook_worker(&job), &job, n, threads);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(codebook_worker(&job), &job, n, threads, MIN_ROWS_PER_THREAD);
 }
 
 /* -- hashed format ------------------------------------------------------------------------ */
@@ -458,11 +459,7 @@ static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
         return run_bags(decode_hashed, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
                         (const float *)weights, width, padding_idx, mean, job.out, threads);
     }
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_rows(hashed_rows, &job, n, threads);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(hashed_rows, &job, n, threads, MIN_ROWS_PER_THREAD);
 }
 
 /* -- bags: pooled rows without the (N, d) intermediate ----------------------------------- */
@@ -544,11 +541,7 @@ static PyObject *run_bags(decode_rows decode, const void *format_job, const int6
         }
     }
     bag_job job = {decode, format_job, ids, offsets, weights, width, padding_idx, mean, out};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_parallel(bag_rows, &job, bags, threads, 16);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(bag_rows, &job, bags, threads, 16);
 }
 
 /* -- small products per row: tensor-train halves and factors ------------------------------ */
@@ -727,11 +720,7 @@ static PyObject *tt_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     tt_job job = {(const int64_t *)ids, rows, (const float *)left, left_rows, d_left, (const float *)right,
                   right_rows, d_right, rank, transposed, (float *)out};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_rows(tt_rows, &job, n, threads);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(tt_rows, &job, n, threads, MIN_ROWS_PER_THREAD);
 }
 
 typedef struct {
@@ -800,11 +789,7 @@ static PyObject *factors_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     factors_job job = {(const int64_t *)ids, rows, (const float *)codes, rank, activation, (const float *)basis,
                        dim, (const float *)bias, (float *)out};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_rows(factors_rows, &job, n, threads);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(factors_rows, &job, n, threads, MIN_ROWS_PER_THREAD);
 }
 
 /* -- backward of a bag sum over codebook rows --------------------------------------------- */
@@ -1048,11 +1033,7 @@ static PyObject *dpq_sx_forward(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     dpq_job job = {(const float *)qt, (const float *)keys, (const float *)bias, NULL, NULL, NULL, width, n,
                    codewords, (float)inv_tau, (int64_t *)codes, (float *)probs, NULL, NULL, NULL};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_parallel(dpq_forward_groups, &job, groups, threads, 1);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(dpq_forward_groups, &job, groups, threads, 1);
 }
 
 static PyObject *dpq_sx_backward(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -1068,11 +1049,7 @@ static PyObject *dpq_sx_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     dpq_job job = {(const float *)qt, (const float *)keys, NULL, (const float *)values, (const float *)probs,
                    (const float *)grad, width, n, codewords, (float)inv_tau, NULL, NULL, (float *)grad_qt,
                    (float *)grad_keys, (float *)grad_bias};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_parallel(dpq_backward_groups, &job, groups, threads, 1);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(dpq_backward_groups, &job, groups, threads, 1);
 }
 
 /* -- DPQ-VQ codes: nearest centroid under batch-normalized scores ------------------------- */
@@ -1159,11 +1136,7 @@ static PyObject *dpq_vq_stats(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     vq_job job = {(const float *)qt, (const float *)centroids, width, n, codewords, NULL, NULL, (double *)sum,
                   (double *)sum_sq, NULL};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_parallel(vq_stats_groups, &job, groups, threads, 1);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(vq_stats_groups, &job, groups, threads, 1);
 }
 
 static PyObject *dpq_vq_codes(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -1177,11 +1150,7 @@ static PyObject *dpq_vq_codes(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     vq_job job = {(const float *)qt, (const float *)centroids, width, n, codewords, (const float *)mean,
                   (const float *)inv_std, NULL, NULL, (int64_t *)codes};
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    error = run_parallel(vq_codes_groups, &job, groups, threads, 1);
-    Py_END_ALLOW_THREADS
-    return raise_for(error);
+    return call_parallel(vq_codes_groups, &job, groups, threads, 1);
 }
 
 static PyMethodDef methods[] = {
@@ -1209,4 +1178,15 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "Fused CPU lookups for embcompress's frozen formats.", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+/* The shape limits are exported so that the Python side picks the torch path past them. */
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "TT_MAX_ROW", TT_MAX_ROW) ||
+              PyModule_AddIntConstant(m, "DPQ_MAX_CODEWORDS", DPQ_MAX_CODEWORDS) ||
+              PyModule_AddIntConstant(m, "DPQ_MAX_WIDTH", DPQ_MAX_WIDTH) ||
+              PyModule_AddIntConstant(m, "DPQ_MAX_PAIRS", DPQ_MAX_PAIRS))) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

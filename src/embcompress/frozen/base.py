@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import check_ids, check_table_shape, normalize_padding_idx
+from . import kernels
 
 __all__ = ["FrozenEmbedding", "register_format", "get_format", "FORMATS"]
 
@@ -37,6 +38,8 @@ class FrozenEmbedding(nn.Module):
     """Base of the deployed formats: ``nn.Embedding`` call semantics, no trainable state."""
 
     format: ClassVar[str] = ""
+    #: the format's ``_c_lookup`` also pools bags (see :meth:`pooled`)
+    c_bags: ClassVar[bool] = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -122,12 +125,18 @@ class FrozenEmbedding(nn.Module):
         return F.embedding_bag(torch.arange(ids.numel()), rows, offsets.long(), mode=mode,
                                per_sample_weights=per_sample_weights)
 
+    def _c_lookup(self, ids: torch.Tensor, bags: "kernels.Bags | None" = None) -> torch.Tensor | None:
+        """The fused C lookup of ids (rows, or with ``bags`` the pooled bags), or None where it cannot run."""
+        return None
+
     def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
                mode: str) -> torch.Tensor | None:
-        """Sum or mean bags computed without the (N, d) rows, or None to pool the rows (the default).
+        """Sum or mean bags computed without the (N, d) rows, or None to pool the rows.
 
-        Formats with a C bag loop override this; ``bag`` has checked the ids and the mode."""
-        return None
+        In C for the formats whose ``_c_lookup`` pools (``c_bags``); ``bag`` has checked the ids and mode."""
+        if not self.c_bags:
+            return None
+        return self._c_lookup(ids, kernels.Bags(ids.shape[0], offsets, per_sample_weights, self.padding_idx, mode))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, "

@@ -138,6 +138,7 @@ class CodebookEmbedding(FrozenEmbedding):
     """
 
     format = "codebook"
+    c_bags = True
     #: byte-indexed lookup tables (see ``_build_fast_path``) are built up to this many floats (8 MB)
     byte_table_floats: int = 1 << 21
 
@@ -323,10 +324,6 @@ class CodebookEmbedding(FrozenEmbedding):
             return None
         return kernels.codebook_lookup(ids.contiguous(), self.num_embeddings, self.packed, self.books * self.bits,
                                        self._slot_bits, self._slot_offsets, table, self.combine, bags)
-
-    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-               mode: str) -> torch.Tensor | None:
-        return self._c_lookup(ids, kernels.Bags(offsets, per_sample_weights, self.padding_idx, mode))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self._c_lookup(ids)

@@ -24,6 +24,7 @@ __all__ = ["HashedEmbedding"]
 @register_format
 class HashedEmbedding(FrozenEmbedding):
     format = "hashed"
+    c_bags = True
 
     def __init__(
         self,
@@ -53,10 +54,6 @@ class HashedEmbedding(FrozenEmbedding):
             return None
         return kernels.hashed_lookup(ids.contiguous(), self.num_embeddings, self.hash, self.table, self.scale,
                                      self.bias, bags)
-
-    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-               mode: str) -> torch.Tensor | None:
-        return self._c_lookup(ids, kernels.Bags(offsets, per_sample_weights, self.padding_idx, mode))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self._c_lookup(ids)

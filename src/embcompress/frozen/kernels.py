@@ -28,7 +28,11 @@ __all__ = ["available", "enabled", "set_enabled", "usable", "Bags", "codebook_lo
            "dpq_vq_codes"]
 
 _enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
-TT_MAX_ROW = 4096  # the C tt lookup builds a transposed row of up to this many floats on its stack
+# Shape limits of the C kernels (read from the extension; past them the torch path runs):
+TT_MAX_ROW = getattr(_kernels, "TT_MAX_ROW", 0)  # floats of a transposed tt row on the kernel's stack
+DPQ_MAX_CODEWORDS = getattr(_kernels, "DPQ_MAX_CODEWORDS", 0)
+DPQ_MAX_WIDTH = getattr(_kernels, "DPQ_MAX_WIDTH", 0)
+DPQ_MAX_PAIRS = getattr(_kernels, "DPQ_MAX_PAIRS", 0)  # codewords x group width
 
 
 def available() -> bool:
@@ -85,34 +89,33 @@ def codebook_lookup(ids: torch.Tensor, num_embeddings: int, packed: torch.Tensor
                              _address(packed, torch.uint8), packed.numel(), row_bits, slot_bits, slots,
                              _address(offsets, torch.int32), _address(table, torch.float32), table.shape[0],
                              width, combine == "sum", out.data_ptr(), torch.get_num_threads(),
-                             *(() if bags is None else bags.arguments(ids)))
+                             *(() if bags is None else bags.arguments()))
     return out
 
 
 class Bags:
-    """``nn.EmbeddingBag`` pooling for the C lookups: ``starts`` (B,) where each bag begins in the
-    ids, optional per-id weights (sum mode), ids equal to ``padding_idx`` left out, sum or mean."""
+    """``nn.EmbeddingBag`` pooling for the C lookups of ``count`` ids: bag b holds the ids from
+    ``starts[b]`` to the next start; optional per-id weights (sum mode); ids equal to
+    ``padding_idx`` left out; sum or mean."""
 
-    def __init__(self, starts: torch.Tensor, weights: torch.Tensor | None, padding_idx: int | None,
+    def __init__(self, count: int, starts: torch.Tensor, weights: torch.Tensor | None, padding_idx: int | None,
                  mode: str) -> None:
         if mode not in ("sum", "mean"):
             raise ValueError(f"the C bags pool by 'sum' or 'mean', not {mode!r}")
         if starts.dim() != 1:
             raise ValueError(f"offsets must be 1-D, got shape {tuple(starts.shape)}")
-        self.starts = starts.to(torch.int64)
+        if weights is not None and weights.shape != (count,):
+            raise ValueError(f"per_sample_weights must have one weight per id ({count}), got {tuple(weights.shape)}")
         self.count = starts.shape[0]
+        # (B + 1) boundaries; the C side checks they start at 0, end at the id count and never decrease.
+        self.bounds = torch.cat([starts.to(torch.int64), torch.tensor([count])]).contiguous()
         self.weights = None if weights is None else weights.to(torch.float32).contiguous()
         self.padding_idx = -1 if padding_idx is None else padding_idx
         self.mean = mode == "mean"
 
-    def arguments(self, ids: torch.Tensor) -> tuple:
-        n = ids.shape[0]
-        if self.weights is not None and self.weights.shape != (n,):
-            raise ValueError(f"per_sample_weights must have one weight per id ({n}), got {tuple(self.weights.shape)}")
-        # (B + 1) boundaries; the C side checks they start at 0, end at N and never decrease.
-        bounds = torch.cat([self.starts, self.starts.new_tensor([n])]).contiguous()
-        self._bounds = bounds  # kept alive for the duration of the call
-        return (bounds.data_ptr(), self.count, 0 if self.weights is None else self.weights.data_ptr(),
+    def arguments(self) -> tuple:
+        """The trailing arguments of the C lookups' bag mode (the tensors live as long as this object)."""
+        return (self.bounds.data_ptr(), self.count, 0 if self.weights is None else self.weights.data_ptr(),
                 self.padding_idx, self.mean)
 
 
@@ -130,7 +133,7 @@ def hashed_lookup(ids: torch.Tensor, num_embeddings: int, hash: HashFunction, ta
                            hash.a, hash.b, PRIME, hash.buckets, _address(table, torch.float32), table.shape[1],
                            0 if scale is None else _address(scale, torch.float32),
                            0 if bias is None else _address(bias, torch.float32), out.data_ptr(),
-                           torch.get_num_threads(), *(() if bags is None else bags.arguments(ids)))
+                           torch.get_num_threads(), *(() if bags is None else bags.arguments()))
     return out
 
 
@@ -189,14 +192,12 @@ def bag_sum_backward(index: torch.Tensor, grad: torch.Tensor, table_rows: int) -
     return out
 
 
-DPQ_MAX_CODEWORDS, DPQ_MAX_WIDTH, DPQ_MAX_PAIRS = 256, 64, 4096  # limits of the C DPQ-SX kernels
-
-
-def dpq_supported(qt: torch.Tensor, keys: torch.Tensor) -> bool:
-    """True if the C DPQ-SX kernels take queries qt (D, w, N) against keys (D, K, w) here."""
+def dpq_supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
+    """True if the C DPQ kernels take these queries (any layout: only device and dtype matter) against
+    keys or centroids (D, K, w) here."""
     _, codewords, width = keys.shape
-    return (usable(qt, keys) and qt.dtype == keys.dtype == torch.float32 and codewords <= DPQ_MAX_CODEWORDS
-            and width <= DPQ_MAX_WIDTH and codewords * width <= DPQ_MAX_PAIRS)
+    return (usable(queries, keys) and queries.dtype == keys.dtype == torch.float32
+            and codewords <= DPQ_MAX_CODEWORDS and width <= DPQ_MAX_WIDTH and codewords * width <= DPQ_MAX_PAIRS)
 
 
 def dpq_sx_forward(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: float | None

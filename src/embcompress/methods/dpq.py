@@ -185,9 +185,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         the running statistics in training, like :meth:`_scores` (its torch equivalent)."""
         n = q.shape[0]
         centroids = self.values.expand(self.groups, -1, -1)
-        qt = q.t().contiguous().view(self.groups, self.width, n)
-        if not kernels.dpq_supported(qt, centroids):
+        if not kernels.dpq_supported(q, centroids):
             return self._scores(q.view(n, self.groups, self.width)).max(-1).indices  # first maximum, like argmax
+        qt = q.t().contiguous().view(self.groups, self.width, n)
         centroids = centroids.contiguous()
         if not self.config.batchnorm:
             return kernels.dpq_vq_codes(qt, centroids)
