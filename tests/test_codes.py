@@ -239,15 +239,13 @@ def test_default_hidden_size_is_the_papers():
     assert table.encoder[0].out_features == 5 and table.encoder[2].out_features == 16
 
 
-def test_book_sum_has_the_numbers_and_gradients_of_embedding_bag():
-    from embcompress.methods.codes import _book_sum
-
+def test_sum_decode_has_the_numbers_and_gradients_of_embedding_bag():
     gen = torch.Generator().manual_seed(2)
     codebooks = torch.randn(4, 8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     codes = torch.randint(0, 8, (50, 4), generator=gen)
     codes[:10] = codes[10:20]  # repeated rows
     upstream = torch.randn(50, 6, generator=gen, dtype=torch.float64)
-    out = _book_sum(codes, codebooks)
+    out = decode_codes(codes, codebooks, "sum")
     plain = F.embedding_bag(codes + torch.arange(4) * 8, codebooks.reshape(-1, 6), mode="sum")
     torch.testing.assert_close(out, plain)
     torch.testing.assert_close(torch.autograd.grad(out, codebooks, upstream)[0],

@@ -36,7 +36,7 @@ from ..additive import (additive_refine, beam_encode, improve_codes, least_squar
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import MethodConfig, SpecError
-from ..frozen import CodebookEmbedding, kernels
+from ..frozen import CodebookEmbedding
 from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
 from ..query import QueryTableMixin
@@ -209,7 +209,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         codebooks = self.stored_codebooks()
         if self.state == "fixed":
-            return _book_sum(self.codes[ids], codebooks)
+            return decode_codes(self.codes[ids], codebooks, "sum")
         # sparse=True: the (V, d) query gradient holds only the looked-up rows, so the backward pass
         # and the optimizer touch N rows instead of the whole table (nn.Embedding(sparse=True)).
         log_alpha = self.log_alpha(F.embedding(ids, self.query, sparse=self.config.sparse))
@@ -225,7 +225,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         if self.config.hard:
             # Straight-through: forward = the sum of the sampled codewords (exactly what eval decodes
             # for those codes), backward = as through soft @ codebooks; no one-hot tensor is built.
-            hard = _book_sum(_first_argmax(soft), codebooks)
+            hard = decode_codes(_first_argmax(soft), codebooks, "sum")
             return straight_through(hard, soft, codebooks, "sum")
         # (N, M K) @ (M K, d): one matmul, not a batched one over books plus a sum of M (N, d) parts.
         return soft.reshape(ids.shape[0], -1) @ codebooks.reshape(-1, self.embedding_dim)
@@ -387,43 +387,6 @@ def _first_argmax(x: torch.Tensor) -> torch.Tensor:
     top = (x >= x.amax(-1, keepdim=True)).view(torch.uint8).mul_(rank).amax(-1)
     # A NaN row matches nothing (top = 0): clamp keeps the code in range.
     return (size - top.long()).clamp_(max=size - 1)
-
-
-def _book_sum(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Rows sum_m codebooks[m, codes[:, m]] (N, d) from codes (N, M) and float codebooks (M, K, d);
-    ``decode_codes(codes, codebooks, "sum")`` with a cheaper codebook gradient (see _BookSum)."""
-    books, codewords, dim = codebooks.shape
-    index = codes + torch.arange(books, device=codes.device) * codewords
-    table = codebooks.reshape(books * codewords, dim)
-    if not table.requires_grad:
-        return F.embedding_bag(index, table, mode="sum")
-    return _BookSum.apply(index, codes, table, books)
-
-
-class _BookSum(torch.autograd.Function):
-    """embedding_bag(index, table, mode="sum") whose table gradient is one index_add of the upstream
-    rows per book: 9 ms at 16k rows x 16 books x 128 dims on 2 busy cores, where the one-hot matmul
-    of frozen.codebook's _BagSum (1 GFLOP at 32 codewords) took 15 ms and embedding_bag's own
-    sorting backward 12 ms."""
-
-    @staticmethod
-    def forward(ctx: Any, index: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, books: int) -> torch.Tensor:
-        ctx.save_for_backward(codes, index)
-        ctx.shape = books, table.shape[0] // books, table.shape[1]
-        return F.embedding_bag(index, table, mode="sum")
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        codes, index = ctx.saved_tensors
-        if kernels.usable(index, grad) and grad.dtype == torch.float32:
-            # In C: each thread adds its rows into its own cached copy of the table (frozen/kernels.py);
-            # the index_adds below took ~11 ms of CPU at 16k rows x 16 books x 128 dims.
-            table_rows = ctx.shape[0] * ctx.shape[1]
-            return None, None, kernels.bag_sum_backward(index.contiguous(), grad.contiguous(), table_rows), None
-        grad_table = grad.new_zeros(ctx.shape)
-        for book in range(ctx.shape[0]):
-            grad_table[book].index_add_(0, codes[:, book], grad)
-        return None, None, grad_table.view(-1, ctx.shape[2]), None
 
 
 class _Standardize(nn.Module):
