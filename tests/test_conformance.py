@@ -1,7 +1,5 @@
 """The contract every registered method meets, parametrized over the registry."""
 
-import json
-
 import pytest
 import torch
 from torch import nn

@@ -373,7 +373,6 @@ def compress_(
 
     for members in groups.values():
         names = [n for n, _ in members]
-        first = members[0][1]
         if filter_fn is not None and not all(filter_fn(m, n) for n, m in members):
             report.skipped.extend((n, "rejected by filter_fn") for n in names)
             continue
