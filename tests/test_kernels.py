@@ -300,3 +300,9 @@ def test_c_bags_refuse_bad_offsets():
         module.bag(ids, torch.tensor([0, 3, 2]), mode="sum")
     with pytest.raises(ValueError, match="offsets"):
         module.bag(ids, torch.tensor([1, 2]), mode="sum")
+
+
+def test_c_bags_name_what_offsets_must_be():
+    module = DIRECT["hashed-mod"]
+    with pytest.raises(ValueError, match=r"0 first, never decreasing, at most the number of ids \(4\); got \[0, 9\]"):
+        module.bag(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 9]), mode="sum")

@@ -104,6 +104,11 @@ class Bags:
             raise ValueError(f"the C bags pool by 'sum' or 'mean', not {mode!r}")
         if starts.dim() != 1:
             raise ValueError(f"offsets must be 1-D, got shape {tuple(starts.shape)}")
+        if starts.numel() and (int(starts[0]) != 0 or bool((starts[1:] < starts[:-1]).any())
+                               or int(starts[-1]) > count):
+            raise ValueError(f"offsets must be the bags' starting positions: 0 first, never decreasing, at most "
+                             f"the number of ids ({count}); got {starts.tolist()[:8]}"
+                             f"{' ...' if starts.numel() > 8 else ''}")
         if weights is not None and weights.shape != (count,):
             raise ValueError(f"per_sample_weights must have one weight per id ({count}), got {tuple(weights.shape)}")
         self.count = starts.shape[0]
