@@ -54,7 +54,10 @@ def test_rotten_tomatoes_split():
 def test_bbc_news_topics():
     data = D.bbc_news(split_seed=0, max_len=32, limit=100)
     assert data.classes == ["business", "entertainment", "politics", "sports", "tech"]
-    assert data.train[0].shape == (100, 32) and len(data.val[1]) + len(data.test[1]) == 2225 - 1780
+    # 2,225 files, 100 of them repeats of another article's text: 2,125 distinct articles split 80/10/10.
+    assert data.train[0].shape == (100, 32) and len(data.val[1]) + len(data.test[1]) == 2125 - 1700
+    texts = [" ".join(text.split()) for _, text in D._bbc_articles()]
+    assert len(texts) == len(set(texts)) == 2125
 
 
 @needs("recbole")
@@ -166,8 +169,8 @@ def test_unreachable_cells_are_settled_without_training(tmp_path):
     assert json.loads((tmp_path / "rec.json").read_text())[0]["status"] == "unreachable"
 
 
-def _record(task, label, method, seed, score, ratio, metric="accuracy", procedure="scratch", target=None):
-    return {"key": f"{task}|{procedure}|{label}|{seed}", "task": task, "procedure": procedure, "label": label,
+def _record(task, label, method, seed, score, ratio, metric="accuracy", procedure="scratch", target=None, val=None):
+    return {"val": score if val is None else val, "key": f"{task}|{procedure}|{label}|{seed}", "task": task, "procedure": procedure, "label": label,
             "method": method, "target_ratio": target, "seed": seed, "size": "quick", "split_seed": 0,
             "metric": metric, "status": "ok", "score": score, "test": {metric: score}, "bytes": 1000 / ratio,
             "ratio": ratio, "tables": {"words": {"spec": label, "bytes": 1000 / ratio}}}
@@ -192,3 +195,17 @@ def test_claim_verdicts_are_computed_and_missing_cells_listed(tmp_path):
     text = write_report(tmp_path, records).read_text()
     assert "Incomplete run: 1 planned cell" in text and "sentiment / scratch / hash@10x: seed(s) 0" in text
     assert "**fails**" in (tmp_path / "readme_section.md").read_text()
+
+
+def test_claim_picks_the_ratio_on_validation_not_test():
+    from benchmarks.tasks.report import claims
+
+    records = {}
+    for seed in range(3):
+        # codes@30x has the better test score but the worse validation score: 20x must be chosen.
+        for r in (_record("sentiment", "full", "full", seed, 0.760, 1.0),
+                  _record("sentiment", "codes@20x", "codes", seed, 0.700, 20.5, target=20.0, val=0.75),
+                  _record("sentiment", "codes@30x", "codes", seed, 0.759, 30.5, target=30.0, val=0.70)):
+            records[r["key"]] = r
+    verdict = {v.claim.split(":")[0]: v for v in claims(aggregate(records)[0])}["Compositional codes"]
+    assert verdict.verdict == "fails" and "20.5x" in verdict.text

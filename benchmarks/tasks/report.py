@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Row:
     metric: str
     scores: list[float]
     extra: dict[str, list[float]]
+    vals: list[float] = field(default_factory=list)  # best validation score per seed (what selection sees)
 
     @property
     def mean(self) -> float:
@@ -75,7 +76,8 @@ def aggregate(records: dict[str, dict[str, Any]]) -> tuple[list[Row], list[dict[
                 extra.setdefault(key, []).append(value)
         rows.append(Row(task, procedure, label, first["method"], first.get("target_ratio"), specs,
                         statistics.fmean(i["bytes"] for i in items), statistics.fmean(i["ratio"] for i in items),
-                        first["metric"], [i["score"] for i in items], extra))
+                        first["metric"], [i["score"] for i in items], extra,
+                        [i["val"] for i in items if i.get("val") is not None]))
     # The same resolved spec reached from two targets is one configuration: keep the first.
     unique, seen = [], set()
     for row in sorted(rows, key=lambda r: (r.task, r.procedure, r.method, r.target or 0)):
@@ -203,11 +205,14 @@ def _tolerance(metric: str, ref: Row) -> float:
 
 
 def _best_within(rows: list[Row], task: str, method: str, min_ratio: float, procedure: str = "scratch") -> Row | None:
-    """The best-scoring row of a method at or above a ratio."""
-    cands = [r for r in rows if r.task == task and r.method == method and r.procedure == procedure and r.ratio >= min_ratio]
+    """The row of a method at or above a ratio with the best mean VALIDATION score (never test:
+    the verdict then reports that row's test score). Rows without validation scores are not chosen."""
+    cands = [r for r in rows if r.task == task and r.method == method and r.procedure == procedure
+             and r.ratio >= min_ratio and r.vals]
     if not cands:
         return None
-    return max(cands, key=lambda r: r.mean if HIGHER_IS_BETTER[r.metric] else -r.mean)
+    sign = 1.0 if HIGHER_IS_BETTER[cands[0].metric] else -1.0
+    return max(cands, key=lambda r: sign * statistics.fmean(r.vals))
 
 
 def _largest_ok(rows: list[Row], task: str, method: str, ref: Row, tol: float) -> str:
@@ -236,7 +241,7 @@ def _no_loss_claim(rows: list[Row], task: str, method: str, min_ratio: float, to
     verdict = "holds" if loss <= tol else "fails"
     measured = (f"`{method}` {best.ratio:.1f}x: {_pm(best)} vs {_pm(ref)} dense "
                 f"({_delta_text(loss, ref.metric)}, {len(best.scores)} seeds)")
-    text = (f"- **{what}** on {task}: **{verdict}**. Best `{method}` at >= {min_ratio:g}x is {best.ratio:.1f}x "
+    text = (f"- **{what}** on {task}: **{verdict}**. `{method}` at >= {min_ratio:g}x chosen on validation: {best.ratio:.1f}x "
             f"(`{best.spec}`, {_bytes(best.bytes)}): {_pm(best)} vs {_pm(ref)} dense, "
             f"{_delta_text(loss, ref.metric)} (tolerance {_loss_text(tol, ref.metric)}, {len(best.scores)} seed(s)).")
     if verdict == "fails":
