@@ -262,3 +262,16 @@ def test_first_argmax_is_argmax_with_ties_to_the_first():
     assert torch.equal(_first_argmax(x), x.argmax(-1))
     wide = torch.randn(3, 300, generator=gen)
     assert torch.equal(_first_argmax(wide), wide.argmax(-1))
+
+
+def test_paper_autoencoder_fit_alone_reconstructs_and_rejects_unknown_procedures():
+    # The paper's procedure from a random start (no k-means, no refinement): a soft Gumbel-softmax
+    # autoencoder, then argmax codes and the decoder's codebooks.
+    weight = synthetic_table(400, 16, rank=4, noise=0.1, seed=5)
+    table = embcompress.from_pretrained(weight, "codes:books=4,codewords=8", procedure="autoencoder", steps=400,
+                                        batch_size=64, lr=1e-2, seed=0)
+    assert table.layout() == {"state": "fixed"} and 0 < table.last_maxp <= 1
+    fitted = relative_mse(table.eval().materialize(), weight)
+    assert fitted < 0.5, f"autoencoder fit relative MSE {fitted:.3f}"
+    with pytest.raises(ValueError, match="'refine'.*'autoencoder'"):
+        embcompress.from_pretrained(weight, "codes:books=4,codewords=8", procedure="gumbel")

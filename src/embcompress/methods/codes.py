@@ -251,8 +251,15 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
 
     def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
             rounds: int = 2, beam: int = 8, sample: int = 65536, polish: int = 4, search: int = 4,
-            batch_size: int = 1024, lr: float = 3e-3, seed: int | None = None) -> "CompositionalCodeEmbedding":
+            batch_size: int = 1024, lr: float = 3e-3, seed: int | None = None,
+            procedure: str = "refine") -> "CompositionalCodeEmbedding":
         """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
+
+        ``procedure="autoencoder"`` is the paper's fit alone (section 3.2-3.3), see
+        :meth:`_paper_fit`: the Gumbel-softmax autoencoder trained from a random start on every row
+        for ``steps`` steps (default 200,000, the paper's; batch ``batch_size``, Adam ``lr``; the paper
+        uses 128 and 1e-4), codes = the encoder's argmax, codebooks = its decoder. The other options
+        are not used. The default, ``"refine"``, is the library's fit:
 
         1. Strong start, on at most ``sample`` rows: residual k-means with a beam of ``beam`` partial
            codes per row, then ``rounds`` of least-squares codebooks + code updates (beam search and ICM).
@@ -278,9 +285,15 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
-        steps = 0 if steps is None else int(steps)
+        if procedure not in ("refine", "autoencoder"):
+            raise ValueError(f"codes: fit procedure must be 'refine' (the library's) or 'autoencoder' (the "
+                             f"paper's alone), got {procedure!r}")
         seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
+        if procedure == "autoencoder":
+            return self._paper_fit(weight, 200_000 if steps is None else int(steps), batch_size, lr, generator,
+                                   progress)
+        steps = 0 if steps is None else int(steps)
         rows = weight.shape[0]
         stages = ["start", "refine", "autoencoder", "all rows"] + [f"polish {i + 1}" for i in range(polish)]
         bar = progress_bar(stages, desc="codes: fit", enabled=progress)
@@ -311,6 +324,32 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         with torch.no_grad():
             self._to_fixed(codes)
             self.codebooks.data = codebooks.to(self.codebooks.device)
+        return self
+
+    def _paper_fit(self, weight: torch.Tensor, steps: int, batch_size: int, lr: float, generator: torch.Generator,
+                   progress: bool | None) -> "CompositionalCodeEmbedding":
+        """The paper's procedure alone: encoder and codebooks from a random start, raw (unstandardized)
+        inputs, soft Gumbel-softmax samples at tau = 1, loss 0.5 ||recon - e||^2 (section 3.3);
+        codes = argmax of the encoder's log_alpha for every row, codebooks = the decoder's."""
+        cfg = self.config
+        if steps < 1:
+            raise ValueError(f"codes: the autoencoder fit needs steps >= 1, got {steps}")
+        with torch.random.fork_rng():  # a seeded init that leaves the global RNG alone
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+            encoder = self._new_encoder()
+        # Decoder init at the data's scale: a sum of M codewords of variance var(e)/M.
+        scale = float(weight.std()) / cfg.books ** 0.5
+        books = nn.Parameter(torch.randn(cfg.books, cfg.codewords, self.embedding_dim, generator=generator) * scale)
+        net, books = self._train_autoencoder(encoder, books, weight, steps, batch_size,
+                                             [{"params": encoder.parameters(), "lr": lr}, {"params": [books], "lr": lr}],
+                                             generator, progress)
+        with torch.no_grad():
+            codes = torch.cat([_log_alpha(net, weight[s:s + 65536], cfg).argmax(-1)
+                               for s in range(0, weight.shape[0], 65536)])
+        log.info("codes: paper autoencoder fit, relative MSE %.4f", relative_error(row_errors(weight, codes, books), weight))
+        with torch.no_grad():
+            self._to_fixed(codes)
+            self.codebooks.data = books.to(self.codebooks.device)
         return self
 
     def _autoencoder_codes(self, weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, steps: int,
@@ -352,8 +391,17 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
             loss.backward()
             optimizer.step()
         books = nn.Parameter(codebooks.clone())
-        optimizer = torch.optim.Adam([{"params": net.parameters(), "lr": lr},
-                                      {"params": [books], "lr": lr * 0.1}])
+        return self._train_autoencoder(net, books, weight, steps, batch_size,
+                                       [{"params": net.parameters(), "lr": lr}, {"params": [books], "lr": lr * 0.1}],
+                                       generator, progress)
+
+    def _train_autoencoder(self, net: nn.Module, books: nn.Parameter, weight: torch.Tensor, steps: int,
+                           batch_size: int, groups: list[dict[str, Any]], generator: torch.Generator,
+                           progress: bool | None) -> tuple[nn.Module, torch.Tensor]:
+        cfg = self.config
+        rows = weight.shape[0]
+        batch = min(batch_size, rows)
+        optimizer = torch.optim.Adam(groups)
         maxp = float("nan")
         bar = progress_bar(range(steps), desc="codes: gumbel autoencoder", enabled=progress)
         for _ in bar:
