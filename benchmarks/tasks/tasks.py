@@ -35,7 +35,7 @@ from embcompress.progress import progress_bar
 from . import datasets as D
 from .models import BagOfEmbeddings, LSTMLanguageModel, MatrixFactorization, SentimentCNN
 
-__all__ = ["Choice", "Cell", "SIZES", "TASKS", "TableShape", "make_table", "run_cell", "prepared", "ranking_metrics",
+__all__ = ["Choice", "Cell", "SIZES", "TASKS", "TableShape", "make_table", "run_cell", "prepared", "ranking_metrics", "ranking_gains",
            "unreachable_reason", "cell_record"]
 
 log = logging.getLogger(__name__)
@@ -420,6 +420,12 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) ->
     with the target: a table whose rows collide (hashing, codes) scores many items identically, and
     counting only strictly higher scores would rank the target first among all its ties.
     """
+    ndcg, hit = ranking_gains(scores, targets, k)
+    return {f"ndcg@{k}": float(ndcg.mean()), f"hr@{k}": float(hit.mean())}
+
+
+def ranking_gains(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (B,): the expected nDCG@k and HR@k of :func:`ranking_metrics` (ties at random)."""
     target = scores.gather(1, targets.unsqueeze(1))                              # (B, 1)
     above = (scores > target).sum(1)                                             # (B,)
     ties = (scores == target).sum(1) - 1                                         # others tied with it
@@ -428,8 +434,7 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) ->
     weight = possible.float() / (ties + 1).unsqueeze(1).float()                  # P(target lands there)
     gain = 1.0 / torch.log2(positions.float() + 2.0)
     in_top = positions < k
-    return {f"ndcg@{k}": float((weight * gain * in_top).sum(1).mean()),
-            f"hr@{k}": float((weight * in_top).sum(1).mean())}
+    return (weight * gain * in_top).sum(1), (weight * in_top).sum(1)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Sentiment(), Topic(), LanguageModel(), Recommendation())}
