@@ -153,17 +153,26 @@ class Experiment:
 
 # --- text classification -----------------------------------------------------------------------
 
+def _minibatches(inputs: torch.Tensor, labels: torch.Tensor, size: int,
+                 generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass over (inputs, labels) in batches of ``size``."""
+    order = torch.randperm(len(labels), generator=generator)
+    for start in range(0, len(order), size):
+        idx = order[start:start + size]
+        yield inputs[idx], labels[idx]
+
+
+def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
 class _TextClassification(Experiment):
     def batches(self, data, cfg, generator):
-        ids, labels = data["splits"].train
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), cfg["batch"]):
-            idx = order[start:start + cfg["batch"]]
-            yield ids[idx], labels[idx]
+        return _minibatches(*data["splits"].train, cfg["batch"], generator)
 
     def loss(self, model, batch):
-        ids, labels = batch
-        return F.cross_entropy(model(ids), labels)
+        return _cross_entropy(model, batch)
 
     @torch.no_grad()
     def evaluate(self, model, data, split, cfg):
@@ -330,14 +339,11 @@ class DPQClaim(Experiment):
 
     def batches(self, data, cfg, generator):
         if "splits" in data:
-            yield from _TextClassification.batches(self, data, cfg, generator)
-        else:
-            yield from _lm_batches(data["lm"], cfg["bptt"], cfg["lm_batch"], generator)
+            return _minibatches(*data["splits"].train, cfg["batch"], generator)
+        return _lm_batches(data["lm"], cfg["bptt"], cfg["lm_batch"], generator)
 
     def loss(self, model, batch):
-        if isinstance(model, WordLM):
-            return _lm_loss(model, batch)
-        return _TextClassification.loss(self, model, batch)
+        return _lm_loss(model, batch) if isinstance(model, WordLM) else _cross_entropy(model, batch)
 
     def evaluate(self, model, data, split, cfg):
         if "splits" in data:
@@ -440,15 +446,10 @@ class MEmComClaim(Experiment):
             table.hashed if isinstance(table, HashWithBias) else table)
 
     def batches(self, data, cfg, generator):
-        history, target = data["train"]
-        order = torch.randperm(len(target), generator=generator)
-        for start in range(0, len(order), cfg["batch"]):
-            idx = order[start:start + cfg["batch"]]
-            yield history[idx], target[idx]
+        return _minibatches(*data["train"], cfg["batch"], generator)
 
     def loss(self, model, batch):
-        history, target = batch
-        return F.cross_entropy(model(history), target)
+        return _cross_entropy(model, batch)
 
     @torch.no_grad()
     def evaluate(self, model, data, split, cfg):
