@@ -94,7 +94,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
-    save(module, args.output)
+    save(module, args.output, overwrite=args.force, protect=[args.source])
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -131,10 +131,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("kind", "method", "format", "spec", "num_embeddings", "embedding_dim", "padding_idx",
+    for key in ("kind", "method", "format", "spec", "fit", "num_embeddings", "embedding_dim", "padding_idx",
                 "library_version", "format_version"):
         if header.get(key) is not None:
-            print(f"{key:16s} {header[key]}")
+            print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
     print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help='full spec, e.g. "codes:books=16,codewords=32"')
     _add_budget(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at the output path")
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
     p.add_argument("--limit", type=int, help="keep only the first N rows")
     p.add_argument("--steps", type=int, help="override the method's number of fitting steps")
