@@ -251,7 +251,9 @@ def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], None], 
         tmp: Path | None = None
         try:
             tmp = _temporary(path.parent)
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as any new file
             write(tmp)
+            os.chmod(tmp, mode)  # a writer that recreates the file (safetensors: 0o600) keeps the usual mode
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             _publish(tmp, path, overwrite)
