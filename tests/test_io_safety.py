@@ -307,3 +307,29 @@ def test_the_code_check_is_cheap(tmp_path):
     started = time.perf_counter()
     table.check_stored()
     assert time.perf_counter() - started < 5.0  # 1.6M codes: well under a second on one core
+
+
+@pytest.mark.parametrize("spec, change, message", [
+    ("hash:buckets=4", lambda h: h["layout"]["hash"].update(buckets=4.0), "layout holds a float"),
+    ("tt:cores=2,rank=2", lambda h: h["layout"].update(vocab_shape=[h["layout"]["vocab_shape"][0] + 0.5, 5]),
+     "layout holds a float"),
+    ("hash:buckets=4,hash=universal", lambda h: h["layout"]["hash"].update(a=-3), "a=-3 is out of range"),
+])
+def test_trainable_layouts_are_held_to_the_frozen_rules(tmp_path, spec, change, message):
+    path = embcompress.save(embcompress.from_pretrained(torch.randn(10, 4), spec), tmp_path / "t.emb")
+    forge(path, change_header=change)
+    with pytest.raises(ArtifactError, match=message):
+        embcompress.load(path)
+
+
+def test_trainable_codes_beyond_k_are_refused(tmp_path):
+    table = embcompress.from_pretrained(torch.randn(20, 4), "pq:groups=2,codewords=5")
+    path = embcompress.save(table, tmp_path / "t.emb")
+    assert "codes" in table.state_dict()
+
+    def bad_code(tensors):
+        tensors["codes"] = tensors["codes"].clone()
+        tensors["codes"][4, 1] = 6
+    forge(path, change_tensors=bad_code)
+    with pytest.raises(ArtifactError, match=r"codes must lie in \[0, 5\)"):
+        embcompress.load(path)

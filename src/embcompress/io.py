@@ -466,6 +466,33 @@ def check_table_header(header: dict[str, Any]) -> None:
         json_object(header, "layout", optional=True)
 
 
+def _check_trainable(module: CompressedEmbedding, layout: dict[str, Any] | None) -> None:
+    """A trainable table rebuilt from a file: its layout as stored, and what it exports valid.
+
+    Layouts hold ints and strings only; a method that coerces a stored value (2.5 -> 2) would
+    no longer round-trip it. The export runs the deployed format's own checks (hash parameters,
+    codes below K), so a trainable file is held to the frozen file's rules."""
+    if layout is not None:
+        text = json.dumps(layout, sort_keys=True)
+        if _has_float(layout):
+            raise ValueError(f"layout holds a float where sizes and names belong: {text[:200]}")
+        if json.dumps(module.layout(), sort_keys=True) != text:
+            raise ValueError(f"layout {text[:200]} does not describe the table it builds")
+    frozen = module.export()
+    type(frozen).check_metadata(frozen.metadata())
+    frozen.check_stored()
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
 def load(path: "str | os.PathLike[str]") -> "CompressedEmbedding | FrozenEmbedding":
     """Load what :func:`save` wrote: a frozen inference module or a trainable table."""
     header, tensors = read_header(path)
@@ -479,9 +506,10 @@ def load(path: "str | os.PathLike[str]") -> "CompressedEmbedding | FrozenEmbeddi
             if stored is not None and stored != module.num_bytes():
                 raise ValueError(f"the header says {stored} bytes, the tensors hold {module.num_bytes()}")
         else:
-            module = get_method(header["method"])(*shape, header["spec"], padding_idx=padding_idx,
-                                                  layout=header.get("layout") or None)
+            layout = header.get("layout") or None
+            module = get_method(header["method"])(*shape, header["spec"], padding_idx=padding_idx, layout=layout)
             module.load_state_dict(tensors, strict=True)
+            _check_trainable(module, layout)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, SpecError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
         raise ArtifactError(f"{path}: artifact does not match its header: {reason}") from None
