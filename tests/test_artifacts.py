@@ -14,6 +14,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes, packed_size, unpack_codes
 from embcompress.distill import _load_checkpoint
+from embcompress.frozen import kernels
 from embcompress.io import FORMAT_VERSION, read_header
 from fixtures.make_fixtures import FROZEN, FixtureClassifier, FixtureModel, model_input
 
@@ -41,7 +42,11 @@ def expected():
 @pytest.mark.parametrize("name", [*FROZEN, "trainable"])
 def test_format_1_artifacts_load_with_identical_outputs(name, expected):
     module = embcompress.load(FIXTURES / f"{name}.emb").eval()
-    assert torch.equal(module(torch.arange(24)), expected[name])
+    out = module(torch.arange(24))
+    if kernels.enabled():  # the fixtures' outputs came from the C lookups: bit for bit
+        assert torch.equal(out, expected[name])
+    else:  # the torch path of factors and tt sums in another order
+        torch.testing.assert_close(out, expected[name], rtol=1e-4, atol=1e-5)
     if name != "trainable":  # the post hoc path of format 1 recorded the spec: it is the module's now
         assert module.spec == raw_header(FIXTURES / f"{name}.emb")["spec"]
 
