@@ -253,3 +253,15 @@ def test_bitpack_round_trip(bits, books):
 def test_bitpack_rejects_codes_that_do_not_fit():
     with pytest.raises(ValueError, match="fit 3 bits"):
         pack_codes(torch.tensor([[8]]), 3)
+
+
+def test_every_post_hoc_entry_records_its_fit_settings(tmp_path):
+    table = embcompress.from_pretrained(torch.randn(30, 8), "pq:groups=2,codewords=4", iters=2)
+    assert embcompress.load(embcompress.save(table.export(), tmp_path / "t.emb")).fit_settings == {"iters": 2}
+    model = FixtureModel()
+    embcompress.compress_(model, {"tok": "pq:groups=2,codewords=4", "bag": "skip"}, fit_options={"iters": 2})
+    header = json.loads((embcompress.save_pretrained(model, tmp_path / "m") / "embcompress.json").read_text())
+    assert header["tables"][0]["fit"] == {"iters": 2} and header["tables"][0]["spec"].startswith("pq:")
+    fresh = FixtureModel()
+    embcompress.load_pretrained(fresh, tmp_path / "m")
+    assert fresh.tok.fit_settings == {"iters": 2}

@@ -175,6 +175,7 @@ class CompressedEmbedding(nn.Module):
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
         module.fit(weight, **fit_options)
+        module.fit_settings = dict(fit_options)  # artifacts record how the table was made ({} = defaults)
         return module
 
     def fit_by_gradient(

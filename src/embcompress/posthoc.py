@@ -65,7 +65,6 @@ def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | Non
     config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
     start = time.perf_counter()
     module = get_method(config.method).from_pretrained(table.weight, config, **(fit_options or {}))
-    module.fit_settings = dict(fit_options or {})  # recorded in the artifact's header ("fit")
     frozen = module.export()
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {"method": config.method, "spec": module.spec, "table": table.name,
