@@ -50,7 +50,7 @@ from .base import CompressedEmbedding
 from .config import SpecError
 from .frozen import FrozenEmbedding, get_format
 from .registry import get_method
-from .validation import MAX_DIM, MAX_ROWS, json_choice, json_int, json_object
+from .validation import MAX_DIM, MAX_ROWS, json_int, json_object
 
 __all__ = ["save", "load", "read_header", "ArtifactError", "OutputError", "FORMAT_VERSION", "atomic_write",
            "atomic_write_bytes", "check_output_path", "seal", "bundle_digest", "tensor_digest",
@@ -238,7 +238,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], None], *, overwrite: bool = False,
+def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], object], *, overwrite: bool = False,
                  protect: Iterable["str | os.PathLike[str]"] = ()) -> Path:
     """``write(temporary_path)`` then fsync and rename to ``path``; nothing partial is ever left.
 

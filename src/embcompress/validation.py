@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -83,6 +83,10 @@ MAX_ROWS = 1 << 40  # ids stay far inside int64 arithmetic (id * books * bits, a
 MAX_DIM = 1 << 24
 
 
+@overload
+def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: Literal[False] = False) -> int: ...
+@overload
+def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: bool) -> int | None: ...
 def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
     """``mapping[key]`` as an int in [lo, hi] (a JSON integer, never a bool or a float)."""
     if key not in mapping or (optional and mapping[key] is None):
