@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .config import SpecError
-from .io import ArtifactError, load, read_header, save
+from .io import ArtifactError, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -89,6 +89,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
     if args.spec and args.method and not args.spec.startswith(args.method):
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
+    check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
