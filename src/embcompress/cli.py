@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .config import SpecError
-from .io import ArtifactError, check_output_path, load, read_header, save
+from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -175,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
         print(f"wrote {args.json}")
     return 0
 
