@@ -333,3 +333,19 @@ def test_trainable_codes_beyond_k_are_refused(tmp_path):
     forge(path, change_tensors=bad_code)
     with pytest.raises(ArtifactError, match=r"codes must lie in \[0, 5\)"):
         embcompress.load(path)
+
+
+def test_a_forged_row_count_is_refused_before_allocating(tmp_path):
+    # 2^39 rows of a scalar table would allocate 16 TB if the module were built before the check.
+    path = embcompress.save(embcompress.from_pretrained(torch.randn(10, 4), "scalar:bits=8"), tmp_path / "t.emb")
+    forge(path, change_header=lambda h: h.update(num_embeddings=1 << 39))
+    with pytest.raises(ArtifactError, match="tensors do not fit a 549755813888 x 4"):
+        embcompress.load(path)
+
+
+def test_a_universal_hash_past_its_id_range_is_refused(tmp_path):
+    path = embcompress.save(frozen("memcom:buckets=4,hash=universal"), tmp_path / "t.emb")
+    forge(path, change_header=lambda h: h.update(num_embeddings=(1 << 31) + 1),
+          change_tensors=lambda t: t.pop("scale"))  # without per-row scalars the row count is free
+    with pytest.raises(ArtifactError, match="at most 2\\^31 rows"):
+        embcompress.load(path)

@@ -54,7 +54,8 @@ from .validation import MAX_DIM, MAX_ROWS, json_int, json_object
 
 __all__ = ["save", "load", "read_header", "ArtifactError", "OutputError", "FORMAT_VERSION", "atomic_write",
            "atomic_write_bytes", "check_output_path", "seal", "bundle_digest", "tensor_digest",
-           "write_file_bundle", "read_file_bundle", "write_folder_bundle", "read_folder_bundle", "json_ready"]
+           "write_file_bundle", "read_file_bundle", "write_folder_bundle", "read_folder_bundle", "json_ready",
+           "build_trainable"]
 
 FORMAT_VERSION = 2  # 2: the digest covers the header too; kinds "model" and "checkpoint" share the format
 HEADER_KEY = "embcompress"
@@ -466,6 +467,25 @@ def check_table_header(header: dict[str, Any]) -> None:
         json_object(header, "layout", optional=True)
 
 
+def build_trainable(method: str, shape: tuple[int, int], spec: str, padding_idx: int | None,
+                    layout: dict[str, Any] | None, state: dict[str, torch.Tensor]) -> CompressedEmbedding:
+    """A trainable table from stored fields and its state dict, refused before any allocation
+    when the tensors do not fit (a forged row count must not allocate terabytes)."""
+    cls = get_method(method)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        dry_run = cls(*shape, spec, padding_idx=padding_idx, layout=layout)
+    want = {name: tuple(t.shape) for name, t in dry_run.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ValueError(f"the tensors do not fit a {shape[0]} x {shape[1]} {spec} table (first differences, "
+                         f"expected vs stored: {diff})")
+    module = cls(*shape, spec, padding_idx=padding_idx, layout=layout)
+    module.load_state_dict(state, strict=True)
+    _check_trainable(module, layout)
+    return module
+
+
 def _check_trainable(module: CompressedEmbedding, layout: dict[str, Any] | None) -> None:
     """A trainable table rebuilt from a file: its layout as stored, and what it exports valid.
 
@@ -506,10 +526,8 @@ def load(path: "str | os.PathLike[str]") -> "CompressedEmbedding | FrozenEmbeddi
             if stored is not None and stored != module.num_bytes():
                 raise ValueError(f"the header says {stored} bytes, the tensors hold {module.num_bytes()}")
         else:
-            layout = header.get("layout") or None
-            module = get_method(header["method"])(*shape, header["spec"], padding_idx=padding_idx, layout=layout)
-            module.load_state_dict(tensors, strict=True)
-            _check_trainable(module, layout)
+            module = build_trainable(header["method"], shape, header["spec"], padding_idx,
+                                     header.get("layout") or None, tensors)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, SpecError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
         raise ArtifactError(f"{path}: artifact does not match its header: {reason}") from None

@@ -37,7 +37,7 @@ from torch import nn
 
 from .base import CompressedEmbedding
 from .config import MethodConfig, SpecError, parse_spec
-from .io import ArtifactError, json_ready, read_folder_bundle, write_folder_bundle
+from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
 from .validation import MAX_DIM, MAX_ROWS, json_choice, json_int, json_int_list, json_object
 
@@ -622,10 +622,9 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
         prefix = entry["key"] + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            table = get_method(entry["method"])(*shape, entry["spec"], padding_idx=entry["padding_idx"],
-                                                layout=entry.get("layout") or None)
-            table.load_state_dict(state, strict=True)
-        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            table = build_trainable(entry["method"], shape, entry["spec"], entry["padding_idx"],
+                                    entry.get("layout") or None, state)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: "
                                 f"{reason}") from None

@@ -104,3 +104,8 @@ class HashedEmbedding(FrozenEmbedding):
         # universal: a in [1, p), b in [0, p), so a * id + b stays in int64 for every id < 2^31
         json_int(params, "a", 1 if kind == "universal" else 0, PRIME - 1, optional=True)
         json_int(params, "b", 0, PRIME - 1, optional=True)
+
+    def check_stored(self) -> None:
+        # (a * id + b) must not overflow int64 in either path: the universal hash is defined for ids < 2^31.
+        if self.hash.kind == "universal" and self.num_embeddings > 1 << 31:
+            raise ValueError(f"a universal hash serves at most 2^31 rows, the header says {self.num_embeddings}")
