@@ -349,3 +349,11 @@ def test_a_universal_hash_past_its_id_range_is_refused(tmp_path):
           change_tensors=lambda t: t.pop("scale"))  # without per-row scalars the row count is free
     with pytest.raises(ArtifactError, match="at most 2\\^31 rows"):
         embcompress.load(path)
+
+
+def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
+    path, codes = codebook_artifact(tmp_path)
+    codes[2, 0] = 6
+    forge(path, change_tensors=lambda t: t.update(packed=pack_codes(codes, 3)))
+    assert main(["inspect", str(path)]) == 2
+    assert "stored code 6 at row 2" in capsys.readouterr().err

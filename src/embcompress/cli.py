@@ -127,6 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     header, tensors = read_header(args.artifact)
+    load(args.artifact)  # refuse what load refuses (metadata, shapes, stored codes), not only a bad header
     info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                                          "bytes": t.numel() * t.element_size()} for name, t in tensors.items()}}
     if args.json:
