@@ -357,3 +357,25 @@ def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
     forge(path, change_tensors=lambda t: t.update(packed=pack_codes(codes, 3)))
     assert main(["inspect", str(path)]) == 2
     assert "stored code 6 at row 2" in capsys.readouterr().err
+
+
+def test_any_changed_byte_is_refused(tmp_path):
+    # A small K = 5 codebook artifact with padding: header, tensor data and safetensors framing alike.
+    path = embcompress.save(frozen("codes:books=3,codewords=5", rows=24, dim=8, padding_idx=1), tmp_path / "t.emb")
+    raw = path.read_bytes()
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, len(raw), (300,), generator=generator).tolist()
+    values = torch.randint(0, 256, (300,), generator=generator).tolist()
+    loaded = []
+    for position, value in zip(positions, values):
+        if raw[position] == value:
+            continue
+        damaged = bytearray(raw)
+        damaged[position] = value
+        path.write_bytes(bytes(damaged))
+        try:
+            embcompress.load(path)
+            loaded.append(position)
+        except ArtifactError:
+            pass
+    assert loaded == []
