@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -265,3 +266,18 @@ def test_every_post_hoc_entry_records_its_fit_settings(tmp_path):
     fresh = FixtureModel()
     embcompress.load_pretrained(fresh, tmp_path / "m")
     assert fresh.tok.fit_settings == {"iters": 2}
+
+
+def test_a_hand_built_format_module_saves_without_a_spec(tmp_path, capsys):
+    from embcompress.cli import main
+    from embcompress.frozen import CodebookEmbedding
+
+    table = CodebookEmbedding.from_codes(torch.randint(0, 4, (24, 2)), torch.randn(2, 4, 4), "concat")
+    path = embcompress.save(table, tmp_path / "hand.emb")
+    header, _ = read_header(path)
+    assert "spec" not in header and "fit" not in header
+    assert embcompress.load(path).spec is None
+    source = tmp_path / "dense.npy"  # evaluate names the method from the spec, or else the format
+    np.save(source, table.materialize().numpy())
+    assert main(["evaluate", str(path), "--against", str(source), "--no-analogy", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "codebook"

@@ -411,10 +411,14 @@ def read_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, kinds: 
 
 # -- tables: save / load ----------------------------------------------------------------------------
 def _table_fields(module: "CompressedEmbedding | FrozenEmbedding") -> dict[str, Any]:
-    fit = getattr(module, "fit_settings", None)
-    return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-            "padding_idx": module.padding_idx, "spec": module.spec,
-            "fit": None if fit is None else json_ready(dict(fit))}
+    fields = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+              "padding_idx": module.padding_idx}
+    # How the table was made; absent (not null) for a format module built by hand, as in format 1.
+    if module.spec is not None:
+        fields["spec"] = module.spec
+    if module.fit_settings is not None:
+        fields["fit"] = json_ready(dict(module.fit_settings))
+    return fields
 
 
 def save(module: "CompressedEmbedding | FrozenEmbedding", path: "str | os.PathLike[str]", *,
