@@ -23,7 +23,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .experiments import EXPERIMENTS, SIZES, Cell, cell_record
 
@@ -98,9 +98,11 @@ def _past(stop_at: dt.datetime | None) -> bool:
 
 
 def run(cells: list[Cell], out_dir: Path, jobs: int, stop_at: dt.datetime | None = None,
-        max_batches: int | None = None) -> dict[str, dict[str, Any]]:
+        max_batches: int | None = None, on_record: Callable[[dict[str, Any]], None] | None = None
+        ) -> dict[str, dict[str, Any]]:
     """Run the cells missing from ``out_dir`` (errors are retried), saving after each one; no new
-    cell starts after ``stop_at``. ``max_batches`` measures costs instead (records go to plan.json)."""
+    cell starts after ``stop_at``. ``max_batches`` measures costs instead: records are handed to
+    ``on_record`` and not saved as results."""
     records = {} if max_batches else load_results(out_dir)
     todo = [c for c in cells if c.key() not in records or records[c.key()]["status"] == "error"]
     log.info("%d cells, %d done, %d to run on %d worker(s)", len(cells), len(cells) - len(todo), len(todo), jobs)
@@ -119,7 +121,9 @@ def run(cells: list[Cell], out_dir: Path, jobs: int, stop_at: dt.datetime | None
                 for future in done:
                     record = future.result()
                     records[record["key"]] = record
-                    if not max_batches:
+                    if max_batches:
+                        on_record(record)
+                    else:
                         save_results(out_dir, records, record["claim"])
                     what = (f"test={record['test']:.4f} val={record['val']:.4f} epochs={len(record['val_history'])}"
                             if record["status"] == "ok" else record.get("reason", record["status"]))
@@ -130,32 +134,42 @@ def run(cells: list[Cell], out_dir: Path, jobs: int, stop_at: dt.datetime | None
     return records
 
 
-def measure(size: str, claims: list[str], out_dir: Path, jobs: int) -> dict[str, Any]:
+def measure(size: str, claims: list[str], out_dir: Path, jobs: int) -> list[dict[str, Any]]:
     """CPU seconds of one epoch (``MEASURE_BATCHES`` batches timed, times the batches of an epoch)
     and of building each table (post hoc fits), per (claim, dataset, arm); written to plan.json."""
     firsts = {}
     for claim in claims:
         for cell in EXPERIMENTS[claim].cells(size):
             firsts.setdefault((cell.claim, cell.dataset, cell.arm), cell)
-    records = run(list(firsts.values()), out_dir, jobs, max_batches=MEASURE_BATCHES)
-    plan = []
-    for (claim, dataset, arm), cell in firsts.items():
-        record = records.get(cell.key(), {})
+    path = out_dir / "plan.json"
+
+    def entry(cell: Cell, record: dict[str, Any]) -> dict[str, Any]:
+        claim, dataset, arm = cell.claim, cell.dataset, cell.arm
         cfg = SIZES[size][claim]
         count = sum(1 for c in EXPERIMENTS[claim].cells(size) if c.dataset == dataset and c.arm == arm)
         epochs = cfg["finetune_epochs"] if claim == "distill" and arm != "dense" else cfg["epochs"]
         epoch = record.get("batch_cpu_seconds", 0.0) * record.get("batches_per_epoch", 0)
-        plan.append({"claim": claim, "dataset": dataset, "arm": arm, "cells": count, "max_epochs": epochs,
-                     "epoch_cpu_seconds": round(epoch, 2), "build_cpu_seconds": record.get("build_cpu_seconds"),
-                     "status": record.get("status", "missing"), "reason": record.get("reason"),
-                     # An upper bound: every cell runs to its epoch limit (early stopping ends most sooner).
-                     "planned_cpu_seconds": round(count * epochs * epoch, 1)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "plan.json"
-    old = json.loads(path.read_text()) if path.exists() else []
-    keep = [p for p in old if (p["claim"], p["dataset"], p["arm"]) not in firsts]
-    path.write_text(json.dumps(keep + plan, indent=1))
-    return {"plan": plan}
+        return {"claim": claim, "dataset": dataset, "arm": arm, "cells": count, "max_epochs": epochs,
+                "epoch_cpu_seconds": round(epoch, 2), "build_cpu_seconds": record.get("build_cpu_seconds"),
+                "status": record.get("status", "missing"), "reason": record.get("reason"),
+                # An upper bound: every cell runs to its epoch limit (early stopping ends most sooner).
+                "planned_cpu_seconds": round(count * epochs * epoch, 1)}
+
+    def save(record: dict[str, Any]) -> None:  # after every measurement: a run cut short keeps them
+        cell = next(c for c in firsts.values() if c.key() == record["key"])
+        old = json.loads(path.read_text()) if path.exists() else []
+        keep = [p for p in old if (p["claim"], p["dataset"], p["arm"]) != (cell.claim, cell.dataset, cell.arm)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(keep + [entry(cell, record)], key=_plan_order), indent=1))
+        tmp.replace(path)
+
+    run(list(firsts.values()), out_dir, jobs, max_batches=MEASURE_BATCHES, on_record=save)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _plan_order(entry: dict[str, Any]) -> tuple[int, str, str]:
+    return ORDER.index(entry["claim"]), entry["dataset"], entry["arm"]
 
 
 def main(argv: list[str] | None = None) -> int:
