@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .experiments import EXPERIMENTS, SIZES, Cell, Comparison
-from .run import ORDER, load_results
+from .experiments import EXPERIMENTS, SIZES, Cell, Comparison, settings
+from .run import ORDER, _jsonable, load_results
 from .stats import MEASURES, decisive_size, paired_bootstrap, verdict
 
 README_BEGIN = "<!-- claims-table:begin -->"
@@ -133,23 +133,31 @@ def _verdict_text(c: dict[str, Any]) -> str:
     return f"**{v}**"
 
 
-def _plan_table(out_dir: Path) -> list[str]:
+def _plan_table(out_dir: Path, size: str) -> list[str]:
     path = out_dir / "plan.json"
     if not path.exists():
         return ["_No plan measured yet (`python -m benchmarks.claims.run --size full --measure`)._", ""]
     plan = json.loads(path.read_text())
     lines = ["| claim | dataset | arm | cells | max epochs | CPU s / epoch | build CPU s | planned CPU s (upper bound) |",
              "|---|---|---|---|---|---|---|---|"]
-    total = 0.0
+    total, stale = 0.0, 0
     for p in plan:
         build = p.get("build_cpu_seconds") or 0.0
         planned = p["planned_cpu_seconds"] + build
         total += planned
-        lines.append(f"| {p['claim']} | {p['dataset']} | {p['arm']} | {p['cells']} | {p['max_epochs']} | "
-                     f"{p['epoch_cpu_seconds']:.1f} | {build:.1f} | {planned:,.0f} |")
+        old = p.get("settings") != _jsonable(settings(p["claim"], p["dataset"], size))
+        stale += old
+        lines.append(f"| {p['claim']} | {p['dataset']} | {p['arm']}{' *' if old else ''} | {p['cells']} | "
+                     f"{p['max_epochs']} | {p['epoch_cpu_seconds']:.1f} | {build:.1f} | {planned:,.0f} |")
     lines += ["", f"Planned total (every cell to its epoch limit): {total / 3600:.1f} CPU hours; early stopping "
               "ends most cells sooner. Epoch seconds are measured over a few batches at one torch thread "
-              "on the shared 2-core machine (load from other jobs included), times the batches of an epoch.", ""]
+              "on the shared 2-core machine (load from other jobs included), times the batches of an epoch; "
+              "build seconds are the post hoc fits (cached and reused by every seed)."]
+    if stale:
+        lines.append(f"Rows marked * ({stale}) were measured at other settings than the current ones (the first "
+                     "sizing, which these measurements cut to fit the budget: see each setting record); "
+                     "`--measure` re-measures them.")
+    lines.append("")
     return lines
 
 
@@ -195,7 +203,15 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
             lines.append("")
         lines += [f"Scores: {'accuracy (%)' if claim in ('codes', 'tt') else 'see the dataset'}; "
                   "perplexity for language models, nDCG@10 for next-item prediction.", ""] if claim == "dpq" else []
-    lines += ["## Plan (measured cost per cell)", ""] + _plan_table(out_dir)
+    lines += ["## Plan (measured cost per cell)", ""] + _plan_table(out_dir, size)
+    spent = {}
+    for r in records.values():
+        if r["status"] == "ok":
+            n, cpu = spent.get(r["claim"], (0, 0.0))
+            spent[r["claim"]] = (n + 1, cpu + r["cpu_seconds"])
+    planned = {claim: len(EXPERIMENTS[claim].cells(size)) for claim in ORDER}
+    lines += ["Run so far: " + "; ".join(f"{claim} {spent.get(claim, (0, 0))[0]} of {planned[claim]} cells "
+                                         f"({spent.get(claim, (0, 0.0))[1]:,.0f} CPU s)" for claim in ORDER) + ".", ""]
     if errors:
         lines += ["## Errors", ""] + [f"- `{r['key']}`: {r['reason']}" for r in errors] + [""]
     _plot(claims, out_dir)

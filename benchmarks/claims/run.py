@@ -158,7 +158,7 @@ def measure(size: str, claims: list[str], out_dir: Path, jobs: int) -> list[dict
                 "epoch_cpu_seconds": round(epoch, 2), "build_cpu_seconds": record.get("build_cpu_seconds"),
                 "status": record.get("status", "missing"), "reason": record.get("reason"),
                 # An upper bound: every cell runs to its epoch limit (early stopping ends most sooner).
-                "planned_cpu_seconds": round(count * epochs * epoch, 1)}
+                "planned_cpu_seconds": round(count * epochs * epoch, 1), "settings": _jsonable(cfg)}
 
     def save(record: dict[str, Any]) -> None:  # after every measurement: a run cut short keeps them
         cell = next(c for c in firsts.values() if c.key() == record["key"])
@@ -171,6 +171,11 @@ def measure(size: str, claims: list[str], out_dir: Path, jobs: int) -> list[dict
 
     run(list(firsts.values()), out_dir, jobs, max_batches=MEASURE_BATCHES, on_record=save)
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Settings as plan.json stores them (tuples as lists), so a report can tell stale entries."""
+    return json.loads(json.dumps(cfg))
 
 
 def _plan_order(entry: dict[str, Any]) -> tuple[int, str, str]:
