@@ -208,7 +208,7 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
     for r in records.values():
         if r["status"] == "ok":
             n, cpu = spent.get(r["claim"], (0, 0.0))
-            spent[r["claim"]] = (n + 1, cpu + r["cpu_seconds"])
+            spent[r["claim"]] = (n + 1, cpu + r.get("cpu_seconds", 0.0))
     planned = {claim: len(EXPERIMENTS[claim].cells(size)) for claim in ORDER}
     lines += ["Run so far: " + "; ".join(f"{claim} {spent.get(claim, (0, 0))[0]} of {planned[claim]} cells "
                                          f"({spent.get(claim, (0, 0.0))[1]:,.0f} CPU s)" for claim in ORDER) + ".", ""]
