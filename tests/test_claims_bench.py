@@ -126,3 +126,11 @@ def test_report_gives_verdicts_only_to_complete_comparisons(tmp_path):
     text = write_report(tmp_path, "quick").read_text()
     assert "not run yet (1 of" in text and "**fails**" in text
     assert "not run yet" in (tmp_path / "readme_section.md").read_text()
+
+
+def test_a_reference_of_zeros_gives_an_inconclusive_interval_not_a_crash():
+    ref = np.zeros((2, 5))
+    ref[0, 0] = 1.0  # most resamples of the reference are all zeros
+    interval = paired_bootstrap(np.ones((2, 5)), ref, "relative", reps=50)
+    assert verdict(interval, 4.0) in ("inconclusive", "holds", "fails")
+    assert decisive_size(Interval(float("nan"), 0.0, 1.0, 2, 5), 4.0) is None

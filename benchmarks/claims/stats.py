@@ -22,8 +22,10 @@ def _points(arm: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _relative(arm: np.ndarray, ref: np.ndarray) -> float:
-    """Percent of the reference's mean lost (nDCG and other higher-is-better means)."""
-    return 100.0 * float(1.0 - arm.mean() / ref.mean())
+    """Percent of the reference's mean lost (nDCG and other higher-is-better means); NaN when the
+    reference's mean is 0 (a resample of a tiny test set can hit only zeros)."""
+    ref_mean = ref.mean()
+    return 100.0 * float(1.0 - arm.mean() / ref_mean) if ref_mean else math.nan
 
 
 def _perplexity(arm: np.ndarray, ref: np.ndarray) -> float:
@@ -61,7 +63,8 @@ def paired_bootstrap(arm: np.ndarray, ref: np.ndarray, measure: str, reps: int =
         cols = rng.integers(0, examples, examples)[None, :]
         stats[r] = fn(arm[rows, cols], ref[rows, cols])
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(stats, [tail, 100 - tail])
+    stats = stats[np.isfinite(stats)]
+    low, high = np.percentile(stats, [tail, 100 - tail]) if len(stats) else (math.nan, math.nan)
     return Interval(fn(arm, ref), float(low), float(high), seeds, examples)
 
 
@@ -80,6 +83,6 @@ def decisive_size(interval: Interval, tolerance: float) -> int | None:
     tolerance, if the estimate stayed where it is; None when the estimate sits on the tolerance."""
     gap = abs(interval.estimate - tolerance)
     half = (interval.high - interval.low) / 2
-    if gap == 0:
+    if gap == 0 or not math.isfinite(gap / half if half else gap):
         return None
     return max(interval.examples, math.ceil(interval.examples * (half / gap) ** 2))
