@@ -105,6 +105,12 @@ def analyse(records: dict[str, dict[str, Any]], size: str) -> dict[str, Any]:
     return claims
 
 
+def _metric(claim: str, dataset: str) -> str:
+    if claim == "distill" or (claim == "dpq" and dataset == "lm"):
+        return "perplexity"
+    return "nDCG@10" if claim == "memcom" else "accuracy (%)"
+
+
 def _fmt_score(value: float, claim: str, dataset: str) -> str:
     if claim in ("distill",) or (claim == "dpq" and dataset == "lm"):
         return f"{value:.1f}"
@@ -180,7 +186,8 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
         lines.append("")
         for dataset, result in claims[claim].items():
             lines += [f"### {dataset}", "",
-                      "| arm | spec | bytes | ratio | chosen lr, wd | test mean ± sd | val mean | epochs | seeds (cells done) |",
+                      f"| arm | spec | bytes | ratio | chosen lr, wd | test {_metric(claim, dataset)} mean ± sd | "
+                      "val mean | best epoch | seeds (cells done) |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for arm, a in result["arms"].items():
                 if a is None:
@@ -198,11 +205,11 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
             lines += ["", "| comparison | loss of arm vs reference, 95% CI | tolerance | verdict |", "|---|---|---|---|"]
             for c in result["comparisons"]:
                 lines.append(f"| {c['what']} | {_interval_text(c)} | < {c['tolerance']:g} {c['unit']} | {_verdict_text(c)} |")
-                readme.append(f"| {c['what']} | {dataset}; {exp.setting['ours'].split(';')[0]} | "
-                              f"{_interval_text(c)} | {_verdict_text(c)} |")
+                arm = result["arms"].get(c["arm"])
+                ratio = arm.records[0].get("ratio") if arm is not None else None
+                at = f"{ratio:.1f}x: " if ratio and "estimate" in c else ""
+                readme.append(f"| {c['what']} | {exp.short[dataset]} | {at}{_interval_text(c)} | {_verdict_text(c)} |")
             lines.append("")
-        lines += [f"Scores: {'accuracy (%)' if claim in ('codes', 'tt') else 'see the dataset'}; "
-                  "perplexity for language models, nDCG@10 for next-item prediction.", ""] if claim == "dpq" else []
     lines += ["## Plan (measured cost per cell)", ""] + _plan_table(out_dir, size)
     spent = {}
     for r in records.values():
