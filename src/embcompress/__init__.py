@@ -18,7 +18,7 @@ from torch import nn
 
 from ._version import __version__
 from .base import CompressedEmbedding
-from .config import MethodConfig, SpecError, parse_spec, to_spec
+from .config import FitConfig, FitLike, MethodConfig, SpecError, parse_spec, to_spec
 from .frozen import FrozenEmbedding
 from .io import ArtifactError, load, save
 from .registry import build, get_method, list_methods
@@ -34,14 +34,20 @@ __all__ = [
 
 
 def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | None = None,
-                    **fit_options: Any) -> CompressedEmbedding:
+                    fit: FitLike = None, *, progress: bool | None = None, **fit_options: Any) -> CompressedEmbedding:
     """Compress a pretrained (V, d) matrix post hoc with the method the spec names.
 
+    ``fit`` sets how the method fits (its ``Fit`` config, a ``"key=value,..."`` string or a dict);
+    keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
+
     Example:
-        >>> table = embcompress.from_pretrained(glove, "codes:books=16,codewords=32")
+        >>> table = embcompress.from_pretrained(torch.randn(300, 16), "pq:groups=4,codewords=8", fit="iters=30")
+        >>> table.fit_settings["iters"]
+        30
     """
     config = parse_spec(spec)
-    return get_method(config.method).from_pretrained(weight, config, padding_idx=padding_idx, **fit_options)
+    return get_method(config.method).from_pretrained(weight, config, padding_idx, fit, progress=progress,
+                                                     **fit_options)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

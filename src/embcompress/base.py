@@ -7,33 +7,71 @@
 - ``materialize()``: the dense table the module decodes to in eval mode;
 - ``export()``: a frozen inference module holding only what is deployed, and ``num_bytes()``.
 
-A subclass implements :meth:`lookup`, :meth:`export`, and usually :meth:`fit`. Values a method
+A subclass implements :meth:`lookup`, :meth:`export`, and usually :meth:`_fit` with its own
+:class:`~embcompress.config.FitConfig` (``Fit``): :meth:`fit` validates the settings, runs
+``_fit`` and keeps the resolved settings in ``fit_settings``, which :meth:`export` hands to the
+frozen module so artifacts record how they were made. Values a method
 resolves from the table shape (a tensor-train factorization, hash parameters) go in
 :meth:`layout` and are passed back on load, so they are never recomputed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from .config import MethodConfig, SpecError, parse_spec
+from .config import FitConfig, FitLike, MethodConfig, SpecError, parse_spec
 from .frozen.base import FrozenEmbedding
-from .progress import progress_bar
+from .training import adam_steps
 from .validation import check_ids, check_table_shape, check_weight, normalize_padding_idx
 
-__all__ = ["CompressedEmbedding"]
+__all__ = ["CompressedEmbedding", "GradientFit"]
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound="CompressedEmbedding")
+
+
+@dataclass(frozen=True)
+class GradientFit(FitConfig):
+    """Fit settings of the default fit: Adam on the reconstruction MSE over random row batches."""
+
+    steps: int = field(default=500, metadata={"help": "Adam steps", "min": 0})
+    batch_size: int = field(default=4096, metadata={"help": "rows per step", "min": 1})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
+    seed: int = field(default=0, metadata={"help": "seed of the row sampling"})
+
+
+def _recording_export(export: Callable[[Any], FrozenEmbedding]) -> Callable[[Any], FrozenEmbedding]:
+    @functools.wraps(export)
+    def wrapper(self: "CompressedEmbedding") -> FrozenEmbedding:
+        frozen = export(self)
+        frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
+        return frozen
+    wrapper._records_fit = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class CompressedEmbedding(nn.Module):
     """Base class of every trainable compressed table."""
 
     Config: ClassVar[type[MethodConfig]]
+    #: The method's post hoc fit settings; :meth:`fit` validates every option against it.
+    Fit: ClassVar[type[FitConfig]] = GradientFit
+    #: The settings of the last :meth:`fit` (canonical values, resolved seeds), None if never fitted.
+    fit_settings: dict[str, Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        export = cls.__dict__.get("export")
+        if export is not None and not getattr(export, "_records_fit", False):
+            cls.export = _recording_export(export)  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -92,15 +130,32 @@ class CompressedEmbedding(nn.Module):
     @classmethod
     def quick_fit_options(cls) -> dict[str, Any]:
         """Options for ``from_pretrained`` that trade a little quality for a much faster fit."""
-        return dict(cls.QUICK_FIT)
+        return cls.Fit.parse(cls.QUICK_FIT).to_dict()
 
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last training forward (DPQ-VQ's centroid term), else None."""
         return None
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None) -> "CompressedEmbedding":
-        """Fit the parameters to ``weight`` (V, d). Default: Adam on the reconstruction MSE."""
-        return self.fit_by_gradient(weight, steps=steps or 500, progress=progress)
+    def fit(self: E, weight: torch.Tensor, settings: FitLike = None, *,
+            progress: bool | None = None, **options: Any) -> E:
+        """Fit the parameters to ``weight`` (V, d) post hoc.
+
+        ``settings`` (a ``Fit`` config, ``"key=value,..."`` or a dict) and keyword ``options`` are
+        checked against the method's ``Fit`` (a misspelt name is an error naming the valid ones);
+        the resolved settings are kept in :attr:`fit_settings`.
+        """
+        resolved = self.Fit.parse(settings, **options)
+        if getattr(resolved, "seed", 0) is None:  # drawn now, so the table records a seed that reproduces it
+            resolved = resolved.replace(seed=int(torch.randint(0, 2**31 - 1, ())))
+        used = self._fit(weight, resolved, progress)
+        self.fit_settings = used.to_dict()
+        return self
+
+    def _fit(self, weight: torch.Tensor, settings: Any, progress: bool | None) -> FitConfig:
+        """Fit with validated settings; return the settings as used. Default: Adam on the MSE."""
+        self.fit_by_gradient(weight, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                             seed=settings.seed, progress=progress)
+        return settings
 
     # -- shared behaviour --------------------------------------------------------------------
     @property
@@ -150,20 +205,26 @@ class CompressedEmbedding(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[E],
         weight: torch.Tensor,
         config: MethodConfig | str | None = None,
         padding_idx: int | None = None,
+        fit: FitLike = None,
+        *,
+        progress: bool | None = None,
         **fit_options: Any,
-    ) -> "CompressedEmbedding":
-        """Compress a given (V, d) matrix post hoc.
+    ) -> E:
+        """Compress a given (V, d) matrix post hoc; ``fit`` and ``fit_options`` as in :meth:`fit`.
 
         Example:
-            >>> table = TensorTrainEmbedding.from_pretrained(glove, "tt:cores=3,rank=16")
+            >>> from embcompress.methods.lowrank import LowRankEmbedding
+            >>> table = LowRankEmbedding.from_pretrained(torch.randn(100, 8), "lowrank:rank=4")
+            >>> table.compression_ratio() > 1
+            True
         """
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
-        module.fit(weight, **fit_options)
+        module.fit(weight, fit, progress=progress, **fit_options)
         return module
 
     def fit_by_gradient(
@@ -183,23 +244,20 @@ class CompressedEmbedding(nn.Module):
         if not params or steps <= 0:
             return self
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        was_training = self.training
-        self.train()
-        bar = progress_bar(range(steps), desc=f"fit {self.config.method}", enabled=progress)
-        for _ in bar:
-            rows = torch.randint(0, self.num_embeddings, (min(batch_size, self.num_embeddings),), generator=generator)
+        batch = min(batch_size, self.num_embeddings)
+
+        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
             loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
             aux = self.aux_loss()
-            total = loss if aux is None else loss + aux
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            schedule.step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
-        self.train(was_training)
+            return (loss if aux is None else loss + aux), {"mse": loss}
+
+        was_training = self.training
+        self.train()
+        try:
+            adam_steps(step, params, steps=steps, lr=lr, desc=f"fit {self.config.method}", progress=progress)
+        finally:
+            self.train(was_training)
         return self
 
     def _check_fit_weight(self, weight: torch.Tensor) -> torch.Tensor:

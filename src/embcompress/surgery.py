@@ -41,7 +41,7 @@ from torch import nn
 
 from ._version import __version__
 from .base import CompressedEmbedding
-from .config import MethodConfig, SpecError, parse_spec
+from .config import FitConfig, MethodConfig, SpecError, parse_spec
 from .io import ArtifactError, atomic_write_bytes, tensor_digest, verify_payload
 from .registry import get_method, list_methods
 
@@ -297,14 +297,23 @@ def _resolve_spec(name: str, spec_or_mapping: "SpecLike | SpecMapping", used: se
     return parse_spec(choice)
 
 
-def _split_fit_options(fit_options: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
-    """Flat options apply to every table; a method name key holds options for that method only."""
-    if not fit_options:
-        return {}
+def _split_fit_options(fit_options: Mapping[str, Any] | None, method: str) -> tuple[FitConfig, bool | None]:
+    """The fit settings of one method's tables, and the progress choice.
+
+    Flat options apply to every table; a method name key holds options for that method only.
+    Every setting is checked against the method's ``Fit`` (per-method ones even when no table
+    uses that method), so a misspelt name is an error naming the valid ones.
+    """
+    options = dict(fit_options or {})
+    progress = options.pop("progress", None)
     methods = set(list_methods())
-    common = {k: v for k, v in fit_options.items() if not (k in methods and isinstance(v, Mapping))}
-    specific = fit_options.get(method) if isinstance(fit_options.get(method), Mapping) else {}
-    return {**common, **dict(specific)}
+    specific: dict[str, Any] = {}
+    for name in [k for k in options if k in methods and isinstance(options[k], Mapping)]:
+        per_method = dict(options.pop(name))
+        get_method(name).Fit.parse(per_method)
+        if name == method:
+            specific = per_method
+    return get_method(method).Fit.parse({**options, **specific}), progress
 
 
 def compressed_tables(model: nn.Module) -> list[tuple[list[str], CompressedEmbedding]]:
@@ -336,8 +345,9 @@ def compress_(
         init: ``"pretrained"`` fits each table to its current weights (post hoc compression);
             ``"random"`` builds a fresh table for end-to-end training.
         filter_fn: ``filter_fn(module, name) -> bool``; tables it rejects are skipped.
-        fit_options: keyword options for every fit (``{"steps": 300}``), or per method under
-            the method's name (``{"dpq": {"steps": 300}}``).
+        fit_options: fit settings for every fit (``{"steps": 300}``), or per method under the
+            method's name (``{"dpq": {"steps": 300}}``), checked against each method's ``Fit``;
+            ``"progress"`` turns the fits' progress bars on or off.
         untie: give output layers tied to a replaced table an independent copy of the weight
             instead of computing their logits from the compressed table.
 
@@ -430,9 +440,9 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
     num_embeddings, embedding_dim = weight.shape
     device = weight.device
     if init == "pretrained":
-        options = _split_fit_options(fit_options, config.method)
-        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config,
-                                                          padding_idx=padding_idx, **options)
+        settings, progress = _split_fit_options(fit_options, config.method)
+        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config, padding_idx,
+                                                          settings, progress=progress)
     else:
         table = get_method(config.method)(num_embeddings, embedding_dim, config, padding_idx=padding_idx)
     table = table.to(device)

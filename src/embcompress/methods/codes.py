@@ -35,14 +35,15 @@ from ..additive import (additive_refine, beam_encode, improve_codes, least_squar
                         relative_error, residual_kmeans, row_errors)
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import CodebookEmbedding
 from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
 from ..query import QueryTableMixin
 from ..registry import register
+from ..training import adam_steps
 
-__all__ = ["CodesConfig", "CompositionalCodeEmbedding", "preferred_codewords"]
+__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,24 @@ class CodesConfig(MethodConfig):
         return self.hidden or max(1, self.books * self.codewords // 2)
 
 
+@dataclass(frozen=True)
+class CodesFit(FitConfig):
+    """The post hoc fit's stages (see :meth:`CompositionalCodeEmbedding._fit`)."""
+
+    method: ClassVar[str] = "codes"
+    steps: int = field(default=0, metadata={
+        "help": "Gumbel autoencoder steps of the paper's encoder (0 = skip the stage, the post hoc default)",
+        "min": 0})
+    rounds: int = field(default=2, metadata={"help": "least-squares + code-update rounds on the sample", "min": 0})
+    beam: int = field(default=8, metadata={"help": "partial codes kept per row by the beam searches", "min": 0})
+    sample: int = field(default=65536, metadata={"help": "rows the start and the autoencoder train on", "min": 1})
+    polish: int = field(default=4, metadata={"help": "LSQ++ local-search rounds on all rows", "min": 0})
+    search: int = field(default=4, metadata={"help": "perturb-and-ICM trials per row in each polish", "min": 0})
+    batch_size: int = field(default=1024, metadata={"help": "rows per autoencoder step", "min": 1})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate of the autoencoder", "min": 0.0})
+    seed: int | None = field(default=None, metadata={"help": "seed of every random draw; none = drawn"})
+
+
 def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
     uniform = torch.rand(shape, generator=generator).clamp_(1e-10, 1 - 1e-7)
     return -torch.log(-torch.log(uniform))
@@ -108,6 +127,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     """
 
     Config = CodesConfig
+    Fit = CodesFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -246,12 +266,10 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     # -- post hoc fit --------------------------------------------------------------------------
     #: Fit options of :meth:`quick_fit_options` (the demo's preset). GloVe 400k x 50, 11x128 fp16:
     #: relative MSE 0.128 in 16.8 s on 2 cores (the demo, 2026-11-30; default fit: 0.109).
-    QUICK_FIT: ClassVar[dict[str, int]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
+    QUICK_FIT: ClassVar[dict[str, Any]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
                                            "search": 2}
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            rounds: int = 2, beam: int = 8, sample: int = 65536, polish: int = 4, search: int = 4,
-            batch_size: int = 1024, lr: float = 3e-3, seed: int | None = None) -> "CompositionalCodeEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: CodesFit, progress: bool | None) -> CodesFit:
         """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
 
         1. Strong start, on at most ``sample`` rows: residual k-means with a beam of ``beam`` partial
@@ -278,8 +296,9 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
-        steps = 0 if steps is None else int(steps)
-        seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+        steps, rounds, beam, sample, polish, search = (settings.steps, settings.rounds, settings.beam, settings.sample,
+                                                        settings.polish, settings.search)
+        batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
         generator = torch.Generator().manual_seed(seed)
         rows = weight.shape[0]
         stages = ["start", "refine", "autoencoder", "all rows"] + [f"polish {i + 1}" for i in range(polish)]
@@ -311,7 +330,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         with torch.no_grad():
             self._to_fixed(codes)
             self.codebooks.data = codebooks.to(self.codebooks.device)
-        return self
+        return settings
 
     def _autoencoder_codes(self, weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, steps: int,
                            batch_size: int, lr: float, generator: torch.Generator,
@@ -343,34 +362,32 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         mean, std = weight.mean(0), weight.std(0).clamp_min(1e-6)
         net = nn.Sequential(_Standardize(mean, std), encoder)
         pre_steps = max(1, steps // 2)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        for _ in progress_bar(range(pre_steps), desc="codes: encoder pre-training", enabled=progress):
+
+        def pretraining_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             idx = torch.randint(0, rows, (batch,), generator=generator)
             log_alpha = _log_alpha(net, weight[idx], cfg)
-            loss = F.cross_entropy(log_alpha.reshape(-1, cfg.codewords), codes[idx].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            return F.cross_entropy(log_alpha.reshape(-1, cfg.codewords), codes[idx].reshape(-1)), {}
+
+        adam_steps(pretraining_step, net.parameters(), steps=pre_steps, lr=lr, schedule="constant",
+                   desc="codes: encoder pre-training", progress=progress)
         books = nn.Parameter(codebooks.clone())
-        optimizer = torch.optim.Adam([{"params": net.parameters(), "lr": lr},
-                                      {"params": [books], "lr": lr * 0.1}])
         maxp = float("nan")
-        bar = progress_bar(range(steps), desc="codes: gumbel autoencoder", enabled=progress)
-        for _ in bar:
+
+        def autoencoder_step() -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+            nonlocal maxp
             idx = torch.randint(0, rows, (batch,), generator=generator)
             target = weight[idx]
             log_alpha = _log_alpha(net, target, cfg)
             # Section 3.2: soft Gumbel-softmax sample at tau = 1, no straight-through.
-            sample = F.softmax(log_alpha + _gumbel(log_alpha.shape, generator), dim=-1)
-            recon = torch.einsum("nmk,mkd->nd", sample, books)
+            soft = F.softmax(log_alpha + _gumbel(log_alpha.shape, generator), dim=-1)
+            recon = torch.einsum("nmk,mkd->nd", soft, books)
             loss = 0.5 * (recon - target).pow(2).sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             with torch.no_grad():
                 maxp = float(F.softmax(log_alpha, -1).amax(-1).mean())
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4g}", maxp=f"{maxp:.3f}", refresh=False)
+            return loss, {"loss": loss, "maxp": maxp}
+
+        adam_steps(autoencoder_step, [{"params": net.parameters(), "lr": lr}, {"params": [books], "lr": lr * 0.1}],
+                   steps=steps, lr=lr, schedule="constant", desc="codes: gumbel autoencoder", progress=progress)
         log.info("codes: gumbel autoencoder %d steps, maxp %.3f", steps, maxp)
         self.last_maxp = maxp
         return net, books.detach()

@@ -37,16 +37,16 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import CodebookEmbedding, kernels
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
-from ..progress import progress_bar
 from ..query import QueryTableMixin
 from ..registry import register
+from ..training import adam_steps
 from .pq import check_groups, divisors
 
-__all__ = ["DPQConfig", "DPQEmbedding"]
+__all__ = ["DPQConfig", "DPQFit", "DPQEmbedding"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ def check_shape(config: DPQConfig, embedding_dim: int) -> None:
                         f"their {config.codewords} codewords; use {hint}variant=vq")
 
 
+@dataclass(frozen=True)
+class DPQFit(FitConfig):
+    method: ClassVar[str] = "dpq"
+    steps: int = field(default=200, metadata={"help": "gradient refinement steps after the k-means start", "min": 0})
+    iters: int = field(default=25, metadata={"help": "k-means iterations of the start", "min": 0})
+    batch_size: int = field(default=4096, metadata={"help": "rows per refinement step", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
+    seed: int | None = field(default=None, metadata={"help": "seed of k-means and the row sampling; none = drawn"})
+
+
 @register
 class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
@@ -101,6 +111,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
     """
 
     Config = DPQConfig
+    Fit = DPQFit
     QUICK_FIT = {"steps": 50}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -316,8 +327,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
                                             self.padding_idx)
 
     # -- post hoc ----------------------------------------------------------------------------
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            batch_size: int = 4096, lr: float = 1e-3, iters: int = 25) -> "DPQEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: DPQFit, progress: bool | None) -> DPQFit:
         """Compress ``weight`` (V, d): k-means start, then gradient refinement of the reconstruction.
 
         Start (exact: the eval-mode codes are the k-means codes):
@@ -338,14 +348,13 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         refined table reconstructs worse than the start, the start is kept.
         """
         weight = self._check_fit_weight(weight)
-        steps = 200 if steps is None else steps
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        self._start_from_kmeans(weight, iters, seed)
+        steps, seed = settings.steps, settings.seed
+        self._start_from_kmeans(weight, settings.iters, seed)
         if steps <= 0:
-            return self
+            return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
         start_error = self._error(weight)
-        self._refine(weight, steps, batch_size, lr, seed, progress)
+        self._refine(weight, steps, settings.batch_size, settings.lr, seed, progress)
         if self.config.variant == "sx":
             self._refit_values(weight)
         error = self._error(weight)
@@ -353,7 +362,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
             log.info("dpq fit: refinement raised the MSE from %.4g to %.4g; keeping the k-means start",
                      start_error, error)
             self.load_state_dict(start_state)
-        return self
+        return settings
 
     @torch.no_grad()
     def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int) -> None:
@@ -386,29 +395,20 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
                 progress: bool | None) -> None:
         generator = torch.Generator().manual_seed(seed + 1)
         dense = [p for p in self.parameters() if p.requires_grad and p is not self.query]
-        optimizers = [torch.optim.Adam(dense, lr=lr)]
-        if self.query.requires_grad:
-            optimizers.append(torch.optim.SparseAdam([self.query], lr=lr))
-        schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
+        sparse = [self.query] if self.query.requires_grad else []
+        batch = min(batch_size, self.num_embeddings)
+
+        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
+            loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
+            aux = self.aux_loss()
+            return (loss if aux is None else loss + aux), {"mse": loss}
+
         was_training = self.training
         self.train()
         self._fitting = True
         try:
-            bar = progress_bar(range(steps), desc="fit dpq", enabled=progress)
-            for _ in bar:
-                rows = torch.randint(0, self.num_embeddings, (min(batch_size, self.num_embeddings),),
-                                     generator=generator)
-                loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
-                aux = self.aux_loss()
-                total = loss if aux is None else loss + aux
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                for optimizer, schedule in zip(optimizers, schedules):
-                    optimizer.step()
-                    schedule.step()
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
+            adam_steps(step, dense, sparse_params=sparse, steps=steps, lr=lr, desc="fit dpq", progress=progress)
         finally:
             self._fitting = False
             self._last_aux = None

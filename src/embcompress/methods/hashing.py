@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import HashedEmbedding
 from ..hashing import HashFunction
 from ..registry import register
 
-__all__ = ["HashConfig", "HashEmbedding", "bucket_means", "bucket_grid"]
+__all__ = ["HashConfig", "HashFit", "HashEmbedding", "bucket_means", "bucket_grid"]
 
 
 def bucket_grid(limit: int, dense: int = 4096, step: float = 1.01) -> list[int]:
@@ -50,6 +50,13 @@ class HashConfig(MethodConfig):
             raise SpecError(f"{self.method}: init_std must be >= 0, got {self.init_std}")
 
 
+@dataclass(frozen=True)
+class HashFit(FitConfig):
+    """The fit is closed-form (each bucket's least-squares row): nothing to set but the common ``steps``."""
+
+    method: ClassVar[str] = "hash"
+
+
 def bucket_means(weight: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Least-squares shared rows: the mean of the rows hashed to each bucket (0 for empty ones)."""
     sums = torch.zeros(num_buckets, weight.shape[1]).index_add_(0, buckets, weight)
@@ -62,6 +69,7 @@ class HashEmbedding(CompressedEmbedding):
     """Rows hashed into a shared table of ``buckets`` rows."""
 
     Config = HashConfig
+    Fit = HashFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -86,10 +94,10 @@ class HashEmbedding(CompressedEmbedding):
         return F.embedding(self.hash(ids), self.table)
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, progress: bool | None = None, **_: Any) -> "HashEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: FitConfig, progress: bool | None) -> FitConfig:
         weight = self._check_fit_weight(weight)
         self.table.copy_(bucket_means(weight, self.hash(torch.arange(self.num_embeddings)), self.config.buckets))
-        return self
+        return settings
 
     def export(self) -> HashedEmbedding:
         return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import FactorizedEmbedding
 from ..frozen.factors import ACTIVATIONS
 from ..registry import register
 
-__all__ = ["LowRankConfig", "LowRankEmbedding"]
+__all__ = ["LowRankConfig", "LowRankFit", "LowRankEmbedding"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,19 @@ class LowRankConfig(MethodConfig):
             raise SpecError(f"{self.method}: rank must be >= 1, got {self.rank}")
 
 
+@dataclass(frozen=True)
+class LowRankFit(FitConfig):
+    """The fit is the truncated SVD (closed-form): nothing to set but the common ``steps``."""
+
+    method: ClassVar[str] = "lowrank"
+
+
 @register
 class LowRankEmbedding(CompressedEmbedding):
     """E = f(U) W (+ b); f is the identity here, a non-linearity in the distilled method."""
 
     Config = LowRankConfig
+    Fit: ClassVar[type[FitConfig]] = LowRankFit
 
     @staticmethod
     def _activation_of(config: LowRankConfig) -> str:
@@ -102,13 +110,13 @@ class LowRankEmbedding(CompressedEmbedding):
         return logits
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "LowRankEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: FitConfig, progress: bool | None) -> FitConfig:
         weight = self._check_fit_weight(weight)
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         rank = self.config.rank
         self.codes.copy_(u[:, :rank] * s[:rank])
         self.basis.copy_(vh[:rank])
-        return self
+        return settings
 
     def export(self) -> FactorizedEmbedding:
         bias = None if self.bias is None else self.bias.detach().clone()

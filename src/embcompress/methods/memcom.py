@@ -19,12 +19,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import FitConfig
 from ..frozen import HashedEmbedding
 from ..progress import progress_bar
 from ..registry import register
 from .hashing import HashConfig, HashEmbedding, bucket_means
 
-__all__ = ["MEmComConfig", "MEmComEmbedding"]
+__all__ = ["MEmComConfig", "MEmComFit", "MEmComEmbedding"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,18 @@ class MEmComConfig(HashConfig):
     bias: bool = field(default=False, metadata={"help": "add a per-entity scalar bias b_i (V more floats)"})
 
 
+@dataclass(frozen=True)
+class MEmComFit(FitConfig):
+    method: ClassVar[str] = "memcom"
+    steps: int = field(default=30, metadata={"help": "alternating least-squares rounds", "min": 0})
+
+
 @register
 class MEmComEmbedding(HashEmbedding):
     """Hashed shared rows scaled (and optionally shifted) per entity."""
 
     Config = MEmComConfig
+    Fit = MEmComFit
     QUICK_FIT = {"steps": 10}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -67,8 +75,7 @@ class MEmComEmbedding(HashEmbedding):
         return out if self.bias is None else out + self.bias[ids].unsqueeze(1)
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            **_: Any) -> "MEmComEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: MEmComFit, progress: bool | None) -> MEmComFit:
         """Alternating least squares for table, scales (and biases); ``steps`` rounds (default 30).
 
         Without bias, each bucket's best (table row, member scales) is the rank-1 truncated SVD
@@ -86,7 +93,7 @@ class MEmComEmbedding(HashEmbedding):
         w = torch.ones(len(ids))
         b = torch.zeros(len(ids)) if self.bias is not None else None
         tiny = 1e-12
-        for _ in progress_bar(range(30 if steps is None else steps), desc="fit memcom", enabled=progress):
+        for _ in progress_bar(range(settings.steps), desc="fit memcom", enabled=progress):
             t = table[bucket]
             if b is None:
                 # w_i = <x_i, t> / |t|^2, per row.
@@ -112,7 +119,7 @@ class MEmComEmbedding(HashEmbedding):
         if self.bias is not None:
             self.bias.zero_()
             self.bias[ids] = b
-        return self
+        return settings
 
     def export(self) -> HashedEmbedding:
         bias = None if self.bias is None else self.bias.detach().clone()

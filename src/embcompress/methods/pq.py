@@ -16,13 +16,13 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import CodebookEmbedding
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..registry import register
 
-__all__ = ["PQConfig", "ProductQuantizedEmbedding", "divisors"]
+__all__ = ["PQConfig", "PQFit", "ProductQuantizedEmbedding", "divisors"]
 
 
 def divisors(n: int) -> list[int]:
@@ -34,11 +34,19 @@ class PQConfig(MethodConfig):
     method: ClassVar[str] = "pq"
     groups: int = field(default=8, metadata={"help": "sub-vectors per row (must divide the dim)"})
     codewords: int = field(default=256, metadata={"help": "centroids per group (code bits = ceil(log2 K))"})
-    iters: int = field(default=25, metadata={"help": "k-means iterations of the post hoc fit"})
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {"iters": "a fit setting now: from_pretrained(w, spec, fit='iters=N')"}
 
     def validate(self) -> None:
-        if self.groups < 1 or not 2 <= self.codewords <= 65536 or self.iters < 0:
-            raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536, iters >= 0; got {self}")
+        if self.groups < 1 or not 2 <= self.codewords <= 65536:
+            raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536; got {self}")
+
+
+@dataclass(frozen=True)
+class PQFit(FitConfig):
+    method: ClassVar[str] = "pq"
+    iters: int = field(default=25, metadata={"help": "k-means iterations per group", "min": 0})
+    seed: int | None = field(default=None, metadata={"help": "k-means seed; none = drawn from torch's generator"})
 
 
 def check_groups(method: str, groups: int, embedding_dim: int) -> None:
@@ -50,6 +58,7 @@ def check_groups(method: str, groups: int, embedding_dim: int) -> None:
 @register
 class ProductQuantizedEmbedding(CompressedEmbedding):
     Config = PQConfig
+    Fit = PQFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -76,15 +85,14 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return decode_codes(self.codes[ids], self.codebooks, "concat")
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "ProductQuantizedEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: PQFit, progress: bool | None) -> PQFit:
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        centroids, codes = kmeans(sub, self.config.codewords, iters=self.config.iters, seed=seed)
+        centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)
-        return self
+        return settings
 
     def export(self) -> CodebookEmbedding:
         return CodebookEmbedding.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
+from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen.tt import TensorTrainCores, check_tt_shapes, choose_split, tt_half_table, tt_rows
 from ..registry import register
 
-__all__ = ["TTConfig", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
+__all__ = ["TTConfig", "TTFit", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
 
 MAX_CORES = 8
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
@@ -224,6 +224,16 @@ def tt_svd(weight: torch.Tensor, vocab_shape: Sequence[int], dim_shape: Sequence
 
 # -- the table ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TTFit(FitConfig):
+    method: ClassVar[str] = "tt"
+    steps: int = field(default=100, metadata={"help": "Adam steps after the TT-SVD start", "min": 0})
+    lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate; none = 1% of the TT-SVD cores' RMS entry", "min": 0.0})
+    batch_size: int = field(default=2048, metadata={"help": "rows per Adam step", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the row sampling"})
+
+
 @register
 class TensorTrainEmbedding(CompressedEmbedding):
     """A drop-in ``nn.Embedding`` stored as TT cores.
@@ -235,6 +245,7 @@ class TensorTrainEmbedding(CompressedEmbedding):
     """
 
     Config = TTConfig
+    Fit = TTFit
     QUICK_FIT = {"steps": 30}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -305,8 +316,7 @@ class TensorTrainEmbedding(CompressedEmbedding):
         rows = torch.bmm(left.index_select(0, left_index), right.index_select(0, right_index))
         return rows.reshape(ids.shape[0], -1)
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            lr: float | None = None, batch_size: int = 2048) -> "TensorTrainEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: TTFit, progress: bool | None) -> TTFit:
         """TT-SVD of the zero-padded table, then Adam on the MSE over real rows (paper, Section 4).
 
         ``lr`` defaults to 1% of the cores' RMS entry: Adam moves every entry by about ``lr`` per
@@ -318,9 +328,9 @@ class TensorTrainEmbedding(CompressedEmbedding):
         with torch.no_grad():
             for param, core in zip(self.cores, start):
                 param.copy_(core)
-        steps = 100 if steps is None else steps
+        steps, lr = settings.steps, settings.lr
         if steps <= 0:
-            return self
+            return settings
         if lr is None:
             lr = 1e-2 * float(torch.cat([c.reshape(-1) for c in start]).pow(2).mean().sqrt())
         check = torch.arange(self.num_embeddings)
@@ -332,12 +342,13 @@ class TensorTrainEmbedding(CompressedEmbedding):
                 return float((self.lookup(check) - weight[check]).pow(2).mean())
 
         before = error()
-        self.fit_by_gradient(weight, steps=steps, lr=lr, batch_size=batch_size, progress=progress)
+        self.fit_by_gradient(weight, steps=steps, lr=lr, batch_size=settings.batch_size, seed=settings.seed,
+                             progress=progress)
         if error() > before:
             with torch.no_grad():
                 for param, core in zip(self.cores, start):
                     param.copy_(core)
-        return self
+        return settings.replace(lr=lr)
 
     def export(self) -> TensorTrainCores:
         cores = {f"core{k}": core.detach().clone() for k, core in enumerate(self.cores)}
