@@ -9,7 +9,7 @@ largest candidate of the method that fits, so it is reported and stored like any
 
 from __future__ import annotations
 
-from .config import MethodConfig, SpecError, parse_spec
+from .config import MethodConfig, SpecError, parse_spec, split_spec
 from .registry import get_method
 
 __all__ = ["budget_bytes", "config_for_budget"]
@@ -63,7 +63,4 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
 
 def _explicit_keys(spec: "str | MethodConfig") -> set[str]:
     """Fields a spec string sets explicitly (a config object fixes none)."""
-    if not isinstance(spec, str):
-        return set()
-    _, _, rest = spec.partition(":")
-    return {item.partition("=")[0].strip() for item in rest.split(",") if item.strip()}
+    return set(split_spec(spec)[1]) if isinstance(spec, str) else set()
