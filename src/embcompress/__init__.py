@@ -7,6 +7,7 @@ Example:
     torch.Size([1, 3, 64])
     >>> frozen = table.export()          # bit-packed codes + codebooks
     >>> frozen.num_bytes(), round(frozen.compression_ratio())
+    (44096, 58)
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import budget
 from ._version import __version__
 from .base import CompressedEmbedding
-from .config import FitConfig, FitLike, MethodConfig, SpecError, parse_spec, to_spec
+from .budget import config_for_budget
+from .config import Config, FitConfig, FitLike, MethodConfig, SpecError, parse_spec, to_spec
+from .distill import DistillConfig, DistillResult, distill
 from .frozen import FrozenEmbedding
 from .io import ArtifactError, load, save
 from .registry import build, get_method, list_methods
 from .surgery import CompressionReport, compress_, decompress_, load_pretrained, save_pretrained
-from .distill import DistillResult, distill
 
 __all__ = [
-    "__version__", "CompressedEmbedding", "FrozenEmbedding", "MethodConfig", "SpecError", "ArtifactError",
-    "build", "from_pretrained", "list_methods", "get_method", "parse_spec", "to_spec", "aux_loss",
-    "save", "load", "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport",
-    "distill", "DistillResult",
+    "__version__", "CompressedEmbedding", "FrozenEmbedding", "Config", "MethodConfig", "FitConfig",
+    "SpecError", "ArtifactError", "build", "from_pretrained", "list_methods", "get_method", "parse_spec", "to_spec",
+    "aux_loss", "config_for_budget", "save", "load", "compress_", "decompress_", "save_pretrained",
+    "load_pretrained", "CompressionReport", "distill", "DistillConfig", "DistillResult", "budget",
 ]
 
 
@@ -41,6 +44,7 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
     keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
 
     Example:
+        >>> import embcompress, torch
         >>> table = embcompress.from_pretrained(torch.randn(300, 16), "pq:groups=4,codewords=8", fit="iters=30")
         >>> table.fit_settings["iters"]
         30

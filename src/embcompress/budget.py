@@ -4,7 +4,8 @@ A budget is given as total bytes, bits per row, or a compression ratio against f
 every byte the artifact holds (codes, codebooks, cores, scalars). The chosen config is the
 largest candidate of the method that fits, so it is reported and stored like any other spec.
 
-    >>> config_for_budget("codes", 400_000, 50, bits_per_row=80)
+    >>> config_for_budget("dpq", 400_000, 50, bits_per_row=80).to_spec()
+    'dpq:variant=sx,groups=25,codewords=8,shared=false,batchnorm=true,tau=1.0,sparse=false'
 """
 
 from __future__ import annotations

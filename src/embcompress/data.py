@@ -158,9 +158,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
     """Load a table by short name or path; see the module docstring for the formats.
 
     Example:
-        >>> table = load_table("glove-6b-50d")
-        >>> table.weight.shape
-        torch.Size([400000, 50])
+        >>> table = load_table("glove-6b-50d", limit=1000)   # the packaged GloVe, first 1,000 words
+        >>> table.weight.shape, table.words[:3]
+        (torch.Size([1000, 50]), ['the', ',', '.'])
     """
     text = str(source)
     if text in KNOWN_TABLES:

@@ -16,8 +16,15 @@ pickle; ``resume=True`` continues an interrupted run from the last checkpoint, b
 when the batches come in the same order.
 
 Example:
-    >>> result = embcompress.distill(student, teacher, batches, steps=500, temperature=2.0,
+    >>> import copy, embcompress
+    >>> teacher = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 4))   # logits (*, 4)
+    >>> student = copy.deepcopy(teacher)
+    >>> report = embcompress.compress_(student, "lowrank:rank=4")
+    >>> batches = [torch.randint(0, 100, (8, 5)) for _ in range(4)]
+    >>> result = embcompress.distill(student, teacher, batches, steps=8, temperature=2.0,
     ...                              checkpoint="runs/kd", table_weight=1.0)
+    >>> len(result.losses)
+    8
 """
 
 from __future__ import annotations

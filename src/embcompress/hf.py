@@ -7,9 +7,11 @@ Sentence embeddings follow sentence-transformers: mean pooling over real tokens,
 normalization.
 
 Example:
+    >>> import embcompress
     >>> model, tokenizer = load_minilm()
-    >>> embcompress.compress_(model, {WORD_EMBEDDINGS: "distilled:rank=32", "default": "skip"})
-    >>> vectors = encode(model, tokenizer, ["a sentence", "another one"])   # (2, 384)
+    >>> report = embcompress.compress_(model, {WORD_EMBEDDINGS: "lowrank:rank=32", "default": "skip"})
+    >>> encode(model, tokenizer, ["a sentence", "another one"]).shape
+    torch.Size([2, 384])
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from .base import CompressedEmbedding
 from .frozen import FrozenEmbedding, get_format
 from .registry import get_method
 
-__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "atomic_write_bytes", "tensor_digest"]
+__all__ = ["save", "load", "read_header", "verify_payload", "ArtifactError", "FORMAT_VERSION", "atomic_write_bytes",
+           "tensor_digest"]
 
 FORMAT_VERSION = 1
 HEADER_KEY = "embcompress"
@@ -98,7 +99,11 @@ def save(module: "CompressedEmbedding | FrozenEmbedding", path: "str | os.PathLi
     """Save a trainable table or an exported frozen module as safetensors + JSON header.
 
     Example:
-        >>> embcompress.save(table.export(), "glove.emb")
+        >>> import embcompress
+        >>> table = embcompress.from_pretrained(torch.randn(100, 8), "scalar:bits=8")
+        >>> path = embcompress.save(table.export(), "table.emb")
+        >>> embcompress.load(path).num_bytes()
+        1200
     """
     tensors, header = _payload(module)
     data = st_save(tensors, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})

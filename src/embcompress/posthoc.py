@@ -1,9 +1,10 @@
 """Post hoc compression of a pretrained table, with the report people compare.
 
     >>> from embcompress.data import load_table
-    >>> table = load_table("glove-6b-50d")
-    >>> result = compress_table(table, "codes", bits_per_row=80)
-    >>> result.report["rel_mse"], result.report["ratio"]
+    >>> table = load_table("glove-6b-50d", limit=2000)
+    >>> result = compress_table(table, "pq", bits_per_row=80, fit_options="iters=5", neighbours=False, analogy=False)
+    >>> result.report["spec"], round(result.report["ratio"], 1), 0 < result.report["rel_mse"] < 1
+    ('pq:groups=2,codewords=64', 25.3, True)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .evaluate import quality_report
 from .frozen import FrozenEmbedding
 from .registry import get_method
 
-__all__ = ["CompressionResult", "compress_table", "evaluate_module"]
+__all__ = ["CompressionResult", "compress_table", "evaluate_module", "resolve_config"]
 
 
 @dataclass

@@ -53,6 +53,7 @@ def build(
     """A randomly initialized compressed table, ready for end-to-end training.
 
     Example:
+        >>> import torch
         >>> table = build("memcom:buckets=1000", 50_000, 64)
         >>> table(torch.tensor([[1, 2], [3, 4]])).shape
         torch.Size([2, 2, 64])

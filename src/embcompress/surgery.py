@@ -16,9 +16,13 @@ each ``nn.Embedding`` / ``nn.EmbeddingBag`` and returns a report. Ties are found
 tables' tensors and tied heads' biases) as safetensors + JSON, no pickle.
 
 Example:
-    >>> report = embcompress.compress_(model, {"encoder.tok": "dpq:groups=16", r".*pos.*": "skip",
+    >>> import embcompress
+    >>> model = nn.ModuleDict({"tok": nn.Embedding(1000, 32), "pos": nn.Embedding(64, 32),
+    ...                        "tags": nn.Embedding(500, 32)})
+    >>> report = embcompress.compress_(model, {"tok": "dpq:groups=8,codewords=16", r".*pos.*": "skip",
     ...                                        "default": "lowrank:rank=16"})
-    >>> print(report)
+    >>> report.specs["tok"], type(model["pos"]).__name__
+    ('dpq:variant=sx,groups=8,codewords=16,shared=false,batchnorm=true,tau=1.0,sparse=false', 'Embedding')
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from .registry import get_method, list_methods
 
 __all__ = [
     "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport", "TableReport",
-    "CompressedEmbeddingBag", "TiedOutput", "compressed_tables",
+    "CompressedEmbeddingBag", "TiedOutput", "compressed_tables", "iter_tables",
 ]
 
 log = logging.getLogger(__name__)
@@ -355,8 +359,10 @@ def compress_(
         A :class:`CompressionReport`; ``print(report)`` shows a table.
 
     Example:
-        >>> report = embcompress.compress_(model, "lowrank:rank=32")
-        >>> report.ratio
+        >>> import embcompress
+        >>> model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 2))
+        >>> round(embcompress.compress_(model, "lowrank:rank=8").ratio, 1)
+        7.5
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")

@@ -200,7 +200,8 @@ class TensorTrainCores(FrozenEmbedding):
     """The TT cores and nothing else; half tables are a non-persistent lookup cache.
 
     Example:
-        >>> frozen = table.export()           # from a TensorTrainEmbedding
+        >>> import embcompress
+        >>> frozen = embcompress.build("tt:cores=3,rank=8", 1000, 128).export()
         >>> frozen(torch.tensor([3, 5])).shape
         torch.Size([2, 128])
     """

@@ -120,10 +120,13 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     """Additive compositional codes, trainable end to end or fitted post hoc to a matrix.
 
     Example:
-        >>> table = CompositionalCodeEmbedding.from_pretrained(glove, "codes:books=20,codewords=16")
+        >>> table = CompositionalCodeEmbedding.from_pretrained(torch.randn(500, 16), "codes:books=4,codewords=16",
+        ...                                                    fit="polish=1")
         >>> table.layout()
         {'state': 'fixed'}
         >>> frozen = table.export()   # bit-packed codes + codebooks, combine="sum"
+        >>> frozen.num_bytes()        # 500 rows x 4 books x 4 bits + 4 x 16 x 16 fp32
+        5096
     """
 
     Config = CodesConfig

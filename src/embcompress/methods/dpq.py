@@ -105,9 +105,13 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
 
     Example:
-        >>> table = embcompress.build("dpq:variant=sx,groups=8,codewords=16", 10_000, 64)
-        >>> loss = task_loss(table(ids)) + embcompress.aux_loss(model)   # aux is VQ's centroid term
+        >>> import embcompress
+        >>> table = embcompress.build("dpq:variant=vq,groups=8,codewords=16", 10_000, 64)
+        >>> out = table(torch.randint(0, 10_000, (4, 7)))                # (4, 7, 64)
+        >>> loss = out.pow(2).mean() + embcompress.aux_loss(table)       # aux is VQ's centroid term
         >>> frozen = table.export()                                      # codes + values only
+        >>> frozen.num_bytes()                                           # 10,000 x 8 x 4 bits + 16 x 64 fp32
+        44096
     """
 
     Config = DPQConfig
