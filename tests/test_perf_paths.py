@@ -124,7 +124,8 @@ def direct_formats():
         out[f"qr-{combine}"] = QREmbedding(V, D, combine=combine, quotient=torch.randn(-(-V // 10), w, generator=g),
                                            remainder=torch.randn(10, w, generator=g))
     out["tt"] = TensorTrainCores(V, D, vocab_shape=[10, 10], dim_shape=[4, 6],
-                                 core0=torch.randn(1, 10, 4, 3, generator=g), core1=torch.randn(3, 10, 6, 1, generator=g))
+                                 core0=torch.randn(1, 10, 4, 3, generator=g),
+                                 core1=torch.randn(3, 10, 6, 1, generator=g))
     return out
 
 

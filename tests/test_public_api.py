@@ -52,8 +52,8 @@ def test_all_matches_what_is_exported(name):
     assert not missing, f"{name}.__all__ names what the module lacks: {missing}"
     if name == "embcompress":
         public = _defined_here(module, package=True) | {"__version__"}
-        listed = {n for n in exported if not isinstance(getattr(module, n), types.ModuleType)}  # submodules may be
-        assert listed == public, f"not exported: {sorted(public - listed)}; not the package's: {sorted(listed - public)}"
+        listed = {n for n in exported if not isinstance(getattr(module, n), types.ModuleType)}  # or submodules
+        assert listed == public, f"unlisted: {sorted(public - listed)}; not the package's: {sorted(listed - public)}"
     elif name in CHECKED_MODULES:
         unlisted = sorted(_defined_here(module, package=False) - exported)
         assert not unlisted, f"{name} defines public {unlisted} missing from __all__ (or give them a leading _)"

@@ -123,8 +123,8 @@ def test_a_misspelt_distill_option_names_the_valid_ones(name):
     embcompress.compress_(student, "lowrank:rank=2")
     batches = [torch.randint(0, 30, (4, 5))]
     typo = name + name[-1]  # a doubled last letter
-    with pytest.raises(embcompress.SpecError, match=rf"unknown key '{typo}' for distill settings.*did you mean '{name}'") \
-            as caught:
+    pattern = rf"unknown key '{typo}' for distill settings.*did you mean '{name}'"
+    with pytest.raises(embcompress.SpecError, match=pattern) as caught:
         embcompress.distill(student, teacher, batches, **{typo: getattr(DistillConfig(), name)})
     assert valid_keys_named(str(caught.value), [f.name for f in dataclasses.fields(DistillConfig)])
 

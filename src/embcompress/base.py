@@ -21,7 +21,9 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, cast
+
+from typing_extensions import TypeVar
 
 import torch
 from torch import nn
@@ -35,7 +37,9 @@ __all__ = ["CompressedEmbedding", "GradientFit"]
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound="CompressedEmbedding")
+E = TypeVar("E", bound="CompressedEmbedding[Any]")
+# The default keeps a bare ``CompressedEmbedding`` meaning "any method's table" (PEP 696).
+C = TypeVar("C", bound=MethodConfig, default=MethodConfig)
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,11 @@ def _recording_export(export: Callable[[Any], FrozenEmbedding]) -> Callable[[Any
     return wrapper
 
 
-class CompressedEmbedding(nn.Module):
-    """Base class of every trainable compressed table."""
+class CompressedEmbedding(nn.Module, Generic[C]):
+    """Base class of every trainable compressed table; ``C`` is the method's config type."""
 
     Config: ClassVar[type[MethodConfig]]
+    config: C
     #: The method's post hoc fit settings; :meth:`fit` validates every option against it.
     Fit: ClassVar[type[FitConfig]] = GradientFit
     #: The settings of the last :meth:`fit` (canonical values, resolved seeds), None if never fitted.
@@ -71,7 +76,7 @@ class CompressedEmbedding(nn.Module):
         super().__init_subclass__(**kwargs)
         export = cls.__dict__.get("export")
         if export is not None and not getattr(export, "_records_fit", False):
-            cls.export = _recording_export(export)  # type: ignore[method-assign]
+            cls.export = _recording_export(export)  # type: ignore[method-assign,assignment]
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
-        self.config = config
+        self.config = cast(C, config)
 
     # -- what each method implements ---------------------------------------------------------
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -106,12 +111,12 @@ class CompressedEmbedding(nn.Module):
         return {}
 
     @classmethod
-    def expected_bytes(cls, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> int:
+    def expected_bytes(cls, config: C, num_embeddings: int, embedding_dim: int) -> int:
         """Exact artifact bytes for this config and table shape, without building anything."""
         raise NotImplementedError
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> list[MethodConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: C) -> list[C]:
         """Configs to consider for a byte budget, best-quality-first among equal sizes.
 
         ``base`` carries the fields the user fixed; vary the size knobs. ``embcompress.budget``
@@ -120,7 +125,7 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> str:
+    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: C) -> str:
         """Why a budget may be out of reach, added to the error when nothing fits ('' = nothing to add)."""
         return ""
 
@@ -152,10 +157,11 @@ class CompressedEmbedding(nn.Module):
         return self
 
     def _fit(self, weight: torch.Tensor, settings: Any, progress: bool | None) -> FitConfig:
-        """Fit with validated settings; return the settings as used. Default: Adam on the MSE."""
-        self.fit_by_gradient(weight, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                             seed=settings.seed, progress=progress)
-        return settings
+        """Fit with validated settings (this method's ``Fit``); return them as used. Default: Adam on the MSE."""
+        gradient = cast(GradientFit, settings)
+        self.fit_by_gradient(weight, steps=gradient.steps, batch_size=gradient.batch_size, lr=gradient.lr,
+                             seed=gradient.seed, progress=progress)
+        return gradient
 
     # -- shared behaviour --------------------------------------------------------------------
     @property
@@ -237,7 +243,7 @@ class CompressedEmbedding(nn.Module):
         progress: bool | None = None,
         parameters: list[nn.Parameter] | None = None,
         seed: int = 0,
-    ) -> "CompressedEmbedding":
+    ) -> "CompressedEmbedding[C]":
         """Minimize the reconstruction MSE to ``weight`` over random row batches with Adam."""
         weight = self._check_fit_weight(weight)
         params = [p for p in (parameters or list(self.parameters())) if p.requires_grad]

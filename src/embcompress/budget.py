@@ -26,7 +26,7 @@ def budget_bytes(num_embeddings: int, embedding_dim: int, *, bytes: int | None =
         total = int(bytes)
     elif bits_per_row is not None:
         total = int(num_embeddings * bits_per_row // 8)
-    else:
+    elif ratio is not None:
         total = int(num_embeddings * embedding_dim * 4 / ratio)
     if total <= 0:
         raise ValueError(f"the budget must be positive, got {total} bytes")
@@ -41,7 +41,8 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
     fixed = _explicit_keys(spec)
     cls = get_method(base.method)
     limit = budget_bytes(num_embeddings, embedding_dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
-    best, best_bytes, smallest = None, -1, None
+    best: MethodConfig | None = None
+    best_bytes, smallest = -1, None
     for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base):
         if any(getattr(candidate, key) != getattr(base, key) for key in fixed):
             continue  # the user fixed this field in the spec

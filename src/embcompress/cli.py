@@ -116,7 +116,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     frozen = module.export() if isinstance(module, CompressedEmbedding) else module
     table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
     if tuple(table.weight.shape) != (frozen.num_embeddings, frozen.embedding_dim):
-        hint = " (the artifact was made with --limit: add --limit)" if frozen.num_embeddings < table.weight.shape[0] else ""
+        limited = frozen.num_embeddings < table.weight.shape[0]
+        hint = " (the artifact was made with --limit: add --limit)" if limited else ""
         raise ValueError(f"{args.artifact} is ({frozen.num_embeddings}, {frozen.embedding_dim}) but {args.against} "
                          f"is {tuple(table.weight.shape)}{hint}")
     header, _ = read_header(args.artifact)
@@ -158,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"GloVe 6B 50d: {rows:,} x {dim} fp32 = {rows * dim * 4 / 1e6:.1f} MB; budget {args.bits_per_row:g} "
           f"bits per row = {rows * args.bits_per_row / 8 / 1e6:.2f} MB, everything counted", flush=True)
     full = {"method": "full fp32", "bytes": rows * dim * 4, "ratio": 1.0, "bits_per_row": dim * 32.0,
-            "rel_mse": 0.0, "mean_cosine": 1.0, **word_metrics(table.weight, table.words, analogy=False)}
+            "rel_mse": 0.0, "mean_cosine": 1.0, **word_metrics(table.weight, table.words or [], analogy=False)}
     results = [full]
     for spec in args.methods:
         started = time.perf_counter()
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
     p.add_argument("--limit", type=int, help="keep only the first N rows")
     p.add_argument("--steps", type=int, help="override the method's number of fitting steps")
-    p.add_argument("--fit", help='the method\'s fit settings, e.g. "iters=30,seed=0" (`embcompress methods -v` lists them)')
+    p.add_argument("--fit", help='the method\'s fit settings, e.g. "iters=30,seed=0" '
+                                 "(`embcompress methods -v` lists them)")
     p.add_argument("--trainable", action="store_true", help="save the trainable module (for fine-tuning) "
                                                            "instead of the frozen inference artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")

@@ -208,7 +208,7 @@ def _coerce_plain(where: str, value: Any, expected: Any) -> Any:
     raise TypeError(f"{where}: unsupported field type {expected!r}")  # a bug in the config
 
 
-def _check_range(where: str, f: dataclasses.Field, value: Any) -> None:
+def _check_range(where: str, f: dataclasses.Field[Any], value: Any) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     low, high = f.metadata.get("min"), f.metadata.get("max")

@@ -136,7 +136,8 @@ def _hf_folder(folder: Path, key: str | None) -> Table:
     files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = sorted(folder.glob("*.bin"))
-        extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
+        extra = (" (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)"
+                 if pickled else "")
         raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
     from safetensors import safe_open
 
@@ -145,7 +146,8 @@ def _hf_folder(folder: Path, key: str | None) -> Table:
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
         if not matches:
-            raise KeyError(f"no input embedding table found in {files[0]}; pass --key (tensors: {', '.join(keys[:15])})")
+            raise KeyError(f"no input embedding table found in {files[0]}; pass --key "
+                           f"(tensors: {', '.join(keys[:15])})")
         key = matches[0]
     weight = _safetensors(files[0], key)
     words = _hf_vocab(files[0].parent)
@@ -212,4 +214,5 @@ def word_similarity_sets() -> dict[str, list[tuple[str, str, float]]]:
 def analogy_questions() -> list[tuple[str, str, str, str]]:
     """The Google analogy set (a : b :: c : d), lower-cased, section headers dropped."""
     lines = (_gensim_data() / "questions-words.txt").read_text(encoding="utf-8").splitlines()
-    return [tuple(line.lower().split()) for line in lines if line and not line.startswith(":")]
+    words = (line.lower().split() for line in lines if line and not line.startswith(":"))
+    return [(a, b, c, d) for a, b, c, d in words]

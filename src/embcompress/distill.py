@@ -181,7 +181,8 @@ class DistillConfig(Config):
 
     mode: Literal["logits", "outputs"] = field(default="logits", metadata={
         "help": "logits: T^2-scaled KL on softmax(logits / temperature), mixed with the cross-entropy on labels "
-                "as alpha * KD + (1 - alpha) * CE when a batch has labels; outputs: output_loss between pooled outputs"})
+                "as alpha * KD + (1 - alpha) * CE when a batch has labels; "
+                "outputs: output_loss between pooled outputs"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of the logit loss"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the distillation term against the task loss",
                                                 "min": 0.0, "max": 1.0})
@@ -290,7 +291,8 @@ def distill(
                 "output_loss": output_loss, "steps": steps, "lr": lr, "schedule": schedule,
                 "max_grad_norm": max_grad_norm, "table_rows": table_rows, "seed": seed, "params": param_names}
     folder = Path(checkpoint) if checkpoint is not None else None
-    start, epoch, position, losses = 0, 0, 0, []
+    start, epoch, position = 0, 0, 0
+    losses: list[float] = []
 
     was_training = student.training
     teacher_was_training = teacher.training

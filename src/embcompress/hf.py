@@ -97,9 +97,9 @@ def encode(model: nn.Module, tokenizer: Any, texts: "Sequence[str] | Iterable[di
     ``texts`` may also be pre-tokenized batches from :func:`tokenize_batches` (faster when the
     same texts are encoded by several models).
     """
-    texts = list(texts)
-    batches = texts if texts and isinstance(texts[0], dict) else \
-        tokenize_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    items: list[Any] = list(texts)
+    batches = items if items and isinstance(items[0], dict) else \
+        tokenize_batches(tokenizer, items, batch_size=batch_size, max_length=max_length)
     was_training = model.training
     model.eval()
     try:

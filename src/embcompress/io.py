@@ -9,6 +9,7 @@ interrupted write (a full disk, Ctrl-C) never leaves a partial artifact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,10 +61,8 @@ def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -157,10 +156,10 @@ def load(path: "str | os.PathLike[str]") -> "CompressedEmbedding | FrozenEmbeddi
                 module.source_spec = header["spec"]
             return module
         if header["kind"] == "trainable":
-            cls = get_method(header["method"])
-            module = cls(*shape, header["spec"], padding_idx=padding_idx, layout=header.get("layout") or None)
-            module.load_state_dict(tensors, strict=True)
-            return module
+            table = get_method(header["method"])(shape[0], shape[1], header["spec"], padding_idx=padding_idx,
+                                                 layout=header.get("layout") or None)
+            table.load_state_dict(tensors, strict=True)
+            return table
         raise ArtifactError(f"{path}: unknown artifact kind {header['kind']!r}")
     except ArtifactError:
         raise

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "get_method", "list_methods", "build"]
 
 _METHODS: dict[str, type["CompressedEmbedding"]] = {}
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound="type[CompressedEmbedding]")
 
 
 def register(cls: T) -> T:

@@ -34,7 +34,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,7 @@ class TiedOutput(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (*, d) -> logits (*, V)."""
         output_logits = getattr(self.table, "output_logits", None)
+        logits: torch.Tensor
         if callable(output_logits):
             logits = output_logits(hidden)
             pad = self.table.padding_idx
@@ -229,7 +230,10 @@ class CompressionReport:
                 for t in self.tables]
         rows.append(("total", "", "", _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1f}x", ""))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+
+        def line(r: Sequence[object]) -> str:
+            return "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
+
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
         out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(out)
@@ -367,7 +371,7 @@ def compress_(
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     if isinstance(spec_or_mapping, Mapping):
-        for key, value in spec_or_mapping.items():  # fail early on a bad spec, before any fitting
+        for value in spec_or_mapping.values():  # fail early on a bad spec, before any fitting
             if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
                 parse_spec(value)
     names_of = _names_by_module(model)
@@ -380,7 +384,7 @@ def compress_(
     groups: dict[int, list[tuple[str, nn.Module]]] = {}
     visited = {id(part) for table in model.modules() if isinstance(table, CompressedEmbedding)
                for part in table.modules() if part is not table}
-    for name, module in model.named_modules():
+    for _, module in model.named_modules():
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module) in visited:
             continue
         visited.add(id(module))
@@ -404,7 +408,8 @@ def compress_(
             continue
         paddings = {m.padding_idx for _, m in members}
         if len(paddings) > 1:
-            raise ValueError(f"modules {names} share a weight but have different padding_idx {sorted(map(str, paddings))}")
+            raise ValueError(f"modules {names} share a weight but have different padding_idx "
+                             f"{sorted(map(str, paddings))}")
         report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders))
 
     if isinstance(spec_or_mapping, Mapping):
@@ -419,8 +424,8 @@ def compress_(
 def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
                    fit_options: Mapping[str, Any] | None, untie: bool,
                    holders: dict[int, list[tuple[str, nn.Module, str]]]) -> TableReport:
-    first = members[0][1]
-    weight: nn.Parameter = first.weight
+    first = cast(Union[nn.Embedding, nn.EmbeddingBag], members[0][1])
+    weight = first.weight
     padding_idx = first.padding_idx
     member_ids = {id(m) for _, m in members}
 
@@ -502,6 +507,7 @@ def decompress_(model: nn.Module) -> list[str]:
         return weights[id(table)]
 
     new_modules: dict[int, nn.Module] = {}
+    new: nn.Module
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if any(name.startswith(p + ".") for p in replaced):
             continue  # the table inside a bag wrapper or tied head replaced already
@@ -536,7 +542,7 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     tables = compressed_tables(model)
     index = {id(t): k for k, (_, t) in enumerate(tables)}
     entries: list[dict[str, Any]] = []
-    for key, (names, table) in enumerate(tables):
+    for key, (_, table) in enumerate(tables):
         entries.append({"key": f"tables.{key}", "method": table.config.method, "spec": table.spec,
                         "layout": table.layout(), "shape": [table.num_embeddings, table.embedding_dim],
                         "padding_idx": table.padding_idx, "embeddings": [], "bags": [], "tied_heads": []})
@@ -556,7 +562,7 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             entry = entries[index[id(module.table)]]
             has_bias = module.bias is not None
             entry["tied_heads"].append({"name": name, "bias": has_bias})
-            if has_bias and id(module) not in seen:
+            if module.bias is not None and id(module) not in seen:
                 tensors[f"heads.{name}.bias"] = module.bias
         seen.add(id(module))
     for key, (_, table) in enumerate(tables):
@@ -618,22 +624,25 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
     report = CompressionReport()
     holders = _parameter_holders(model)
     for entry in header["tables"]:
-        shape = tuple(entry["shape"])
-        table = get_method(entry["method"])(*shape, entry["spec"], padding_idx=entry["padding_idx"],
+        shape = (int(entry["shape"][0]), int(entry["shape"][1]))
+        table = get_method(entry["method"])(shape[0], shape[1], entry["spec"], padding_idx=entry["padding_idx"],
                                             layout=entry.get("layout") or None)
         prefix = entry["key"] + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             table.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: {exc}") from None
-        originals: list[nn.Parameter] = []
+            raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: "
+                                f"{exc}") from None
+        originals: list[torch.Tensor] = []
         device = torch.device("cpu")
-        expected = [(n, nn.Embedding) for n in entry["embeddings"]] + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]]
+        expected = ([(n, nn.Embedding) for n in entry["embeddings"]]
+                    + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]])
         for name, kind in expected:
-            module = _existing(model, name, kind, folder)
+            module = cast(Union[nn.Embedding, nn.EmbeddingBag], _existing(model, name, kind, folder))
             if tuple(module.weight.shape) != shape:
-                raise ArtifactError(f"{name} in the model is {tuple(module.weight.shape)} but the saved table is {shape}")
+                raise ArtifactError(f"{name} in the model is {tuple(module.weight.shape)} but the saved table "
+                                    f"is {shape}")
             originals.append(module.weight)
             device = module.weight.device
         table = table.to(device)
@@ -644,10 +653,10 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
         heads: dict[int, nn.Module] = {}
         tied_names = []
         for head in entry["tied_heads"]:
-            linear = _existing(model, head["name"], nn.Linear, folder)
+            linear = cast(nn.Linear, _existing(model, head["name"], nn.Linear, folder))
             bias = None
             if head["bias"]:
-                saved = tensors[f"heads.{head['name']}.bias"] if f"heads.{head['name']}.bias" in tensors else None
+                saved = tensors.get(f"heads.{head['name']}.bias")
                 if linear.bias is None or saved is None:
                     raise ArtifactError(f"{head['name']}: bias mismatch between the model and the saved head")
                 with torch.no_grad():
@@ -658,7 +667,7 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
             tied_names.append(head["name"])
         # Holders of the old weight that the save did not record as tied would be cut off silently.
         for original in {id(p): p for p in originals}.values():
-            for holder_name, holder, attr in holders.get(id(original), []):
+            for holder_name, _, attr in holders.get(id(original), []):
                 if holder_name in tied_names or holder_name in entry["embeddings"] or \
                         holder_name in [b["name"] for b in entry["bags"]]:
                     continue
@@ -667,7 +676,8 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
                               stacklevel=2)
         report.tables.append(TableReport(
             names=list(entry["embeddings"]) + [b["name"] for b in entry["bags"]],
-            kind="+".join((["embedding"] if entry["embeddings"] else []) + (["embedding_bag"] if entry["bags"] else [])),
+            kind="+".join((["embedding"] if entry["embeddings"] else [])
+                          + (["embedding_bag"] if entry["bags"] else [])),
             shape=shape, spec=table.spec, bytes_before=shape[0] * shape[1] * 4, bytes_after=table.num_bytes(),
             padding_idx=entry["padding_idx"], tied_heads=tied_names))
     return report

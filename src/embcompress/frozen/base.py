@@ -40,6 +40,8 @@ class FrozenEmbedding(nn.Module):
     format: ClassVar[str] = ""
     #: the format's ``_c_lookup`` also pools bags (see :meth:`pooled`)
     c_bags: ClassVar[bool] = False
+    #: the resolved spec of the table it was exported from, when known
+    source_spec: str | None = None
     #: the fit settings of the table it was exported from (set by ``export()``), None if never fitted
     fit_settings: dict[str, Any] | None = None
 

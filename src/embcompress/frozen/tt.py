@@ -26,7 +26,8 @@ import torch
 from . import kernels
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split", "check_tt_shapes", "row_digits"]
+__all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split",
+           "check_tt_shapes", "row_digits"]
 
 
 def check_tt_shapes(num_embeddings: int, embedding_dim: int, vocab_shape: Sequence[int],

@@ -116,7 +116,7 @@ def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torc
 
 
 @register
-class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
+class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfig]):
     """Additive compositional codes, trainable end to end or fitted post hoc to a matrix.
 
     Example:

@@ -15,7 +15,7 @@ Row i = f(U_i) W + b. Ratio = V*d / (V*r + r*d [+ d]). Exported to the ``factors
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 

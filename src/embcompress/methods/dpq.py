@@ -101,7 +101,7 @@ class DPQFit(FitConfig):
 
 
 @register
-class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
+class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
 
     Example:

@@ -65,7 +65,7 @@ def bucket_means(weight: torch.Tensor, buckets: torch.Tensor, num_buckets: int) 
 
 
 @register
-class HashEmbedding(CompressedEmbedding):
+class HashEmbedding(CompressedEmbedding[HashConfig]):
     """Rows hashed into a shared table of ``buckets`` rows."""
 
     Config = HashConfig

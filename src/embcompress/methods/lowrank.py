@@ -41,7 +41,7 @@ class LowRankFit(FitConfig):
 
 
 @register
-class LowRankEmbedding(CompressedEmbedding):
+class LowRankEmbedding(CompressedEmbedding[LowRankConfig]):
     """E = f(U) W (+ b); f is the identity here, a non-linearity in the distilled method."""
 
     Config = LowRankConfig

@@ -56,7 +56,7 @@ def check_groups(method: str, groups: int, embedding_dim: int) -> None:
 
 
 @register
-class ProductQuantizedEmbedding(CompressedEmbedding):
+class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
     Config = PQConfig
     Fit = PQFit
 

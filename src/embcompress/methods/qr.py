@@ -60,7 +60,7 @@ class QRFit(FitConfig):
 
 
 @register
-class QuotientRemainderEmbedding(CompressedEmbedding):
+class QuotientRemainderEmbedding(CompressedEmbedding[QRConfig]):
     """Rows composed from a quotient table and a remainder table."""
 
     Config = QRConfig

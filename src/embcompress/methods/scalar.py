@@ -26,7 +26,8 @@ __all__ = ["ScalarConfig", "ScalarFit", "ScalarEmbedding"]
 @dataclass(frozen=True)
 class ScalarConfig(MethodConfig):
     method: ClassVar[str] = "scalar"
-    bits: Literal[16, 8, 4] = field(default=8, metadata={"help": "16 = fp16; 8 / 4 = signed ints with a per-row fp32 scale"})
+    bits: Literal[16, 8, 4] = field(default=8, metadata={
+        "help": "16 = fp16; 8 / 4 = signed ints with a per-row fp32 scale"})
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ScalarFit(FitConfig):
 
 
 @register
-class ScalarEmbedding(CompressedEmbedding):
+class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
     Config = ScalarConfig
     Fit = ScalarFit
 

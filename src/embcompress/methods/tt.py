@@ -235,7 +235,7 @@ class TTFit(FitConfig):
 
 
 @register
-class TensorTrainEmbedding(CompressedEmbedding):
+class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
     """A drop-in ``nn.Embedding`` stored as TT cores.
 
     Example:
