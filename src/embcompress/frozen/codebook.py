@@ -43,20 +43,18 @@ def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> 
         table = table.float()
     if combine == "sum":  # a bag sum never holds the (N, books, width) parts: wide tables x many books
         return _BagSum.apply(codes, table) if table.requires_grad else F.embedding_bag(codes, table, mode="sum")
-    # index_select, not F.embedding: the same gather, and its backward is an index_add (3 ms for
-    # 16k rows x 32 books on 2 cores) where embedding's dense backward took 30 ms.
+    # index_select, not F.embedding: the same gather, and its backward is an index_add, about ten
+    # times cheaper than embedding's dense backward at training batch sizes.
     return table.index_select(0, codes.reshape(-1)).view(codes.shape[0], books * width)
 
 
 class _BagSum(torch.autograd.Function):
     """``F.embedding_bag(codes, table, mode="sum")`` with a cheaper table gradient.
 
-    embedding_bag's own backward sorts the N * books indices: 12 ms at 16k rows x 16 books x 128
-    dims on 2 busy cores (~290 ms once, under load), more than the whole forward. Here the C kernel
-    adds each thread's rows into its own cached copy of the table (~11 ms of CPU -> ~1 ms a step in
-    the codes-fixed benchmark); without it, one index_add of the upstream rows per code position
-    (9 ms, where a one-hot matmul took 15 ms). With a shared codebook two positions may pick the same
-    row; both ways add up.
+    embedding_bag's own backward sorts the N * books indices, which costs more than the whole
+    forward. Here the C kernel adds each thread's rows into its own cached copy of the table;
+    without it, one index_add of the upstream rows per code position (cheaper than a one-hot
+    matmul). With a shared codebook two positions may pick the same row; both ways add up.
     """
 
     @staticmethod
@@ -293,8 +291,8 @@ class CodebookEmbedding(FrozenEmbedding):
             codes = rows[:, 0::2].int() + rows[:, 1::2].int() * 256
         elif self._group and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             # Eager only (graph capture keeps the +, *, //, % path below; the same codes): one exact
-            # float64 dot product per group, then int64 shift and mask. 16 five-bit codes a row at
-            # 65,536 rows: 1.5 ms where the byte-window arithmetic below took 14 ms.
+            # float64 dot product per group, then int64 shift and mask: a few passes over the codes
+            # where the byte-window arithmetic below makes one per code position.
             n = rows.shape[0]
             value = (rows.view(n, self._row_bytes // self._group, self._group).double()
                      @ self._group_weights.double()).long()

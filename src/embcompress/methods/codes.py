@@ -267,8 +267,9 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         return CodebookEmbedding.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)
 
     # -- post hoc fit --------------------------------------------------------------------------
-    #: Fit options of :meth:`quick_fit_options` (the demo's preset). GloVe 400k x 50, 11x128 fp16:
-    #: relative MSE 0.128 in 16.8 s on 2 cores (the demo, 2026-11-30; default fit: 0.109).
+    #: Fit options of :meth:`quick_fit_options` (the demo's preset): about a sixth of the default
+    #: fit's time for a little more error (GloVe 400k x 50, 11x128 fp16: relative MSE 0.128 vs 0.109;
+    #: timings in the README's demo table).
     QUICK_FIT: ClassVar[dict[str, Any]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
                                            "search": 2}
 
@@ -282,8 +283,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
            samples, tau = 1, loss 0.5 ||recon - e||^2, Adam) for ``steps`` steps from the refined
            codebooks; per row the better of its argmax codes and the refined codes is kept. Measured on
            GloVe 400k x 50 (11x128) it adds nothing: after 50 steps its argmax codes alone reach relative
-           MSE 0.79 (maxp 0.19) and win on 0.00% of rows, at tens of CPU seconds (a 704-wide hidden
-           layer). So post hoc the default is ``steps=0``; pass ``steps`` > 0 to run the paper's stage.
+           MSE 0.79 (maxp 0.19) and win on 0.00% of rows, at a high cost (a 704-wide hidden layer).
+           So post hoc the default is ``steps=0``; pass ``steps`` > 0 to run the paper's stage.
         3. All rows: per row the best of three encodings (beam search over the refined codebooks in
            energy order and in stored order, and the residual k-means chain of the start, the only
            sane one when many small books make least-squares codebooks cancel), then ICM, then
@@ -294,8 +295,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         The autoencoder's mean max probability ("maxp") is logged and kept in ``last_maxp``.
 
         Measured on GloVe 400k x 50, 11x128 fp16 (3.99 MB, 80 bits/row): defaults -> relative MSE
-        0.110 in 102 s on 2 quiet cores (the single-encoding stage 3 gave 0.115 in 116 s);
-        :meth:`quick_fit_options` -> 0.128 in 16.8 s.
+        0.110 (the single-encoding stage 3 gave 0.115, and took longer); :meth:`quick_fit_options`
+        -> 0.128 (timings: the README and benchmarks/results/posthoc_glove.md).
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
@@ -398,8 +399,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
 
 def _first_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (the first maximum on ties) for a last dim of at most 255: the first index
-    attaining the maximum is the largest of (K - k) over the k that attain it. 2.5 ms where argmax
-    took 7.5 ms at 16k rows x 16 books x 32 codewords (2 cores); larger K falls back to argmax."""
+    attaining the maximum is the largest of (K - k) over the k that attain it; argmax is a few
+    times slower at training sizes. Larger K falls back to argmax."""
     size = x.shape[-1]
     if size > 255:
         return x.argmax(-1)

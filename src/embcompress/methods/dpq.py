@@ -244,9 +244,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         return keys * inv_std.unsqueeze(-1), mu * inv_std
 
     def _transposed(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (D, w, N) contiguous: one 2-d transpose (0.9 ms at 16k x 128, where permuting
-        (N, D, w) to (D, w, N) took 2.5 ms). SX works in this layout: each group's rows are one
-        contiguous (w, N) matrix, which the batched products read 2-4x faster than strided views."""
+        """(N, d) -> (D, w, N) contiguous: one 2-d transpose (cheaper than permuting (N, D, w) to
+        (D, w, N)). SX works in this layout: each group's rows are one contiguous (w, N) matrix,
+        which the batched products read several times faster than strided views."""
         return _Transpose.apply(q).view(self.groups, self.width, q.shape[0])
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             codes = self._vq_codes(q)
         if self.config.variant == "vq" and self.training and torch.is_grad_enabled():
             # The aux loss's gradient to the centroids by one scatter along K (index_select's
-            # backward, an index_add of N * D rows of w floats, took ~8 ms of CPU at 16k x 32 x 16).
+            # backward would be an index_add of N * D rows of w floats, see _values_grad).
             hard = _HardRows.apply(codes, self.values.expand(self.groups, -1, -1))
         else:
             hard = decode_codes(codes, self.values, "concat")
@@ -286,8 +286,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         if self.padding_idx is None:
             if unique.shape[0] == ids.shape[0]:  # no repeats: the same rows, in the caller's order
                 return self._rows(ids)
-            # index_select: its backward is an index_add (2 ms at 16k x 128) where [inverse]'s
-            # accumulating index_put took 23 ms.
+            # index_select: its backward is an index_add, an order of magnitude cheaper than the
+            # accumulating index_put of [inverse].
             return self._rows(unique).index_select(0, inverse)
         keep = unique != self.padding_idx  # padding takes no part in the batch statistics
         out = self.query.new_zeros(unique.shape[0], self.embedding_dim)
@@ -448,8 +448,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
 # (N, d) = 8 MB tensors. The scores are made once, laid out (D, K, N) so that the reductions over K
 # run along contiguous rows, and the backward reuses the forward's probabilities. They are made in
 # blocks of rows below glibc's largest mmap threshold (32 MB), so without a caching allocator they
-# come from reused heap memory instead of fresh pages (a fresh 32 MB costs ~14 ms of page faults on
-# the benchmark VM, an in-place pass over it ~1 ms).
+# come from reused heap memory instead of fresh pages (page-faulting a fresh 32 MB costs far more
+# than an in-place pass over it).
 BLOCK_FLOATS = 1 << 21  # 8 MB score blocks
 
 
@@ -471,7 +471,7 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
         codes, probs = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
         return codes, [] if probs is None else [probs]
     codes = torch.empty(groups, n, dtype=torch.long, device=qt.device)
-    # Tensor.max(dim).indices over 16 codewords ran 10x slower than amax; instead the first index
+    # Tensor.max(dim).indices over a short K is much slower than amax; instead the first index
     # attaining the maximum is the largest of (K - k) over the k that attain it.
     rank_dtype = torch.uint8 if codewords < 256 else torch.int32
     rank = torch.arange(codewords, 0, -1, dtype=rank_dtype, device=qt.device).view(1, codewords, 1)
@@ -491,8 +491,8 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
 
 def _values_grad(codes: torch.Tensor, gt: torch.Tensor, codewords: int) -> torch.Tensor:
     """Gradient (D, K, w) of values[d, codes[n, d]] for row gradients gt (D, w, N): each value gets the sum
-    of its rows'. A scatter along the last dim (each of the D * w rows sums into its own K bins) took
-    0.5 ms where index_select's backward, an index_add of N * D rows of w floats, took 3-14 ms."""
+    of its rows'. A scatter along the last dim (each of the D * w rows sums into its own K bins) is
+    several times cheaper than index_select's backward, an index_add of N * D rows of w floats."""
     groups, width, n = gt.shape
     grad_t = gt.new_zeros(groups, width, codewords).scatter_add_(2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
     return grad_t.transpose(1, 2)

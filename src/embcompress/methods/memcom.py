@@ -134,8 +134,7 @@ class _ScaledRows(torch.autograd.Function):
     forward, embedding_bag with one bag per row and the scale as its weight (gather and scale in one
     pass); backward, the table's gradient by one index_add of grad * scale (embedding's backward
     sorts the buckets first) and the scales' by embedding_bag's fused per-row dot product of grad
-    with the table rows (no gathered (N, d) copy). Forward + backward: 5.0 -> 3.7 ms at the
-    benchmark's 16k ids x 128 into 10,000 buckets (2 cores)."""
+    with the table rows (no gathered (N, d) copy); benchmarks/perf.py measures the training step."""
 
     @staticmethod
     def forward(ctx: Any, buckets: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
