@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import FitConfig, FitLike, MethodConfig, SpecError, parse_spec
 from .frozen.base import FrozenEmbedding
-from .training import adam_steps
+from .training import StepFn, adam_steps
 from .validation import check_ids, check_table_shape, check_weight, normalize_padding_idx
 
 __all__ = ["CompressedEmbedding", "GradientFit"]
@@ -249,7 +249,18 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         params = [p for p in (parameters or list(self.parameters())) if p.requires_grad]
         if not params or steps <= 0:
             return self
-        generator = torch.Generator().manual_seed(seed)
+        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed))
+        was_training = self.training
+        self.train()
+        try:
+            adam_steps(step, params, steps=steps, lr=lr, desc=f"fit {self.config.method}", progress=progress)
+        finally:
+            self.train(was_training)
+        return self
+
+    def _reconstruction_step(self, weight: torch.Tensor, batch_size: int, generator: torch.Generator) -> StepFn:
+        """One gradient step's loss for :func:`adam_steps`: the MSE to ``weight`` (V, d) on random rows,
+        plus the method's auxiliary loss."""
         batch = min(batch_size, self.num_embeddings)
 
         def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -258,13 +269,7 @@ class CompressedEmbedding(nn.Module, Generic[C]):
             aux = self.aux_loss()
             return (loss if aux is None else loss + aux), {"mse": loss}
 
-        was_training = self.training
-        self.train()
-        try:
-            adam_steps(step, params, steps=steps, lr=lr, desc=f"fit {self.config.method}", progress=progress)
-        finally:
-            self.train(was_training)
-        return self
+        return step
 
     def _check_fit_weight(self, weight: torch.Tensor) -> torch.Tensor:
         weight = check_weight(weight)

@@ -397,17 +397,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
 
     def _refine(self, weight: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
                 progress: bool | None) -> None:
-        generator = torch.Generator().manual_seed(seed + 1)
+        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed + 1))
         dense = [p for p in self.parameters() if p.requires_grad and p is not self.query]
         sparse = [self.query] if self.query.requires_grad else []
-        batch = min(batch_size, self.num_embeddings)
-
-        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
-            loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
-            aux = self.aux_loss()
-            return (loss if aux is None else loss + aux), {"mse": loss}
-
         was_training = self.training
         self.train()
         self._fitting = True
