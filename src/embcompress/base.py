@@ -52,16 +52,6 @@ class GradientFit(FitConfig):
     seed: int = field(default=0, metadata={"help": "seed of the row sampling"})
 
 
-def _recording_export(export: Callable[[Any], FrozenEmbedding]) -> Callable[[Any], FrozenEmbedding]:
-    @functools.wraps(export)
-    def wrapper(self: "CompressedEmbedding") -> FrozenEmbedding:
-        frozen = export(self)
-        frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
-        return frozen
-    wrapper._records_fit = True  # type: ignore[attr-defined]
-    return wrapper
-
-
 class CompressedEmbedding(nn.Module, Generic[C]):
     """Base class of every trainable compressed table; ``C`` is the method's config type."""
 
@@ -74,9 +64,8 @@ class CompressedEmbedding(nn.Module, Generic[C]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        export = cls.__dict__.get("export")
-        if export is not None and not getattr(export, "_records_fit", False):
-            cls.export = _recording_export(export)  # type: ignore[method-assign,assignment]
+        if "export" in cls.__dict__:
+            cls.export = _declaring_spec(cls.__dict__["export"])  # type: ignore[method-assign,assignment]
 
     def __init__(
         self,
@@ -103,7 +92,10 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         raise NotImplementedError
 
     def export(self) -> FrozenEmbedding:
-        """The frozen inference module; its output equals this module's output in eval mode."""
+        """The frozen inference module; its output equals this module's output in eval mode.
+
+        Every subclass's ``export`` returns a module whose ``spec`` and ``fit_settings`` are this
+        table's (set on the way out, so a method's export only builds the format)."""
         raise NotImplementedError
 
     def layout(self) -> dict[str, Any]:
@@ -278,3 +270,15 @@ class CompressedEmbedding(nn.Module, Generic[C]):
                              f"({self.num_embeddings}, {self.embedding_dim}); build the table with the "
                              "weight's shape or use from_pretrained(weight, spec)")
         return weight
+
+
+def _declaring_spec(
+        export: Callable[[CompressedEmbedding], FrozenEmbedding]) -> Callable[[CompressedEmbedding], FrozenEmbedding]:
+    """Wrap a method's ``export`` so the frozen module declares the spec and fit settings it came from."""
+    @functools.wraps(export)
+    def wrapper(self: CompressedEmbedding) -> FrozenEmbedding:
+        frozen = export(self)
+        frozen.spec = self.spec
+        frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
+        return frozen
+    return wrapper
