@@ -15,7 +15,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes, packed_size, unpack_codes
 from embcompress.distill import _load_checkpoint
-from embcompress.frozen import kernels
+from embcompress import kernels
 from embcompress.io import FORMAT_VERSION, read_header
 from fixtures.make_fixtures import FROZEN, FixtureClassifier, FixtureModel, model_input
 
@@ -275,9 +275,9 @@ def test_every_post_hoc_entry_records_its_fit_settings(tmp_path):
 
 def test_a_hand_built_format_module_saves_without_a_spec(tmp_path, capsys):
     from embcompress.cli import main
-    from embcompress.frozen import CodebookEmbedding
+    from embcompress.frozen import FrozenCodebook
 
-    table = CodebookEmbedding.from_codes(torch.randint(0, 4, (24, 2)), torch.randn(2, 4, 4), "concat")
+    table = FrozenCodebook.from_codes(torch.randint(0, 4, (24, 2)), torch.randn(2, 4, 4), "concat")
     path = embcompress.save(table, tmp_path / "hand.emb")
     header, _ = read_header(path)
     assert "spec" not in header and "fit" not in header

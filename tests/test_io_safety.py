@@ -25,7 +25,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes
 from embcompress.cli import main
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.io import OutputError, read_header, seal
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -274,7 +274,7 @@ def test_pretrained_and_checkpoint_fields_are_checked(tmp_path):
 # -- 3. stored codes that would decode to the wrong codeword --------------------------------------
 def codebook_artifact(tmp_path, codewords=5, books=3):
     codes = torch.randint(0, codewords, (16, books))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(books, codewords, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(books, codewords, 2), "concat")
     return embcompress.save(table, tmp_path / "c.emb"), codes
 
 
@@ -300,12 +300,12 @@ def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):
 
 def test_packing_codes_beyond_k_is_refused():
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\)"):
-        CodebookEmbedding.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
+        FrozenCodebook.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
 
 
 def test_the_code_check_is_cheap(tmp_path):
     codes = torch.randint(0, 5, (200_000, 8))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(8, 5, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(8, 5, 2), "concat")
     started = time.perf_counter()
     table.check_stored()
     assert time.perf_counter() - started < 5.0  # 1.6M codes: well under a second on one core

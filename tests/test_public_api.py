@@ -76,3 +76,42 @@ def test_docstring_examples_run(name, tmp_path, monkeypatch):
         runner.run(test, out=report.append)
     failed = runner.failures if hasattr(runner, "failures") else runner.summarize(verbose=False).failed
     assert failed == 0, "".join(report)
+
+
+RENAMED_FORMATS = {"CodebookEmbedding": "FrozenCodebook", "FactorizedEmbedding": "FrozenFactors",
+                   "HashedEmbedding": "FrozenHashed", "QREmbedding": "FrozenQR",
+                   "ScalarQuantizedEmbedding": "FrozenScalar", "TensorTrainCores": "FrozenTensorTrain"}
+
+
+@pytest.mark.parametrize("old,new", sorted(RENAMED_FORMATS.items()))
+def test_old_format_names_still_import_with_a_warning(old, new):
+    import embcompress.frozen as frozen
+
+    with pytest.warns(DeprecationWarning, match=f"use {new}"):
+        alias = getattr(frozen, old)
+    assert alias is getattr(frozen, new)
+    home = importlib.import_module(getattr(frozen, new).__module__)
+    with pytest.warns(DeprecationWarning):
+        assert getattr(home, old) is alias  # `from embcompress.frozen.<format> import <old name>` too
+
+
+def test_the_old_kernels_location_shares_the_switch():
+    from embcompress import kernels
+    from embcompress.frozen import kernels as old
+
+    assert old.set_enabled is kernels.set_enabled and old.dpq_sx_forward is kernels.training.dpq_sx_forward
+    assert kernels.codebook_lookup is kernels.lookup.codebook_lookup
+
+
+def test_no_method_file_imports_a_sibling_method():
+    import ast
+    from pathlib import Path
+
+    folder = Path(embcompress.__file__).parent / "methods"
+    methods = {p.stem for p in folder.glob("*.py")} - {"__init__", "shared"}
+    for path in sorted(folder.glob("*.py")):
+        if path.stem not in methods:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert (node.module or "") not in methods, f"{path.name} imports the method {node.module}"

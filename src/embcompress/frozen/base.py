@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import check_ids, check_table_shape, normalize_padding_idx
-from . import kernels
+from .. import kernels
 
 __all__ = ["FrozenEmbedding", "register_format", "get_format", "FORMATS"]
 

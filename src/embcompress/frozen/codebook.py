@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from ..bitpack import MAX_BITS, bits_for, pack_codes, packed_size, unpack_codes
 from ..validation import json_choice, json_int
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["CodebookEmbedding", "decode_codes", "straight_through"]
+__all__ = ["FrozenCodebook", "decode_codes", "straight_through"]
 
 
 def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> torch.Tensor:
@@ -116,12 +117,12 @@ def straight_through(hard: torch.Tensor, probs: torch.Tensor, codebooks: torch.T
     return _SoftPathGradient.apply(hard, probs, codebooks, combine)
 
 
-def _rebuild_fast_path(module: "CodebookEmbedding", _incompatible_keys: Any) -> None:
+def _rebuild_fast_path(module: "FrozenCodebook", _incompatible_keys: Any) -> None:
     module._build_fast_path()
 
 
 @register_format
-class CodebookEmbedding(FrozenEmbedding):
+class FrozenCodebook(FrozenEmbedding):
     """Bit-packed codes plus fp32 (or fp16) codebooks.
 
     ``books`` is the number of codes per row; it defaults to ``codebooks.shape[0]``. Passing a
@@ -180,7 +181,7 @@ class CodebookEmbedding(FrozenEmbedding):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, combine: str,
-                   padding_idx: int | None = None) -> "CodebookEmbedding":
+                   padding_idx: int | None = None) -> "FrozenCodebook":
         """Pack integer codes (V, books) with their codebooks ((books or 1), K, width)."""
         books = codes.shape[1]
         _, codewords, width = codebooks.shape
@@ -362,3 +363,6 @@ class CodebookEmbedding(FrozenEmbedding):
                 row, slot = (int(v) for v in bad.nonzero()[0])
                 raise ValueError(f"stored code {int(codes[row, slot])} at row {start + row}, slot {slot} is not "
                                  f"below the {self.codewords} codewords; the codes are damaged")
+
+
+__getattr__ = renamed_names(__name__, {"CodebookEmbedding": "FrozenCodebook"})  # deprecated names

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import json_choice
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["FactorizedEmbedding", "ACTIVATIONS"]
+__all__ = ["FrozenFactors", "ACTIVATIONS"]
 
 ACTIVATIONS = {
     "identity": lambda x: x,
@@ -29,7 +30,7 @@ ACTIVATIONS = {
 
 
 @register_format
-class FactorizedEmbedding(FrozenEmbedding):
+class FrozenFactors(FrozenEmbedding):
     format = "factors"
 
     def __init__(
@@ -94,3 +95,6 @@ class FactorizedEmbedding(FrozenEmbedding):
         if set(metadata) != {"activation"}:
             raise ValueError(f"factors metadata holds exactly 'activation', got {sorted(metadata)}")
         json_choice(metadata, "activation", tuple(ACTIVATIONS))
+
+
+__getattr__ = renamed_names(__name__, {"FactorizedEmbedding": "FrozenFactors"})  # deprecated names

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 from ..hashing import PRIME, HashFunction
 from ..validation import MAX_ROWS, json_choice, json_int, json_object
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["HashedEmbedding"]
+__all__ = ["FrozenHashed"]
 
 
 @register_format
-class HashedEmbedding(FrozenEmbedding):
+class FrozenHashed(FrozenEmbedding):
     format = "hashed"
     c_bags = True
 
@@ -109,3 +110,6 @@ class HashedEmbedding(FrozenEmbedding):
         # (a * id + b) must not overflow int64 in either path: the universal hash is defined for ids < 2^31.
         if self.hash.kind == "universal" and self.num_embeddings > 1 << 31:
             raise ValueError(f"a universal hash serves at most 2^31 rows, the header says {self.num_embeddings}")
+
+
+__getattr__ = renamed_names(__name__, {"HashedEmbedding": "FrozenHashed"})  # deprecated names

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ..validation import json_choice
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["ScalarQuantizedEmbedding", "quantize_rows"]
+__all__ = ["FrozenScalar", "quantize_rows"]
 
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -46,7 +47,7 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor | None, bits: int, dim:
 
 
 @register_format
-class ScalarQuantizedEmbedding(FrozenEmbedding):
+class FrozenScalar(FrozenEmbedding):
     format = "scalar"
 
     def __init__(
@@ -94,3 +95,6 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
         if set(metadata) != {"bits"}:
             raise ValueError(f"scalar metadata holds exactly 'bits', got {sorted(metadata)}")
         json_choice(metadata, "bits", (16, 8, 4))
+
+
+__getattr__ = renamed_names(__name__, {"ScalarQuantizedEmbedding": "FrozenScalar"})  # deprecated names

@@ -24,10 +24,11 @@ from typing import Any, Sequence
 import torch
 
 from ..validation import MAX_DIM, MAX_ROWS, json_int_list
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split",
+__all__ = ["FrozenTensorTrain", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split",
            "check_tt_shapes", "row_digits"]
 
 
@@ -198,7 +199,7 @@ def tt_rows_cached(left_table: torch.Tensor, right_table: torch.Tensor, ids: tor
 
 
 @register_format
-class TensorTrainCores(FrozenEmbedding):
+class FrozenTensorTrain(FrozenEmbedding):
     """The TT cores and nothing else; half tables are a non-persistent lookup cache.
 
     Example:
@@ -300,3 +301,6 @@ class TensorTrainCores(FrozenEmbedding):
             raise ValueError(f"tt metadata holds exactly 'vocab_shape' and 'dim_shape', got {sorted(metadata)}")
         json_int_list(metadata, "vocab_shape", 1, MAX_ROWS, min_len=2, max_len=16)
         json_int_list(metadata, "dim_shape", 1, MAX_DIM, min_len=2, max_len=16)
+
+
+__getattr__ = renamed_names(__name__, {"TensorTrainCores": "FrozenTensorTrain"})  # deprecated names

@@ -36,7 +36,7 @@ from ..additive import (additive_refine, beam_encode, improve_codes, least_squar
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import FitConfig, MethodConfig, SpecError
-from ..frozen import CodebookEmbedding
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
 from ..query import QueryTableMixin
@@ -262,9 +262,9 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
             self._to_fixed(self.current_codes())
         return self
 
-    def export(self) -> CodebookEmbedding:
+    def export(self) -> FrozenCodebook:
         codebooks = self.codebooks.detach().to(_DTYPES[self.config.codebook_dtype]).clone()
-        return CodebookEmbedding.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)
+        return FrozenCodebook.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)
 
     # -- post hoc fit --------------------------------------------------------------------------
     #: Fit options of :meth:`quick_fit_options` (the demo's preset): about a sixth of the default

@@ -23,13 +23,13 @@ from ..config import FitConfig, SpecError
 from ..frozen.factors import ACTIVATIONS
 from ..registry import register
 from ..training import adam_steps
-from .lowrank import LowRankConfig, LowRankEmbedding
+from .shared import FactorsConfig, FactorsTable
 
 __all__ = ["DistilledConfig", "DistilledFit", "DistilledEmbedding"]
 
 
 @dataclass(frozen=True)
-class DistilledConfig(LowRankConfig):
+class DistilledConfig(FactorsConfig):
     method: ClassVar[str] = "distilled"
     activation: Literal["relu", "tanh", "gelu", "identity"] = field(
         default="relu", metadata={"help": "non-linearity f on the r-dim codes (paper: ReLU)"})
@@ -47,7 +47,7 @@ class DistilledFit(FitConfig):
 
 
 @register
-class DistilledEmbedding(LowRankEmbedding):
+class DistilledEmbedding(FactorsTable[DistilledConfig]):
     """E = f(U) W + b with U the encoder pre-activations of the stage-1 autoencoder."""
 
     Config = DistilledConfig

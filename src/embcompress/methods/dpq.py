@@ -38,13 +38,14 @@ from torch import nn
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import FitConfig, MethodConfig, SpecError
-from ..frozen import CodebookEmbedding, kernels
+from .. import kernels
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
-from .pq import check_groups, divisors
+from .shared import check_groups, divisors
 
 __all__ = ["DPQConfig", "DPQFit", "DPQEmbedding"]
 
@@ -325,10 +326,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             return _sx_codes(qt, *self._affine_scores(qt))[0]
         return self._vq_codes(q)
 
-    def export(self) -> CodebookEmbedding:
+    def export(self) -> FrozenCodebook:
         """Codes of ALL rows recomputed in eval mode (never cached from training batches) + values."""
-        return CodebookEmbedding.from_codes(self.codes(), self.values.detach().clone(), "concat",
-                                            self.padding_idx)
+        return FrozenCodebook.from_codes(self.codes(), self.values.detach().clone(), "concat", self.padding_idx)
 
     # -- post hoc ----------------------------------------------------------------------------
     def _fit(self, weight: torch.Tensor, settings: DPQFit, progress: bool | None) -> DPQFit:

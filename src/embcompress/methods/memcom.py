@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from ..config import FitConfig
-from ..frozen import HashedEmbedding
+from ..frozen import FrozenHashed
 from ..progress import progress_bar
 from ..registry import register
-from .hashing import HashConfig, HashEmbedding, bucket_means
+from .shared import HashedRowsConfig, HashedRowsTable, bucket_means
 
 __all__ = ["MEmComConfig", "MEmComFit", "MEmComEmbedding"]
 
 
 @dataclass(frozen=True)
-class MEmComConfig(HashConfig):
+class MEmComConfig(HashedRowsConfig):
     method: ClassVar[str] = "memcom"
     bias: bool = field(default=False, metadata={"help": "add a per-entity scalar bias b_i (V more floats)"})
 
@@ -41,7 +41,7 @@ class MEmComFit(FitConfig):
 
 
 @register
-class MEmComEmbedding(HashEmbedding):
+class MEmComEmbedding(HashedRowsTable[MEmComConfig]):
     """Hashed shared rows scaled (and optionally shifted) per entity."""
 
     Config = MEmComConfig
@@ -121,11 +121,11 @@ class MEmComEmbedding(HashEmbedding):
             self.bias[ids] = b
         return settings
 
-    def export(self) -> HashedEmbedding:
+    def export(self) -> FrozenHashed:
         bias = None if self.bias is None else self.bias.detach().clone()
-        return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                               hash=self.hash.to_dict(), table=self.table.detach().clone(),
-                               scale=self.scale.detach().clone(), bias=bias)
+        return FrozenHashed(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            hash=self.hash.to_dict(), table=self.table.detach().clone(),
+                            scale=self.scale.detach().clone(), bias=bias)
 
 
 class _ScaledRows(torch.autograd.Function):

@@ -17,16 +17,13 @@ from torch import nn
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
 from ..config import FitConfig, MethodConfig, SpecError
-from ..frozen import CodebookEmbedding
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..registry import register
+from .shared import check_groups, divisors
 
 __all__ = ["PQConfig", "PQFit", "ProductQuantizedEmbedding", "divisors"]
-
-
-def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 @dataclass(frozen=True)
@@ -47,12 +44,6 @@ class PQFit(FitConfig):
     method: ClassVar[str] = "pq"
     iters: int = field(default=25, metadata={"help": "k-means iterations per group", "min": 0})
     seed: int | None = field(default=None, metadata={"help": "k-means seed; none = drawn from torch's generator"})
-
-
-def check_groups(method: str, groups: int, embedding_dim: int) -> None:
-    if embedding_dim % groups:
-        raise SpecError(f"{method}: groups={groups} does not divide embedding_dim={embedding_dim}; "
-                        f"valid groups: {', '.join(map(str, divisors(embedding_dim)))}")
 
 
 @register
@@ -94,5 +85,5 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         self.codes.copy_(codes.T)
         return settings
 
-    def export(self) -> CodebookEmbedding:
-        return CodebookEmbedding.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)
+    def export(self) -> FrozenCodebook:
+        return FrozenCodebook.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)

@@ -23,10 +23,10 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..config import FitConfig, MethodConfig, SpecError
-from ..frozen.qr import QREmbedding, combine_parts
+from ..frozen.qr import FrozenQR, combine_parts
 from ..progress import progress_bar
 from ..registry import register
-from .hashing import bucket_grid
+from .shared import bucket_grid
 
 __all__ = ["QRConfig", "QRFit", "QuotientRemainderEmbedding"]
 
@@ -138,9 +138,9 @@ class QuotientRemainderEmbedding(CompressedEmbedding[QRConfig]):
         self.remainder.copy_(rem)
         return settings
 
-    def export(self) -> QREmbedding:
-        return QREmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
-                           quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())
+    def export(self) -> FrozenQR:
+        return FrozenQR(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
+                        quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())
 
 
 def _least_squares_scale(num: torch.Tensor, den: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..config import FitConfig, MethodConfig
-from ..frozen import ScalarQuantizedEmbedding
+from ..frozen import FrozenScalar
 from ..frozen.scalar import dequantize, quantize_rows
 from ..registry import register
 
@@ -72,7 +72,7 @@ class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
         return settings
 
     @torch.no_grad()
-    def export(self) -> ScalarQuantizedEmbedding:
+    def export(self) -> FrozenScalar:
         values, scale = quantize_rows(self.weight.detach(), self.config.bits)
-        return ScalarQuantizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                                        bits=self.config.bits, values=values, scale=scale)
+        return FrozenScalar(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            bits=self.config.bits, values=values, scale=scale)

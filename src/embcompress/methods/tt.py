@@ -31,7 +31,7 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..config import FitConfig, MethodConfig, SpecError
-from ..frozen.tt import TensorTrainCores, check_tt_shapes, choose_split, tt_half_table, tt_rows
+from ..frozen.tt import FrozenTensorTrain, check_tt_shapes, choose_split, tt_half_table, tt_rows
 from ..registry import register
 
 __all__ = ["TTConfig", "TTFit", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
@@ -350,10 +350,10 @@ class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
                     param.copy_(core)
         return settings.replace(lr=lr)
 
-    def export(self) -> TensorTrainCores:
+    def export(self) -> FrozenTensorTrain:
         cores = {f"core{k}": core.detach().clone() for k, core in enumerate(self.cores)}
-        return TensorTrainCores(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                                vocab_shape=self.vocab_shape, dim_shape=self.dim_shape, **cores)
+        return FrozenTensorTrain(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                                 vocab_shape=self.vocab_shape, dim_shape=self.dim_shape, **cores)
 
     def extra_repr(self) -> str:
         shapes = f", vocab_shape={self.vocab_shape}, dim_shape={self.dim_shape}"
