@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import MethodConfig, SpecError, parse_spec
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "get_method", "list_methods", "build"]
 
 _METHODS: dict[str, type["CompressedEmbedding"]] = {}
-T = TypeVar("T", bound="type[CompressedEmbedding]")
+T = TypeVar("T", bound="type[CompressedEmbedding[Any]]")
 
 
 def register(cls: T) -> T:

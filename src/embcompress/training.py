@@ -21,7 +21,7 @@ StepFn = Callable[[], "tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]"]
 
 
 def adam_steps(step: StepFn, params: Iterable[Any], *, steps: int, lr: float,
-               sparse_params: Iterable[torch.nn.Parameter] = (),
+               sparse_params: Iterable[torch.Tensor] = (),
                schedule: Literal["cosine", "constant"] = "cosine", desc: str = "",
                progress: bool | None = None) -> None:
     """Run ``steps`` optimizer steps on ``step()``'s loss.

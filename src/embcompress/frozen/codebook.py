@@ -131,6 +131,16 @@ class FrozenCodebook(FrozenEmbedding):
     """
 
     format = "codebook"
+    packed: torch.Tensor  # registered buffers, declared for the type checker
+    codebooks: torch.Tensor
+    _table: torch.Tensor
+    _slot_offsets: torch.Tensor
+    _window_cols: torch.Tensor
+    _window_div: torch.Tensor
+    _code_bits: torch.Tensor
+    _pow2: torch.Tensor
+    _group_weights: torch.Tensor
+    _group_shifts: torch.Tensor
     c_bags = True
     #: byte-indexed lookup tables (see ``_build_fast_path``) are built up to this many floats (8 MB)
     byte_table_floats: int = 1 << 21

@@ -32,6 +32,9 @@ ACTIVATIONS = {
 @register_format
 class FrozenFactors(FrozenEmbedding):
     format = "factors"
+    codes: torch.Tensor  # registered buffers, declared for the type checker
+    basis: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,

@@ -26,6 +26,9 @@ __all__ = ["FrozenHashed"]
 @register_format
 class FrozenHashed(FrozenEmbedding):
     format = "hashed"
+    table: torch.Tensor  # registered buffers, declared for the type checker
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
     c_bags = True
 
     def __init__(

@@ -48,6 +48,8 @@ def combine_parts(quotient_rows: torch.Tensor, remainder_rows: torch.Tensor, com
 @register_format
 class FrozenQR(FrozenEmbedding):
     format = "qr"
+    quotient: torch.Tensor  # registered buffers, declared for the type checker
+    remainder: torch.Tensor
 
     def __init__(
         self,

@@ -43,12 +43,15 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor | None, bits: int, dim:
         high = (values >> 4).to(torch.int8)
         q = torch.stack([low, high], -1).reshape(values.shape[0], 2 * values.shape[1])[:, :dim]
         values = torch.where(q > 7, q - 16, q)  # sign-extend the nibbles
+    assert scale is not None, "int8 / int4 rows carry a scale"
     return values.float() * scale.unsqueeze(1)
 
 
 @register_format
 class FrozenScalar(FrozenEmbedding):
     format = "scalar"
+    values: torch.Tensor  # registered buffers, declared for the type checker
+    scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -77,7 +80,7 @@ class FrozenScalar(FrozenEmbedding):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         values = self.values.index_select(0, ids)
-        if self.bits == 8:  # scale in place on the fresh float copy: one (N, d) float tensor
+        if self.bits == 8 and self.scale is not None:  # scale in place on the fresh float copy: one (N, d) tensor
             return values.float().mul_(self.scale.index_select(0, ids).unsqueeze(1))
         scale = None if self.scale is None else self.scale.index_select(0, ids)
         return dequantize(values, scale, self.bits, self.embedding_dim)

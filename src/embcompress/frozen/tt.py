@@ -210,6 +210,8 @@ class FrozenTensorTrain(FrozenEmbedding):
     """
 
     format = "tt"
+    _left_table: torch.Tensor | None  # the lookup cache (non-persistent buffers)
+    _right_table: torch.Tensor | None
     #: a half's full product is cached when it has at most this many floats (16 MB)
     cache_floats: int = 1 << 22
 
@@ -257,7 +259,7 @@ class FrozenTensorTrain(FrozenEmbedding):
         # Both halves cached: store them in the orientation whose per-row matmul result is wider
         # (see tt_rows_cached). A lone cached half stays as tt_rows reads it.
         d_left, d_right = math.prod(self.dim_shape[:m]), math.prod(self.dim_shape[m:])
-        tables = {}
+        tables: dict[str, torch.Tensor | None] = {}
         for side, part in (("left", slice(0, m)), ("right", slice(m, None))):
             shape = self.vocab_shape[part]
             floats = math.prod(shape) * math.prod(self.dim_shape[part]) * self.ranks[m]

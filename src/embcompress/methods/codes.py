@@ -131,6 +131,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
 
     Config = CodesConfig
     Fit = CodesFit
+    codes: torch.Tensor  # registered buffers (fixed state; step: learning state), declared for the type checker
+    step: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -303,6 +305,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         steps, rounds, beam, sample, polish, search = (settings.steps, settings.rounds, settings.beam, settings.sample,
                                                         settings.polish, settings.search)
         batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
+        assert seed is not None  # fit() draws it
         generator = torch.Generator().manual_seed(seed)
         rows = weight.shape[0]
         stages = ["start", "refine", "autoencoder", "all rows"] + [f"polish {i + 1}" for i in range(polish)]
@@ -411,6 +414,9 @@ def _first_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Standardize(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)

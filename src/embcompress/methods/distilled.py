@@ -81,6 +81,7 @@ class DistilledEmbedding(FactorsTable[DistilledConfig]):
 
         best, best_mse = {k: v.detach().clone() for k, v in params.items()}, full_mse(params)
         if settings.steps > 0:
+            assert settings.seed is not None  # fit() draws it
             generator = torch.Generator().manual_seed(settings.seed)
             batch = min(settings.batch_size, len(x))
 

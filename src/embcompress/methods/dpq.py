@@ -117,6 +117,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
 
     Config = DPQConfig
     Fit = DPQFit
+    running_mean: torch.Tensor  # registered buffers (batchnorm=true), declared for the type checker
+    running_var: torch.Tensor
     QUICK_FIT = {"steps": 50}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -353,6 +355,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         """
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
+        assert seed is not None  # fit() draws it
         self._start_from_kmeans(weight, settings.iters, seed)
         if steps <= 0:
             return settings
@@ -460,15 +463,15 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
     groups, _, n = qt.shape
     codewords = keys.shape[1]
     if kernels.dpq_supported(qt, keys):  # one fused pass per group in C (frozen/kernels.py)
-        codes, probs = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
-        return codes, [] if probs is None else [probs]
+        codes, blocked = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
+        return codes, [] if blocked is None else [blocked]
     codes = torch.empty(groups, n, dtype=torch.long, device=qt.device)
     # Tensor.max(dim).indices over a short K is much slower than amax; instead the first index
     # attaining the maximum is the largest of (K - k) over the k that attain it.
     rank_dtype = torch.uint8 if codewords < 256 else torch.int32
     rank = torch.arange(codewords, 0, -1, dtype=rank_dtype, device=qt.device).view(1, codewords, 1)
     bias = bias.unsqueeze(2)
-    probs = []
+    probs: list[torch.Tensor] = []
     step = _block_rows(groups, codewords)
     for start in range(0, n, step):
         # bmm then an in-place subtraction: baddbmm's broadcast copy of the bias took longer than the product.

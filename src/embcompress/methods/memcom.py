@@ -118,6 +118,7 @@ class MEmComEmbedding(HashedRowsTable[MEmComConfig]):
         self.scale[ids] = w
         if self.bias is not None:
             self.bias.zero_()
+            assert b is not None  # solved with the bias above
             self.bias[ids] = b
         return settings
 

@@ -50,6 +50,7 @@ class PQFit(FitConfig):
 class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
     Config = PQConfig
     Fit = PQFit
+    codes: torch.Tensor  # a registered buffer, declared for the type checker
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -80,6 +81,7 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
+        assert settings.seed is not None  # fit() draws it
         centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)

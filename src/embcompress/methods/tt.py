@@ -85,7 +85,7 @@ def _factorizations(value: int, parts: int, smallest: int = 1) -> tuple[tuple[in
     """Every non-decreasing tuple of ``parts`` integers >= ``smallest`` whose product is ``value``."""
     if parts == 1:
         return ((value,),) if value >= smallest else ()
-    found = []
+    found: list[tuple[int, ...]] = []
     factor = smallest
     while factor ** parts <= value:
         if value % factor == 0:
@@ -161,6 +161,7 @@ def _arrange(vocab: Sequence[int], dims: Sequence[int], rank: int, vocab_fixed: 
                 key = (_params(vs, ds, rank), vs, ds)
                 if best is None or key < best:
                     best = key
+    assert best is not None  # there is always a factorization (1 x ... x n)
     return best[1], best[2]
 
 
@@ -289,7 +290,9 @@ class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
         """
         dense = 4 * num_embeddings * embedding_dim
         candidates = []
-        for rank in itertools.count(1):
+        rank = 0
+        while True:
+            rank += 1
             config = base.replace(rank=rank)
             candidates.append(config)
             if cls.expected_bytes(config, num_embeddings, embedding_dim) > dense:
