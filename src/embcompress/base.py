@@ -15,6 +15,7 @@ resolves from the table shape (a tensor-train factorization, hash parameters) go
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +29,19 @@ from .validation import check_ids, check_table_shape, check_weight, normalize_pa
 __all__ = ["CompressedEmbedding"]
 
 log = logging.getLogger(__name__)
+
+# Inputs whose largest value exceeds this are fitted scaled down: the fits square values and sum
+# thousands of squares, which overflows float32 (3.4e38) from about 1e16 on.
+SAFE_PEAK = 2.0 ** 20
+
+
+def _fit_scale(weight: torch.Tensor) -> float:
+    """1.0 for tables in a safe range, else a power of two bringing the RMS near 1 (exact to undo)."""
+    peak = float(weight.abs().max())
+    if peak <= SAFE_PEAK:
+        return 1.0
+    rms = float(weight.double().pow(2).mean().sqrt())
+    return 2.0 ** max(1, round(math.log2(rms)))
 
 
 class CompressedEmbedding(nn.Module):
@@ -163,8 +177,45 @@ class CompressedEmbedding(nn.Module):
         """
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
-        module.fit(weight, **fit_options)
+        scale = _fit_scale(weight)
+        if scale != 1.0 and not module.can_rescale_output(scale):
+            raise ValueError(f"{module.config.method} cannot fit values this large (up to "
+                             f"{float(weight.abs().max()):.3g}); divide the table by {scale:g} first, or use "
+                             "another method")
+        module.fit(weight / scale if scale != 1.0 else weight, **fit_options)
+        if scale != 1.0:
+            module.rescale_output_(scale)
+        module._check_finite_result(weight)
         return module
+
+    # -- large inputs --------------------------------------------------------------------------
+    def can_rescale_output(self, factor: float) -> bool:
+        """True if :meth:`rescale_output_` can scale the output by ``factor`` (from_pretrained then fits
+        huge tables scaled down)."""
+        return type(self).rescale_output_ is not CompressedEmbedding.rescale_output_
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        """Multiply every output row by ``factor`` in place (a power of two, so exactly).
+
+        from_pretrained fits a table with huge values divided by ``factor`` (squares of 1e37 overflow
+        float32) and folds the factor back here; the method scales the tensors its output is linear in.
+        """
+        raise NotImplementedError
+
+    def _check_finite_result(self, weight: torch.Tensor) -> None:
+        """Refuse a fit whose parameters or exported tensors are not finite: never hand back inf/NaN."""
+        where = [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if not where:
+            where = [f"exported {name}" for name, t in self.export().stored_tensors().items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if where:
+            half = (" (float16 storage tops out at 65504: choose a float32 setting, e.g. "
+                    "codes:codebook_dtype=float32 or scalar:bits=8)") if any(
+                t.dtype == torch.float16 for t in self.export().stored_tensors().values()) else ""
+            raise ValueError(f"{self.config.method}: the fit produced non-finite values in {', '.join(where[:3])} "
+                             f"(input values up to {float(weight.abs().max()):.3g}){half}; divide the table by a "
+                             "constant first, or use another method")
 
     def fit_by_gradient(
         self,
