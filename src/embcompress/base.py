@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +35,27 @@ log = logging.getLogger(__name__)
 # Inputs whose largest value exceeds this are fitted scaled down: the fits square values and sum
 # thousands of squares, which overflows float32 (3.4e38) from about 1e16 on.
 SAFE_PEAK = 2.0 ** 20
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no guard
+        return None
+
+
+def _check_affordable(cls: type, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> None:
+    """Refuse, before allocating, a config whose stored tensors alone exceed this machine's memory
+    (a bucket count or TT rank with a few digits too many would otherwise ask for terabytes)."""
+    memory = _physical_memory()
+    try:
+        need = cls.expected_bytes(config, num_embeddings, embedding_dim)
+    except (NotImplementedError, SpecError, ValueError):
+        return  # the constructor reports an invalid config itself
+    if memory is not None and need > memory:
+        raise SpecError(f"{config.to_spec()} would store {need / 1e9:,.1f} GB for a ({num_embeddings}, "
+                        f"{embedding_dim}) table, more than this machine's {memory / 1e9:.1f} GB of memory; "
+                        "choose a smaller setting or a byte budget (bits_per_row, ratio)")
 
 
 def _fit_scale(weight: torch.Tensor) -> float:
@@ -63,6 +86,7 @@ class CompressedEmbedding(nn.Module):
         if not isinstance(config, self.Config):
             raise SpecError(f"{type(self).__name__} needs a {self.Config.__name__} "
                             f"(method {self.Config.method!r}), got a config for {config.method!r}")
+        _check_affordable(type(self), config, num_embeddings, embedding_dim)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
@@ -204,18 +228,24 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     def _check_finite_result(self, weight: torch.Tensor) -> None:
-        """Refuse a fit whose parameters or exported tensors are not finite: never hand back inf/NaN."""
+        """Refuse a fit whose parameters or exported tensors are not finite (never hand back inf/NaN),
+        and warn when the artifact is larger than the fp32 table it replaces."""
         where = [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        stored = self.export().stored_tensors()
         if not where:
-            where = [f"exported {name}" for name, t in self.export().stored_tensors().items()
+            where = [f"exported {name}" for name, t in stored.items()
                      if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if where:
             half = (" (float16 storage tops out at 65504: choose a float32 setting, e.g. "
                     "codes:codebook_dtype=float32 or scalar:bits=8)") if any(
-                t.dtype == torch.float16 for t in self.export().stored_tensors().values()) else ""
+                t.dtype == torch.float16 for t in stored.values()) else ""
             raise ValueError(f"{self.config.method}: the fit produced non-finite values in {', '.join(where[:3])} "
                              f"(input values up to {float(weight.abs().max()):.3g}){half}; divide the table by a "
                              "constant first, or use another method")
+        size = sum(t.numel() * t.element_size() for t in stored.values())
+        if size > self.dense_bytes():
+            warnings.warn(f"{self.spec} stores {size:,} bytes, more than the fp32 table's {self.dense_bytes():,}; "
+                          "choose a smaller setting or a byte budget (bits_per_row, ratio)", stacklevel=3)
 
     def fit_by_gradient(
         self,
