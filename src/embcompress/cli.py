@@ -6,17 +6,20 @@ import argparse
 import dataclasses
 import json
 import logging
+import errno
 import math
+import os
 import sys
+import warnings
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
 from . import __version__
 from .config import SpecError
-from .io import ArtifactError, load, read_header, save
+from .io import HEADER_KEY, ArtifactError, atomic_write_bytes, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -58,15 +61,44 @@ def format_table(rows: Sequence[dict[str, Any]], columns=REPORT_COLUMNS) -> str:
     return "\n".join(text)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr naming the problem and where to look, exit code 2."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _budget(args: argparse.Namespace) -> dict[str, Any]:
     return {"bytes": args.bytes, "bits_per_row": args.bits_per_row, "ratio": args.ratio}
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--bits-per-row", type=float, help="total budget in bits per row (codebooks included)")
-    group.add_argument("--ratio", type=float, help="total budget as a compression ratio against fp32")
-    group.add_argument("--bytes", type=int, help="total budget in bytes")
+    group.add_argument("--bits-per-row", type=positive_float, help="total budget in bits per row (codebooks included)")
+    group.add_argument("--ratio", type=positive_float, help="total budget as a compression ratio against fp32")
+    group.add_argument("--bytes", type=positive_int, help="total budget in bytes")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -89,12 +121,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
     if args.spec and args.method and not args.spec.startswith(args.method):
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
+    if args.output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the output is a directory", str(args.output))
     table = load_table(args.source, key=args.key, limit=args.limit)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
-    save(module, args.output)
+    try:
+        save(module, args.output)
+    except OSError as exc:  # name the output, not the temporary file the write went through
+        raise OSError(exc.errno, exc.strerror or str(exc), str(args.output)) from None
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -124,7 +161,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# A safetensors header past this is not one of ours: refuse it before reading the file.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def peek_header(path: Path) -> None:
+    """Refuse a file that is not an embcompress artifact from its 8-byte length and JSON header
+    alone (bounded), so a huge foreign file is never read whole."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ArtifactError(f"{path} is not an embcompress artifact (not a safetensors file: its "
+                                f"{'length prefix' if length >= 0 else 'size'} does not fit); create one with "
+                                "`embcompress compress`")
+        raw = handle.read(length)
+    try:
+        meta = json.loads(raw).get("__metadata__") or {}
+    except (ValueError, AttributeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not an embcompress artifact (its safetensors header is not a JSON "
+                            f"object: {exc}); create one with `embcompress compress`") from None
+    if not isinstance(meta, dict) or HEADER_KEY not in meta:
+        raise ArtifactError(f"{path} is a safetensors file but not an embcompress artifact "
+                            "(no embcompress header); create one with embcompress.save or `embcompress compress`")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if not args.artifact.is_file():
+        raise FileNotFoundError(f"no artifact at {args.artifact}" if not args.artifact.exists()
+                                else f"{args.artifact} is not a file; give an artifact (.emb) path")
+    peek_header(args.artifact)
+    load(args.artifact)  # refuse exactly what load refuses (checksums, header fields, shapes)
     header, tensors = read_header(args.artifact)
     info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                                          "bytes": t.numel() * t.element_size()} for name, t in tensors.items()}}
@@ -174,17 +242,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
         print(f"wrote {args.json}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
+    parser = OneLineParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"embcompress {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("methods", help="list the methods and their settings")
     p.add_argument("-v", "--verbose", action="store_true", help="show every config field with its help")
@@ -198,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
-    p.add_argument("--limit", type=int, help="keep only the first N rows")
-    p.add_argument("--steps", type=int, help="override the method's number of fitting steps")
+    p.add_argument("--limit", type=positive_int, help="keep only the first N rows")
+    p.add_argument("--steps", type=positive_int, help="override the method's number of fitting steps")
     p.add_argument("--trainable", action="store_true", help="save the trainable module (for fine-tuning) "
                                                            "instead of the frozen inference artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
@@ -221,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("demo", help="compress GloVe 6B 50d with every method at one budget and compare")
-    p.add_argument("--bits-per-row", type=float, default=80.0)
-    p.add_argument("--rows", type=int, default=None, help="use only the first N rows (default: all 400k)")
+    p.add_argument("--bits-per-row", type=positive_float, default=80.0)
+    p.add_argument("--rows", type=positive_int, default=None, help="use only the first N rows (default: all 400k)")
     p.add_argument("--methods", nargs="+", default=DEMO_METHODS)
     p.add_argument("--full-fit", action="store_true", help="each method's default fit (slower) instead of the "
                                                           "demo's lighter settings")
@@ -231,21 +299,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to try for the file system errors a user can meet (errno -> advice).
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space or write elsewhere with -o",
+    errno.EDQUOT: "free some space or write elsewhere with -o",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.strerror is None:  # raised with a message of ours (e.g. FileNotFoundError("no table at ..."))
+        return str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    advice = _OS_ADVICE.get(exc.errno)
+    return f"{exc.strerror.lower()}{where}" + (f"; {advice}" if advice else "")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one line each, without the source line Python would print under them."""
+    print(f"embcompress: warning: {message}", file=sys.stderr)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`embcompress inspect x.emb | head -1`): stop quietly.
+
+    Point stdout at /dev/null so the interpreter's final flush cannot raise again, and exit as a
+    process killed by SIGPIPE would (128 + 13), without a message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         set_progress(False)
+    command = f"embcompress {args.command}"
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = args.run(args)
+            sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("interrupted; no partial output was written", file=sys.stderr)
         return 130
-    except (SpecError, ArtifactError, FileNotFoundError, ValueError, KeyError, IndexError, TypeError,
-            ImportError) as exc:
+    except (SpecError, ArtifactError, ValueError, KeyError, IndexError, TypeError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"embcompress {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # file system: missing, a directory, no permission, disk full, read-only
+        print(f"{command}: error: {_os_message(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{command}: error: out of memory; use --limit, a smaller setting, or a machine with more memory",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback on request
+        if os.environ.get("EMBCOMPRESS_DEBUG"):
+            raise
+        print(f"{command}: internal error: {type(exc).__name__}: {exc} (rerun with EMBCOMPRESS_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ def _npy(path: Path, limit: int | None) -> torch.Tensor:
         raise ValueError(f"{path} holds {array.dtype} values; expected a 2-D float array")
     if limit is not None and array.ndim == 2:
         array = array[:limit]
-    # Native byte order and C layout for torch (big-endian files are converted, not refused).
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
+    # One in-memory copy from the mapped file, in native byte order (big-endian files are
+    # converted, not refused) and C layout, writable as torch wants.
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
 
 
 def _safetensors_keys(path: Path) -> list[str]:
