@@ -58,7 +58,7 @@ def _check_affordable(cls: type, config: MethodConfig, num_embeddings: int, embe
                         "choose a smaller setting or a byte budget (bits_per_row, ratio)")
 
 
-def _fit_scale(weight: torch.Tensor) -> float:
+def fit_scale(weight: torch.Tensor) -> float:
     """1.0 for tables in a safe range, else a power of two bringing the RMS near 1 (exact to undo)."""
     peak = float(weight.abs().max())
     if peak <= SAFE_PEAK:
@@ -201,7 +201,7 @@ class CompressedEmbedding(nn.Module):
         """
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
-        scale = _fit_scale(weight)
+        scale = fit_scale(weight)
         if scale != 1.0 and not module.can_rescale_output(scale):
             raise ValueError(f"{module.config.method} cannot fit values this large (up to "
                              f"{float(weight.abs().max()):.3g}); divide the table by {scale:g} first, or use "
