@@ -230,19 +230,27 @@ class CompressedEmbedding(nn.Module):
     def _check_finite_result(self, weight: torch.Tensor) -> None:
         """Refuse a fit whose parameters or exported tensors are not finite (never hand back inf/NaN),
         and warn when the artifact is larger than the fp32 table it replaces."""
-        where = [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        stored = self.export().stored_tensors()
-        if not where:
+        peaks = {name: [abs(float(v)) for v in torch.aminmax(t.detach())]  # one pass; NaN propagates
+                 for name, t in self.state_dict().items() if t.is_floating_point() and t.numel()}
+        where = [name for name, peak in peaks.items() if not all(math.isfinite(v) for v in peak)]
+        half = ""
+        # Finite float32 parameters export to finite tensors unless float16 storage overflows, so the
+        # export (codes recomputed for every row, for some methods) runs only when values pass fp16's range.
+        if not where and any(max(peak) > torch.finfo(torch.float16).max for peak in peaks.values()):
+            stored = self.export().stored_tensors()
             where = [f"exported {name}" for name, t in stored.items()
                      if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if any(t.dtype == torch.float16 for t in stored.values()):
+                half = (" (float16 storage tops out at 65504: choose a float32 setting, e.g. "
+                        "codes:codebook_dtype=float32 or scalar:bits=8)")
         if where:
-            half = (" (float16 storage tops out at 65504: choose a float32 setting, e.g. "
-                    "codes:codebook_dtype=float32 or scalar:bits=8)") if any(
-                t.dtype == torch.float16 for t in stored.values()) else ""
             raise ValueError(f"{self.config.method}: the fit produced non-finite values in {', '.join(where[:3])} "
                              f"(input values up to {float(weight.abs().max()):.3g}){half}; divide the table by a "
                              "constant first, or use another method")
-        size = sum(t.numel() * t.element_size() for t in stored.values())
+        try:
+            size = type(self).expected_bytes(self.config, self.num_embeddings, self.embedding_dim)
+        except NotImplementedError:
+            return
         if size > self.dense_bytes():
             warnings.warn(f"{self.spec} stores {size:,} bytes, more than the fp32 table's {self.dense_bytes():,}; "
                           "choose a smaller setting or a byte budget (bits_per_row, ratio)", stacklevel=3)
