@@ -420,3 +420,19 @@ def test_inspect_decides_on_a_huge_foreign_file_without_reading_it(tmp_path, cap
     npy = tmp_path / "t.npy"
     np.save(npy, np.ones((4, 4), dtype="f4"))
     assert "not an embcompress artifact" in one_line_error(capsys, "inspect", str(npy))
+    assert "not an embcompress artifact" in one_line_error(capsys, "evaluate", str(huge), "--against", str(npy))
+
+
+@pytest.mark.parametrize("failure, words", [(RuntimeError("boom"), "internal error: RuntimeError: boom"),
+                                            (RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+                                             "out of memory; use --limit")])
+def test_unexpected_failures_are_one_line(capsys, monkeypatch, failure, words):
+    def failing(args):
+        raise failure
+
+    monkeypatch.setattr(cli, "cmd_methods", failing)
+    assert words in one_line_error(capsys, "methods")
+    monkeypatch.setenv("EMBCOMPRESS_DEBUG", "1")
+    if "boom" in str(failure):
+        with pytest.raises(RuntimeError, match="boom"):  # the traceback, on request
+            cli.main(["methods"])

@@ -146,6 +146,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_table
     from .posthoc import evaluate_module
 
+    if args.artifact.is_file():
+        peek_header(args.artifact)  # a foreign file is refused before it is read whole
     module = load(args.artifact)
     frozen = module.export() if isinstance(module, CompressedEmbedding) else module
     table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
@@ -366,11 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # file system: missing, a directory, no permission, disk full, read-only
         print(f"{command}: error: {_os_message(exc)}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"{command}: error: out of memory; use --limit, a smaller setting, or a machine with more memory",
-              file=sys.stderr)
-        return 2
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback on request
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # torch's allocator: RuntimeError
+            print(f"{command}: error: out of memory; use --limit, a smaller setting, or a machine with more memory",
+                  file=sys.stderr)
+            return 2
         if os.environ.get("EMBCOMPRESS_DEBUG"):
             raise
         print(f"{command}: internal error: {type(exc).__name__}: {exc} (rerun with EMBCOMPRESS_DEBUG=1 for the "
