@@ -76,7 +76,7 @@ def npy(tmp_path) -> Path:
 def test_huge_finite_values_fit_scaled_and_fold_back(spec):
     weight = synthetic_table(64, 12, 4) * 1e37
     quick = embcompress.get_method(spec.partition(":")[0]).quick_fit_options()
-    module = embcompress.from_pretrained(weight, spec, **(quick or FIT))
+    module = embcompress.from_pretrained(weight, spec, **{**quick, "steps": min(quick.get("steps", 30), 30)})
     frozen = module.export()
     assert all(torch.isfinite(t).all() for t in frozen.stored_tensors().values() if t.is_floating_point())
     assert torch.isfinite(frozen.materialize()).all() and torch.isfinite(module.materialize()).all()
@@ -441,3 +441,23 @@ def test_unexpected_failures_are_one_line(capsys, monkeypatch, failure, words):
     if "boom" in str(failure):
         with pytest.raises(RuntimeError, match="boom"):  # the traceback, on request
             cli.main(["methods"])
+
+
+def test_hf_model_folders_fail_with_the_folder_named(tmp_path):
+    pytest.importorskip("transformers")
+    from embcompress import hf
+
+    with pytest.raises(FileNotFoundError, match=r"nope is not a model folder \(no config.json\)"):
+        hf.load_minilm(tmp_path / "nope")
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "intermediate_size": 8,
+                                                    "vocab_size": 10}))
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=r"damaged: the model could not be loaded .*re-download"):
+        hf.load_minilm(folder)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        hf.tokenize_batches(None, ["a sentence"], batch_size=0)
+    with pytest.raises(ValueError, match="got no texts"):
+        hf.encode(None, None, [])
