@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
-import errno
 import math
 import os
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -251,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"embcompress {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
