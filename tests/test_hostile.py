@@ -99,9 +99,13 @@ def test_beyond_float16_storage_is_a_clear_error(spec):
         embcompress.from_pretrained(synthetic_table(64, 12, 4) * 7e4, spec, **FIT)
 
 
-def test_float64_beyond_float32_is_named():
+def test_float64_beyond_float32_is_named(tmp_path):
     with pytest.raises(ValueError, match="beyond float32's range"):
         embcompress.from_pretrained(torch.randn(20, 4, dtype=torch.float64) * 1e300, "hash:buckets=4")
+    text = tmp_path / "wide.txt"
+    text.write_text("a 1 2\nb 3 1e39\n")
+    with pytest.raises(ValueError, match=r"wide.txt has values up to 1e\+39, beyond float32's range"):
+        load_table(text)
 
 
 def test_cli_compresses_a_huge_table_to_a_finite_artifact(tmp_path, capsys):

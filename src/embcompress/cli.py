@@ -191,7 +191,8 @@ def peek_header(path: Path) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.artifact.is_file():
-        raise FileNotFoundError(f"no artifact at {args.artifact}" if not args.artifact.exists()
+        raise FileNotFoundError(f"no artifact at {args.artifact}; create one with `embcompress compress`"
+                                if not args.artifact.exists()
                                 else f"{args.artifact} is not a file; give an artifact (.emb) path")
     peek_header(args.artifact)
     load(args.artifact)  # refuse exactly what load refuses (checksums, header fields, shapes)

@@ -105,7 +105,8 @@ def _text_vectors(path: Path, limit: int | None) -> Table:
     if is_header and len(rows) != int(header[0]) and (limit is None or len(rows) < limit):
         raise ValueError(f"{path}: the word2vec header announces {header[0]} rows but the file holds {len(rows)} "
                          "(truncated?); fix the first line or the file")
-    return Table(torch.tensor(rows, dtype=torch.float32), words, path.name)
+    # float64 so that a value past float32's range is reported as such by check_weight, not as inf.
+    return Table(torch.tensor(rows, dtype=torch.float64), words, path.name)
 
 
 def _npy(path: Path, limit: int | None) -> torch.Tensor:
