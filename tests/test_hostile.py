@@ -357,6 +357,8 @@ def test_directories_as_input_and_output(npy, tmp_path, capsys):
     line = one_line_error(capsys, "compress", str(npy), "-m", "hash", "--ratio", "4", "-o", str(tmp_path))
     assert "is a directory" in line and "give a file path" in line
     assert "is not a file" in one_line_error(capsys, "inspect", str(tmp_path))
+    line = one_line_error(capsys, "compress", str(npy), "-m", "hash", "--ratio", "4", "-o", str(npy / "o.emb"))
+    assert "table.npy is a file, so it cannot hold the output" in line and "inside a folder" in line
 
 
 @pytest.mark.parametrize("failure, words", [

@@ -112,6 +112,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_path(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the output is a directory", str(path))
+    folder = next((parent for parent in path.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, so it cannot hold the output", str(path))
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .data import load_table
     from .posthoc import compress_table
@@ -121,8 +129,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
     if args.spec and args.method and not args.spec.startswith(args.method):
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
-    if args.output.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "the output is a directory", str(args.output))
+    _check_output_path(args.output)  # before the fit, not after it
     table = load_table(args.source, key=args.key, limit=args.limit)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
@@ -310,7 +317,7 @@ _OS_ADVICE = {
     errno.EPERM: "check the permissions or choose another path",
     errno.EROFS: "the file system is read-only: choose another path",
     errno.EISDIR: "give a file path, not a directory",
-    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.ENOTDIR: "choose an output inside a folder",
     errno.ENOENT: "check the path",
     errno.ENAMETOOLONG: "choose a shorter name",
 }
@@ -321,7 +328,8 @@ def _os_message(exc: OSError) -> str:
         return str(exc)
     where = f" ({exc.filename})" if exc.filename else ""
     advice = _OS_ADVICE.get(exc.errno)
-    return f"{exc.strerror.lower()}{where}" + (f"; {advice}" if advice else "")
+    problem = exc.strerror[:1].lower() + exc.strerror[1:]  # "No space left" -> "no space left", paths kept
+    return f"{problem}{where}" + (f"; {advice}" if advice else "")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
