@@ -13,6 +13,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -358,7 +359,7 @@ def test_directories_as_input_and_output(npy, tmp_path, capsys):
     assert "is a directory" in line and "give a file path" in line
     assert "is not a file" in one_line_error(capsys, "inspect", str(tmp_path))
     line = one_line_error(capsys, "compress", str(npy), "-m", "hash", "--ratio", "4", "-o", str(npy / "o.emb"))
-    assert "table.npy is a file, so it cannot hold the output" in line and "inside a folder" in line
+    assert "table.npy" in line and "not a directory" in line.lower()
 
 
 @pytest.mark.parametrize("failure, words", [
@@ -427,11 +428,12 @@ def test_inspect_decides_on_a_huge_foreign_file_without_reading_it(tmp_path, cap
         raise AssertionError("read the whole file")
 
     monkeypatch.setattr(Path, "read_bytes", whole_file)
-    assert "not an embcompress artifact" in one_line_error(capsys, "inspect", str(huge))
+    refused = re.compile(r"not an embcompress artifact|not a readable safetensors file")
+    assert refused.search(one_line_error(capsys, "inspect", str(huge)))
     npy = tmp_path / "t.npy"
     np.save(npy, np.ones((4, 4), dtype="f4"))
-    assert "not an embcompress artifact" in one_line_error(capsys, "inspect", str(npy))
-    assert "not an embcompress artifact" in one_line_error(capsys, "evaluate", str(huge), "--against", str(npy))
+    assert refused.search(one_line_error(capsys, "inspect", str(npy)))
+    assert refused.search(one_line_error(capsys, "evaluate", str(huge), "--against", str(npy)))
 
 
 @pytest.mark.parametrize("failure, words", [(RuntimeError("boom"), "internal error: RuntimeError: boom"),

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .config import SpecError
-from .io import HEADER_KEY, ArtifactError, atomic_write_bytes, load, read_header, save
+from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -112,14 +112,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_path(path: Path) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "the output is a directory", str(path))
-    folder = next((parent for parent in path.parents if parent.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, so it cannot hold the output", str(path))
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from .data import load_table
     from .posthoc import compress_table
@@ -129,14 +121,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
     if args.spec and args.method and not args.spec.startswith(args.method):
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
-    _check_output_path(args.output)  # before the fit, not after it
+    check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
     try:
-        save(module, args.output)
+        save(module, args.output, overwrite=args.force, protect=[args.source])
     except OSError as exc:  # name the output, not the temporary file the write went through
         raise OSError(exc.errno, exc.strerror or str(exc), str(args.output)) from None
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
@@ -153,8 +145,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_table
     from .posthoc import evaluate_module
 
-    if args.artifact.is_file():
-        peek_header(args.artifact)  # a foreign file is refused before it is read whole
     module = load(args.artifact)
     frozen = module.export() if isinstance(module, CompressedEmbedding) else module
     table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
@@ -170,49 +160,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# A safetensors header past this is not one of ours: refuse it before reading the file.
-MAX_HEADER_BYTES = 100_000_000
-
-
-def peek_header(path: Path) -> None:
-    """Refuse a file that is not an embcompress artifact from its 8-byte length and JSON header
-    alone (bounded), so a huge foreign file is never read whole."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
-            raise ArtifactError(f"{path} is not an embcompress artifact (not a safetensors file: its "
-                                f"{'length prefix' if length >= 0 else 'size'} does not fit); create one with "
-                                "`embcompress compress`")
-        raw = handle.read(length)
-    try:
-        meta = json.loads(raw).get("__metadata__") or {}
-    except (ValueError, AttributeError, RecursionError) as exc:
-        raise ArtifactError(f"{path} is not an embcompress artifact (its safetensors header is not a JSON "
-                            f"object: {exc}); create one with `embcompress compress`") from None
-    if not isinstance(meta, dict) or HEADER_KEY not in meta:
-        raise ArtifactError(f"{path} is a safetensors file but not an embcompress artifact "
-                            "(no embcompress header); create one with embcompress.save or `embcompress compress`")
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.artifact.is_file():
         raise FileNotFoundError(f"no artifact at {args.artifact}; create one with `embcompress compress`"
                                 if not args.artifact.exists()
                                 else f"{args.artifact} is not a file; give an artifact (.emb) path")
-    peek_header(args.artifact)
-    load(args.artifact)  # refuse exactly what load refuses (checksums, header fields, shapes)
     header, tensors = read_header(args.artifact)
+    load(args.artifact)  # refuse what load refuses (metadata, shapes, stored codes), not only a bad header
     info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                                          "bytes": t.numel() * t.element_size()} for name, t in tensors.items()}}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("kind", "method", "format", "spec", "num_embeddings", "embedding_dim", "padding_idx",
+    for key in ("kind", "method", "format", "spec", "fit", "num_embeddings", "embedding_dim", "padding_idx",
                 "library_version", "format_version"):
         if header.get(key) is not None:
-            print(f"{key:16s} {header[key]}")
+            print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
     print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
@@ -252,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
         print(f"wrote {args.json}")
     return 0
 
@@ -275,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help='full spec, e.g. "codes:books=16,codewords=32"')
     _add_budget(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at the output path")
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
     p.add_argument("--limit", type=positive_int, help="keep only the first N rows")
     p.add_argument("--steps", type=positive_int, help="override the method's number of fitting steps")
