@@ -284,12 +284,12 @@ def test_a_code_at_or_above_k_in_any_slot_is_refused_at_load(tmp_path, slot):
     codes[9, slot] = 7  # fits the 3 bits of K = 5, but there is no codeword 7
     forge(path, change_tensors=lambda t: t.update(packed=pack_codes(codes, 3)))
     for kernels_on in (True, False):
-        previous = embcompress.frozen.kernels.set_enabled(kernels_on)
+        previous = embcompress.kernels.set_enabled(kernels_on)
         try:
             with pytest.raises(ArtifactError, match=f"stored code 7 at row 9, slot {slot} is not below the 5"):
                 embcompress.load(path)
         finally:
-            embcompress.frozen.kernels.set_enabled(previous)
+            embcompress.kernels.set_enabled(previous)
 
 
 def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):

@@ -51,6 +51,10 @@ class HashEmbedding(HashedRowsTable[HashConfig]):
         self.table.copy_(bucket_means(weight, self.hash(torch.arange(self.num_embeddings)), self.config.buckets))
         return settings
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.table.mul_(factor)
+
     def export(self) -> FrozenHashed:
         return FrozenHashed(self.num_embeddings, self.embedding_dim, self.padding_idx,
                             hash=self.hash.to_dict(), table=self.table.detach().clone())

@@ -87,5 +87,9 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         self.codes.copy_(codes.T)
         return settings
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.codebooks.mul_(factor)
+
     def export(self) -> FrozenCodebook:
         return FrozenCodebook.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)

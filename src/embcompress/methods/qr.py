@@ -138,6 +138,12 @@ class QuotientRemainderEmbedding(CompressedEmbedding[QRConfig]):
         self.remainder.copy_(rem)
         return settings
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.remainder.mul_(factor)
+        if self.config.combine != "mult":  # add / concat: both halves are linear in the output
+            self.quotient.mul_(factor)
+
     def export(self) -> FrozenQR:
         return FrozenQR(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
                         quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())

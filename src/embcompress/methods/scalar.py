@@ -72,6 +72,10 @@ class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
         return settings
 
     @torch.no_grad()
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.weight.mul_(factor)
+
     def export(self) -> FrozenScalar:
         values, scale = quantize_rows(self.weight.detach(), self.config.bits)
         return FrozenScalar(self.num_embeddings, self.embedding_dim, self.padding_idx,

@@ -178,6 +178,12 @@ class FactorsTable(CompressedEmbedding[FC]):
             logits = logits * keep.index_fill(0, torch.tensor([self.padding_idx], device=keep.device), 0.0)
         return logits
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.basis.mul_(factor)  # f(U) W + b: the decoder side, whatever the activation f
+        if self.bias is not None:
+            self.bias.mul_(factor)
+
     def export(self) -> FrozenFactors:
         bias = None if self.bias is None else self.bias.detach().clone()
         return FrozenFactors(self.num_embeddings, self.embedding_dim, self.padding_idx,

@@ -353,6 +353,10 @@ class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
                     param.copy_(core)
         return settings.replace(lr=lr)
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.cores[0].mul_(factor)
+
     def export(self) -> FrozenTensorTrain:
         cores = {f"core{k}": core.detach().clone() for k, core in enumerate(self.cores)}
         return FrozenTensorTrain(self.num_embeddings, self.embedding_dim, self.padding_idx,
