@@ -8,11 +8,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc clean
 
-$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
+$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
