@@ -102,6 +102,8 @@ def test_errors_name_the_table():
         CompressedEmbeddingBagCollection(bag_tables(), {"item": SPECS["item"], "user": SPECS["user"]})
     with pytest.raises(SpecError, match="do not exist"):
         CompressedEmbeddingBagCollection(bag_tables(), {**SPECS, "itemz": "tt"})
+    with pytest.raises(ValueError, match="table 'items'"):
+        CompressedEmbeddingBagCollection(bag_tables({"items": 10}), {"default": "tt"})
     ebc = CompressedEmbeddingBagCollection(bag_tables(), SPECS)
     with pytest.raises(KeyError, match="table 'cat'.*f_cat"):
         ebc(make_kjt({"f_item": [[1]], "f_user": [[2]]}))

@@ -47,6 +47,10 @@ class _CompressedCollection(nn.Module):
         names = [config.name for config in tables]
         if len(set(names)) != len(names) or "" in names:
             raise ValueError(f"table names must be unique and non-empty, got {names}")
+        for name in names:
+            if "." in name or hasattr(nn.ModuleDict(), name):  # TorchRec's own ModuleDict refuses these too
+                raise ValueError(f"table {name!r}: a table name must not contain '.' nor be a ModuleDict "
+                                 f"attribute (items, keys, values, ...); rename it, e.g. {name.replace('.', '_')}_table")
         unknown = sorted(set(specs) - set(names) - {DEFAULT_KEY})
         if unknown:
             raise SpecError(f"specs name tables that do not exist: {unknown}; tables are {names} "
