@@ -145,6 +145,56 @@ def run(method: str, world: int, rows: dict[str, int], batch: int, ids: int, ste
             "step_seconds": statistics.median(warm), "sharding": ranks[0]["sharding"]}
 
 
+def on_paper(rows: int = 10**9, dim: int = DIM, hosts: tuple[int, ...] = (1, 8)) -> list[dict[str, Any]]:
+    """Bytes of one (rows, dim) table per method, from the exact formulas, nothing allocated.
+
+    artifact: ``expected_bytes`` (what is served); training: the per-row part TorchRec shards
+    (split across hosts) and the rest, which every host holds (counted on the meta device).
+    """
+    from embcompress.config import parse_spec  # noqa: PLC0415
+    from embcompress.integrations.torchrec.rows import build_split, row_part  # noqa: PLC0415
+    from embcompress.registry import get_method  # noqa: PLC0415
+
+    out = []
+    for method, spec in SPECS.items():
+        if spec is None:
+            artifact, sharded, replicated = 4 * rows * dim, 4 * rows * dim, 0
+        else:
+            config = parse_spec(spec)
+            artifact = get_method(config.method).expected_bytes(config, rows, dim)
+            with torch.device("meta"):
+                table = build_split(config, rows, dim)
+            part = row_part(table)
+            sharded = 4 * rows * part.dim if part else 0
+            replicated = sum(t.numel() * t.element_size() for t in [*table.parameters(), *table.buffers()])
+        out.append({"method": method, "spec": spec, "artifact_bytes": artifact, "sharded_bytes": sharded,
+                    "replicated_bytes": replicated,
+                    "training_bytes_per_host": {str(h): sharded / h + replicated for h in hosts}})
+    return out
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def paper_markdown(table: list[dict[str, Any]], rows: int = 10**9, dim: int = DIM) -> str:
+    hosts = list(table[0]["training_bytes_per_host"])
+    lines = [f"Memory for one {rows:,} x {dim} table, from the exact byte formulas (`expected_bytes`; training "
+             "parts counted on the meta device; fp32, no optimizer state):", "",
+             "| method | spec | artifact (serving) | training, sharded by TorchRec | training, on every host | "
+             + " | ".join(f"training per host, {h} host{'s' if h != '1' else ''}" for h in hosts) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(hosts)]
+    for r in table:
+        spec = f"`{r['spec']}`" if r["spec"] else "dense fp32"
+        lines.append(f"| {r['method']} | {spec} | {_size(r['artifact_bytes'])} | {_size(r['sharded_bytes'])} | "
+                     f"{_size(r['replicated_bytes'])} | "
+                     + " | ".join(_size(r["training_bytes_per_host"][h]) for h in hosts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     shape = ", ".join(f"{name} {v:,}" for name, v in rows.items())
@@ -164,7 +214,7 @@ def markdown(report: dict[str, Any]) -> str:
             spec = f"`{SPECS[method]}`" if SPECS[method] else "TorchRec EmbeddingBagCollection"
             lines.append(f"| {method} | {spec} | {world} | {r['peak_bytes_per_process'] / 2**20:,.0f} MiB | "
                          f"{r['step_seconds'] * 1e3:.0f} ms | {shards} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + paper_markdown(report["on_paper"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", type=int, default=4, help="ids per feature per sample")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite scale.md (and the on-paper table in scale.json) from the measured scale.json")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        report = json.loads((args.out / "scale.json").read_text())
+        report["on_paper"] = on_paper()
+        (args.out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "scale.md").write_text(markdown(report))
+        return 0
     rows = dict(zip(TABLES, (int(v) for v in args.rows.split(","))))
     report: dict[str, Any] = {"rows": rows, "dim": DIM, "batch": args.batch, "ids": args.ids, "steps": args.steps,
                               "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -187,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run(method, world, rows, args.batch, args.ids, args.steps)
             report["results"].setdefault(method, {})[str(world)] = result
             print(method, world, {k: v for k, v in result.items() if k != "sharding"}, flush=True)
+    report["on_paper"] = on_paper()
     report["import_peak_bytes"] = min(r["import_peak_bytes"] for per in report["results"].values()
                                       for r in per.values() if "import_peak_bytes" in r)
     args.out.mkdir(parents=True, exist_ok=True)
