@@ -10,7 +10,6 @@
 
 import datetime
 import os
-import socket
 import tempfile
 
 import pytest
@@ -28,6 +27,7 @@ import embcompress  # noqa: E402
 from embcompress.config import SpecError  # noqa: E402
 from embcompress.integrations.torchrec import (CompressedEmbeddingBagCollection,  # noqa: E402
                                                CompressedEmbeddingCollection, compressed_tables)
+from test_ddp import free_port  # noqa: E402
 
 D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
 ROWS = {"item": 300, "user": 200, "cat": 100}
@@ -111,6 +111,15 @@ def test_errors_name_the_table():
         ebc(make_kjt({"f_item": [[1]], "f_user": [[200]], "f_cat": [[0]]}))
 
 
+def test_ranks_with_different_tables_are_named():
+    from embcompress.integrations.torchrec.sharding import first_difference
+
+    mine = {"sparse": CompressedEmbeddingBagCollection(bag_tables(), SPECS).describe()}
+    theirs = {"sparse": CompressedEmbeddingBagCollection(bag_tables(), {**SPECS, "user": "memcom:buckets=8"}).describe()}
+    assert first_difference(mine, mine) == ""
+    assert "table 'user'" in first_difference(mine, theirs) and "buckets=8" in first_difference(mine, theirs)
+
+
 def dlrm(ebc):
     return DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[8, D],
                 over_arch_layer_sizes=[8, 1])
@@ -161,12 +170,6 @@ def worker(rank, world, port, out_dir):
                 embcompress.save(table.export(), os.path.join(out_dir, f"{name}.safetensors"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_training_matches_one_process_and_exports():

@@ -37,7 +37,7 @@ from ...base import CompressedEmbedding
 from .collection import _CompressedCollection
 from .rows import row_part, to_plain
 
-__all__ = ["sharding_constraints", "sharding_plan", "compressed_tables", "check_same_on_all_ranks"]
+__all__ = ["sharding_constraints", "sharding_plan", "compressed_tables", "check_same_on_all_ranks", "first_difference"]
 
 
 def _collections(model: nn.Module) -> list[tuple[str, _CompressedCollection]]:
@@ -63,18 +63,23 @@ def check_same_on_all_ranks(model: nn.Module, group: "dist.ProcessGroup | None" 
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
     for rank, theirs in enumerate(gathered):
-        if theirs == mine:
-            continue
-        for prefix in sorted(set(mine) | set(theirs)):
-            ours, other = mine.get(prefix, []), theirs.get(prefix, [])
-            for index in range(max(len(ours), len(other))):
-                a = ours[index] if index < len(ours) else None
-                b = other[index] if index < len(other) else None
-                if a != b:
-                    name = (a or b)["name"]
-                    raise ValueError(f"table {name!r} of {prefix or 'the model'!r} differs between rank "
-                                     f"{dist.get_rank(group)} ({a}) and rank {rank} ({b}); build the same "
-                                     "tables and specs on every rank")
+        problem = first_difference(mine, theirs)
+        if problem:
+            raise ValueError(f"rank {dist.get_rank(group)} and rank {rank} built different tables: {problem}; "
+                             "build the same tables and specs on every rank")
+
+
+def first_difference(mine: dict[str, list[dict[str, Any]]], theirs: dict[str, list[dict[str, Any]]]) -> str:
+    """'' if two ranks' ``describe()`` s (by collection path) agree, else the first table that differs."""
+    for prefix in sorted(set(mine) | set(theirs)):
+        ours, other = mine.get(prefix, []), theirs.get(prefix, [])
+        for index in range(max(len(ours), len(other))):
+            a = ours[index] if index < len(ours) else None
+            b = other[index] if index < len(other) else None
+            if a != b:
+                name = (a or b)["name"]
+                return f"table {name!r} of {prefix or 'the model'!r} is {a} here and {b} there"
+    return ""
 
 
 def sharding_plan(model: nn.Module, *, ddr_cap: int, batch_size: int | None = None,
@@ -127,7 +132,7 @@ def compressed_tables(model: nn.Module, dst: int = 0,
 
 def _gather(weight: Any, dst: int, rank: int) -> torch.Tensor | None:
     """A whole (V, r) table on rank ``dst`` from a plain, sharded (ShardedTensor) or DTensor weight."""
-    if isinstance(weight, torch.Tensor) and type(weight) is torch.Tensor or isinstance(weight, nn.Parameter):
+    if type(weight) in (torch.Tensor, nn.Parameter):  # not sharded
         return weight.detach().clone()
     if hasattr(weight, "full_tensor"):  # DTensor
         full = weight.full_tensor()
