@@ -73,6 +73,17 @@ def test_bag_collection_matches_exported_tables():
         torch.testing.assert_close(pooled[f"f_{name}"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_small_tables_keep_their_per_row_part_as_a_plain_parameter():
+    ebc = CompressedEmbeddingBagCollection(bag_tables(), SPECS, min_sharded_rows=250).eval()
+    assert ebc._row_tables == ["item"]  # 300 rows: sharded; the 200-row memcom keeps its scale itself
+    assert type(ebc.tables["user"]) is embcompress.get_method("memcom")
+    _, kjt, _ = batch_data(2, slice(0, BATCH))
+    frozen = compressed_tables(ebc)["user"].export()
+    jagged = kjt["f_user"]
+    expected = torch.stack([frozen(bag).sum(0) for bag in jagged.values().split(jagged.lengths().tolist())])
+    torch.testing.assert_close(ebc(kjt).to_dict()["f_user"], expected)
+
+
 def test_embedding_collection_returns_jagged_rows_and_mean_pooling():
     configs = [EmbeddingConfig(name=n, embedding_dim=D, num_embeddings=v, feature_names=[f"f_{n}"])
                for n, v in ROWS.items()]

@@ -40,7 +40,7 @@ class _CompressedCollection(nn.Module):
     """Tables, their per-row parts in a TorchRec EmbeddingCollection, and the per-id decode."""
 
     def __init__(self, tables: Sequence[BaseEmbeddingConfig], specs: Mapping[str, "str | MethodConfig"],
-                 device: "torch.device | str | None" = None) -> None:
+                 device: "torch.device | str | None" = None, min_sharded_rows: int = 0) -> None:
         super().__init__()
         if not tables:
             raise ValueError("give at least one table config")
@@ -63,7 +63,10 @@ class _CompressedCollection(nn.Module):
         for config in self._configs:
             if not config.feature_names:
                 config.feature_names = [config.name]  # TorchRec's own default
-            self.tables[config.name] = _build_table(config, specs).to(small_device)
+            # Small tables keep their per-row part as a plain parameter: a DDP all-reduce of a few
+            # hundred kB costs less than TorchRec's lookup all-to-alls.
+            split = config.num_embeddings >= min_sharded_rows
+            self.tables[config.name] = _build_table(config, specs, split).to(small_device)
             part = row_part(self.tables[config.name])
             if part is not None:
                 # One feature per table, named like the table: plans and constraints use the table names.
@@ -77,8 +80,8 @@ class _CompressedCollection(nn.Module):
         for config in row_configs:
             self._row_groups.setdefault(f"width{config.embedding_dim}", []).append(config.name)
         self.rows = nn.ModuleDict({key: EmbeddingCollection(
-            [config for config in row_configs if config.name in names], device=device)
-            for key, names in self._row_groups.items()})
+            [config for config in row_configs if config.name in members], device=device)
+            for key, members in self._row_groups.items()})
 
     def describe(self) -> list[dict[str, Any]]:
         """Every table's name, shape, features and resolved spec (compared across ranks before sharding)."""
@@ -127,6 +130,7 @@ class CompressedEmbeddingBagCollection(_CompressedCollection):
         tables: TorchRec ``EmbeddingBagConfig`` s (SUM or MEAN pooling).
         specs: table name -> embcompress spec (``"dpq:groups=16,codewords=16"``); ``"default"`` for the rest.
         device: device of the per-row parts; ``"meta"`` defers them to DMP's shards (large tables).
+        min_sharded_rows: tables with fewer rows keep their per-row part as a plain (DDP) parameter.
 
     Example:
         >>> ebc = CompressedEmbeddingBagCollection(
@@ -136,11 +140,12 @@ class CompressedEmbeddingBagCollection(_CompressedCollection):
     """
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], specs: Mapping[str, "str | MethodConfig"],
-                 is_weighted: bool = False, device: "torch.device | str | None" = None) -> None:
+                 is_weighted: bool = False, device: "torch.device | str | None" = None,
+                 min_sharded_rows: int = 0) -> None:
         for config in tables:
             if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
                 raise ValueError(f"table {config.name!r}: pooling {config.pooling} is not supported; use SUM or MEAN")
-        super().__init__(tables, specs, device)
+        super().__init__(tables, specs, device, min_sharded_rows)
         self._is_weighted = is_weighted
         self._embedding_names = [name for names in get_embedding_names_by_table(self._configs) for name in names]
 
@@ -169,11 +174,12 @@ class CompressedEmbeddingCollection(_CompressedCollection):
         tables: TorchRec ``EmbeddingConfig`` s.
         specs: table name -> embcompress spec; ``"default"`` for the rest.
         device: device of the per-row parts; ``"meta"`` defers them to DMP's shards.
+        min_sharded_rows: tables with fewer rows keep their per-row part as a plain (DDP) parameter.
     """
 
     def __init__(self, tables: Sequence[EmbeddingConfig], specs: Mapping[str, "str | MethodConfig"],
-                 device: "torch.device | str | None" = None) -> None:
-        super().__init__(tables, specs, device)
+                 device: "torch.device | str | None" = None, min_sharded_rows: int = 0) -> None:
+        super().__init__(tables, specs, device, min_sharded_rows)
         self._embedding_names = [name for names in get_embedding_names_by_table(self._configs) for name in names]
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
@@ -189,13 +195,13 @@ class CompressedEmbeddingCollection(_CompressedCollection):
         return out
 
 
-def _build_table(config: BaseEmbeddingConfig, specs: Mapping[str, "str | MethodConfig"]) -> nn.Module:
+def _build_table(config: BaseEmbeddingConfig, specs: Mapping[str, "str | MethodConfig"], split: bool) -> nn.Module:
     spec = specs.get(config.name, specs.get(DEFAULT_KEY))
     if spec is None:
         raise SpecError(f"table {config.name!r} has no spec; give specs[{config.name!r}] or specs[{DEFAULT_KEY!r}] "
                         "(tables left dense belong in a plain EmbeddingBagCollection / EmbeddingCollection)")
     try:
-        return build_split(parse_spec(spec), config.num_embeddings, config.embedding_dim)
+        return build_split(parse_spec(spec), config.num_embeddings, config.embedding_dim, split)
     except (SpecError, ValueError) as exc:
         raise SpecError(f"table {config.name!r} ({config.num_embeddings} x {config.embedding_dim}) cannot take "
                         f"spec {spec!r}: {exc}") from exc

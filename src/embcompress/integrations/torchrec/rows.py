@@ -127,10 +127,10 @@ def row_part(table: CompressedEmbedding) -> RowPart | None:
     return None
 
 
-def build_split(config: Any, num_embeddings: int, embedding_dim: int) -> CompressedEmbedding:
-    """The method's module for this table, with its per-row part left out when it has one."""
+def build_split(config: Any, num_embeddings: int, embedding_dim: int, split: bool = True) -> CompressedEmbedding:
+    """The method's module for this table, with its per-row part left out when it has one (and ``split``)."""
     cls = get_method(config.method)
-    return _SPLITS.get(cls, cls)(num_embeddings, embedding_dim, config)
+    return (_SPLITS.get(cls, cls) if split else cls)(num_embeddings, embedding_dim, config)
 
 
 @torch.no_grad()
