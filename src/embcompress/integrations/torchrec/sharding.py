@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -137,6 +138,8 @@ def _gather(weight: Any, dst: int, rank: int) -> torch.Tensor | None:
     if hasattr(weight, "full_tensor"):  # DTensor
         full = weight.full_tensor()
         return full.detach().clone() if rank == dst else None
-    full = torch.empty(weight.size(), dtype=weight.dtype) if rank == dst else None
-    weight.gather(dst=dst, out=full)  # ShardedTensor
+    with warnings.catch_warnings():  # TorchRec 1.8's state dicts hold ShardedTensors, which torch deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        full = torch.empty(weight.size(), dtype=weight.dtype) if rank == dst else None
+        weight.gather(dst=dst, out=full)
     return full
