@@ -3,8 +3,8 @@
 - the collections return what EmbeddingBagCollection / EmbeddingCollection return, decoded by the
   methods' own code (equal to the exported artifacts), inside torchrec's own DLRM;
 - bad input names the table;
-- agreement: a DLRM with dpq, memcom and tt tables trained a few steps sharded by DMP in 2 gloo
-  processes (query table row-wise, MEmCom scalars table-wise, the rest data-parallel) gives the
+- agreement: a DLRM with dpq (two), memcom and tt tables trained a few steps sharded by DMP in 2 gloo
+  processes (query tables row- and column-wise, MEmCom scalars table-wise, the rest data-parallel) gives the
   losses and final tables of 1 process on the global batch, and both export the same artifacts.
 """
 
@@ -30,9 +30,9 @@ from embcompress.integrations.torchrec import (CompressedEmbeddingBagCollection,
 from test_ddp import free_port  # noqa: E402
 
 D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
-ROWS = {"item": 300, "user": 200, "cat": 100}
+ROWS = {"item": 300, "user": 200, "cat": 100, "page": 260}
 SPECS = {"item": "dpq:groups=2,codewords=8,batchnorm=false", "user": "memcom:buckets=16,bias=true",
-         "cat": "tt:cores=2,rank=4"}
+         "cat": "tt:cores=2,rank=4", "page": "dpq:groups=2,codewords=4,batchnorm=false"}
 
 
 def bag_tables(rows=ROWS, dim=D):
@@ -75,7 +75,7 @@ def test_bag_collection_matches_exported_tables():
 
 def test_small_tables_keep_their_per_row_part_as_a_plain_parameter():
     ebc = CompressedEmbeddingBagCollection(bag_tables(), SPECS, min_sharded_rows=250).eval()
-    assert ebc._row_tables == ["item"]  # 300 rows: sharded; the 200-row memcom keeps its scale itself
+    assert ebc._row_tables == ["item", "page"]  # 300, 260 rows: sharded; the 200-row memcom keeps its scale
     assert type(ebc.tables["user"]) is embcompress.get_method("memcom")
     _, kjt, _ = batch_data(2, slice(0, BATCH))
     frozen = compressed_tables(ebc)["user"].export()
@@ -154,9 +154,10 @@ def worker(rank, world, port, out_dir):
         model = dlrm(CompressedEmbeddingBagCollection(bag_tables(), SPECS))
         rows = [p for name, p in model.named_parameters() if ".rows." in name]
         apply_optimizer_in_backward(torch.optim.SGD, rows, {"lr": LR})
-        # Row-wise for the query table (the planner would keep a small table whole), table-wise for the
-        # scalars: both TorchRec shardings of per-row parts run in the test.
+        # Query tables row- and column-wise (the planner would keep small tables whole), the scalars
+        # table-wise: every sharding offered to per-row parts runs in the test.
         pins = {"item": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"]),
+                "page": ParameterConstraints(sharding_types=["column_wise"], compute_kernels=["fused"], min_partition=4),
                 "user": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])}
         plan = sharding_plan(model, ddr_cap=1 << 30, constraints=pins)
         model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan)
