@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError(f"embcompress.integrations.torchrec needs TorchRec: {INSTALL_TORCHREC}") from exc
 
 from .collection import CompressedEmbeddingBagCollection, CompressedEmbeddingCollection  # noqa: E402
-from .sharding import compressed_tables, sharding_constraints, sharding_plan  # noqa: E402
+from .sharding import check_same_on_all_ranks, compressed_tables, sharding_constraints, sharding_plan  # noqa: E402
 
 __all__ = ["CompressedEmbeddingBagCollection", "CompressedEmbeddingCollection", "sharding_constraints",
-           "sharding_plan", "compressed_tables", "INSTALL_TORCHREC"]
+           "sharding_plan", "check_same_on_all_ranks", "compressed_tables", "INSTALL_TORCHREC"]
