@@ -10,6 +10,8 @@
 
 import datetime
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -57,6 +59,12 @@ def batch_data(step, samples):
     dense = torch.randn(BATCH, DENSE, generator=g)
     labels = torch.randint(0, 2, (BATCH,), generator=g).float()
     return dense[samples], make_kjt({k: v[samples] for k, v in ids.items()}), labels[samples]
+
+
+def test_the_core_never_imports_torchrec():
+    code = "import sys, embcompress, embcompress.cli; print('torchrec' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_bag_collection_matches_exported_tables():
