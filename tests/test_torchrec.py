@@ -192,6 +192,7 @@ def worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_process_and_exports():
     with tempfile.TemporaryDirectory() as single, tempfile.TemporaryDirectory() as sharded:
         ctx = mp.get_context("spawn")
