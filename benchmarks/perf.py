@@ -11,7 +11,9 @@ d = 128, 65,536 uniform random ids per call, all cores. The big tables are built
 what the numbers are, and fitting 1M rows would take the benchmark's whole budget.
 
 Bags: each format's ``bag(mode="mean")`` against ``nn.EmbeddingBag(mode="mean")``, 2,048 bags of 32
-ids per call.
+ids per call; with TorchRec installed, also its row-wise int8 / int4 / int2 quantized
+EmbeddingBagCollection of nn.EmbeddingBag's own table (the tables a recommendation engineer picks
+instead), with every contender's stored bytes per row.
 
 Training: one SGD step (forward, backward, update) of a bag-of-embeddings classifier
 (mean-pooled table rows -> linear head, cross entropy) with each method's training module,
