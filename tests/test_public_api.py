@@ -59,8 +59,16 @@ def test_all_matches_what_is_exported(name):
         assert not unlisted, f"{name} defines public {unlisted} missing from __all__ (or give them a leading _)"
 
 
+#: Modules whose examples cannot run in one test process yet (they sketch a multi-process TorchRec run
+#: around a model they do not build; tests/test_torchrec.py runs the same calls on a real one).
+EXAMPLES_NOT_RUN = {name: "its examples sketch a torchrun / DLRM setup" for name in MODULES
+                    if name.startswith("embcompress.integrations.torchrec")}
+
+
 @pytest.mark.parametrize("name", ["embcompress"] + MODULES)
 def test_docstring_examples_run(name, tmp_path, monkeypatch):
+    if name in EXAMPLES_NOT_RUN:
+        pytest.skip(f"{name}: {EXAMPLES_NOT_RUN[name]}")
     for dependency in EXAMPLE_NEEDS.get(name, ()):
         if importlib.util.find_spec(dependency) is None:
             pytest.skip(f"{name}'s examples need {dependency}")
