@@ -113,6 +113,19 @@ def test_the_command_line_never_writes_over_its_input(tmp_path, capsys):
     assert main([*args, str(out), "--force"]) == 0
 
 
+def test_the_command_line_never_writes_over_a_model_folders_files(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"embeddings.word_embeddings.weight": torch.randn(30, 8)}, str(folder / "model.safetensors"))
+    (folder / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(30)))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in before:
+        args = ["compress", str(folder), "--spec", "scalar:bits=8", "--no-eval", "-o", str(folder / name), "--force"]
+        assert main(args) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_long_legal_name_stays_legal(tmp_path):
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
     path = tmp_path / ("x" * (name_max - 4) + ".emb")

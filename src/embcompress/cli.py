@@ -123,12 +123,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
     check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
+    protect = [args.source, *table.files]  # a model folder's weights and vocabulary, not only the folder
+    check_output_path(args.output, overwrite=args.force, protect=protect)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
     try:
-        save(module, args.output, overwrite=args.force, protect=[args.source])
+        save(module, args.output, overwrite=args.force, protect=protect)
     except OSError as exc:  # name the output, not the temporary file the write went through
         raise OSError(exc.errno, exc.strerror or str(exc), str(args.output)) from None
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
