@@ -4,7 +4,9 @@ A *bundle* is a JSON header plus named tensors. The header always holds ``kind``
 ``trainable``, ``model`` for save_pretrained folders, ``checkpoint`` for distillation), the
 format version, the library and torch versions, and ``sha256``: one digest of the canonical
 JSON of the header (every field but ``sha256``) AND of the tensors (name, dtype, shape, bytes),
-so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. Two containers:
+so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. The digest has
+no key: it detects damage and edits, not a forger who recomputes it (that needs a signature or a
+hash from a trusted channel). Two containers:
 
 - a single file (``save`` / ``load``): safetensors with the header in its metadata;
 - a folder (``save_pretrained``, checkpoints): a JSON file holding the header, pointing at a
@@ -65,7 +67,7 @@ _DIGEST_DOMAIN = b"embcompress-bundle-2\0"
 
 
 class ArtifactError(ValueError):
-    """A file that is not a valid embcompress artifact (foreign, truncated, tampered, too new)."""
+    """A file that is not a valid embcompress artifact (foreign, truncated, damaged, too new)."""
 
 
 class OutputError(ValueError):
