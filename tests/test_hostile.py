@@ -243,6 +243,19 @@ def test_bad_bags_are_refused_by_every_format_in_both_paths(spec, kernel_path):
             wrapper(case["ids"], case.get("offsets"), case.get("per_sample_weights"))
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_empty_bags_are_zeros_in_both_paths(spec, kernel_path):
+    table = embcompress.build(spec, 50, 8).eval()
+    frozen, wrapper = table.export(), CompressedEmbeddingBag(table, mode="sum")
+    for mode in ("sum", "mean", "max"):
+        wrapper.mode = mode
+        for ids, offsets, bags in [(torch.zeros(3, 0, dtype=torch.long), None, 3),  # nn.EmbeddingBag raises here
+                                   (torch.zeros(0, 2, dtype=torch.long), None, 0),
+                                   (torch.zeros(0, dtype=torch.long), torch.tensor([0, 0]), 2)]:
+            for out in (frozen.bag(ids, offsets, mode=mode), wrapper(ids, offsets)):
+                assert out.shape == (bags, 8) and not out.any()
+
+
 def test_include_last_offset_must_end_at_the_id_count():
     wrapper = CompressedEmbeddingBag(embcompress.build("hash:buckets=8", 50, 8), include_last_offset=True)
     assert wrapper(IDS, torch.tensor([0, 2, 4])).shape == (2, 8)
