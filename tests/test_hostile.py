@@ -340,6 +340,16 @@ def test_text_named_npy_and_pickled_npy_are_named(tmp_path):
         load_table(truncated)
 
 
+@pytest.mark.parametrize("name", ["table.npy", "vectors.txt", "table.safetensors", "model/model.safetensors"])
+def test_a_fifo_source_is_refused_not_read(tmp_path, name):
+    fifo = tmp_path / name
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    source = fifo.parent if name.startswith("model/") else fifo  # reading either would block forever
+    with pytest.raises((ValueError, FileNotFoundError), match="FIFO|no .safetensors weights"):
+        load_table(source)
+
+
 def test_big_endian_npy_is_converted(tmp_path):
     values = np.arange(24, dtype="f4").reshape(6, 4)
     path = tmp_path / "big.npy"

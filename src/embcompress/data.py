@@ -206,11 +206,12 @@ def _hf_vocab(folder: Path, rows: int) -> list[str] | None:
 
 def _hf_folder(folder: Path, key: str | None) -> Table:
     candidates = [folder / "model.safetensors", folder / "model" / "model.safetensors"]
-    files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    files = [p for p in candidates if p.is_file()] or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         pickled = sorted(folder.glob("*.bin"))
         extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}; give a model folder holding "
+                                "model.safetensors, or a table file (.npy, .safetensors, .txt)")
     keys = _safetensors_keys(files[0])
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
@@ -246,6 +247,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         if not path.exists():
             raise FileNotFoundError(f"no table at {path}; give a .npy, .safetensors, word2vec/GloVe text file, "
                                     f"a Hugging Face model folder, or one of: {', '.join(KNOWN_TABLES)}")
+        if not path.is_dir() and not path.is_file():  # reading a FIFO would block forever
+            raise ValueError(f"{path} is a device, FIFO or socket, not a table file; give a .npy, .safetensors "
+                             "or text file of vectors, or a model folder")
         if path.is_dir():
             table = _hf_folder(path, key)
         elif path.suffix == ".npy":
