@@ -73,9 +73,10 @@ def npy(tmp_path) -> Path:
 
 # -- 4. finite input, non-finite fits ------------------------------------------------------------
 
+@pytest.mark.parametrize("factor", [1e37, 1e-40], ids=["huge", "tiny"])  # tiny: 1e-40 is below float32's normals
 @pytest.mark.parametrize("spec", SPECS)
-def test_huge_finite_values_fit_scaled_and_fold_back(spec):
-    weight = synthetic_table(64, 12, 4) * 1e37
+def test_huge_and_tiny_values_fit_scaled_and_fold_back(spec, factor):
+    weight = synthetic_table(64, 12, 4) * factor
     quick = embcompress.get_method(spec.partition(":")[0]).quick_fit_options()
     module = embcompress.from_pretrained(weight, spec, **{**quick, "steps": min(quick.get("steps", 30), 30)})
     frozen = module.export()
