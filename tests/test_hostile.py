@@ -423,8 +423,10 @@ def test_a_closed_pipe_ends_quietly(npy, tmp_path):
     assert result.stdout == "{" and result.stderr == ""
 
 
-def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
+def test_inspect_refuses_a_resealed_header_that_load_refuses(tmp_path, capsys):
     from safetensors.torch import load_file, save_file as save_tensors
+
+    from embcompress.io import seal
 
     good = tmp_path / "good.emb"
     embcompress.save(embcompress.build("scalar:bits=8", 20, 4).export(), good)
@@ -432,12 +434,14 @@ def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
     with open(good, "rb") as handle:
         meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
     header = json.loads(meta["embcompress"])
-    header["num_embeddings"] = 10 ** 6  # the tensors still match their checksum; the shape does not
+    fields = {k: v for k, v in header.items() if k not in ("kind", "format_version", "library_version",
+                                                           "torch_version", "sha256")}
+    fields["num_embeddings"] = 10 ** 6  # re-sealed: the checksum holds, the tensors do not fit the shape
     bad = tmp_path / "bad.emb"
-    save_tensors(tensors, str(bad), metadata={"embcompress": json.dumps(header)})
-    with pytest.raises(embcompress.ArtifactError):
+    save_tensors(tensors, str(bad), metadata={"embcompress": json.dumps(seal("frozen", fields, tensors))})
+    with pytest.raises(embcompress.ArtifactError, match="does not match its header"):
         embcompress.load(bad)
-    one_line_error(capsys, "inspect", str(bad))
+    assert "does not match its header" in one_line_error(capsys, "inspect", str(bad))
     code, out, _ = run_cli(capsys, "inspect", str(good))
     assert code == 0 and "scalar" in out
 
