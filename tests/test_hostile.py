@@ -29,6 +29,7 @@ from embcompress import SpecError, cli
 from embcompress.budget import config_for_budget
 from embcompress.data import load_table
 from embcompress.frozen import kernels
+from embcompress.io import seal
 from embcompress.surgery import CompressedEmbeddingBag
 from helpers import synthetic_table
 from method_cases import CASES
@@ -425,8 +426,6 @@ def test_a_closed_pipe_ends_quietly(npy, tmp_path):
 
 def test_inspect_refuses_a_resealed_header_that_load_refuses(tmp_path, capsys):
     from safetensors.torch import load_file, save_file as save_tensors
-
-    from embcompress.io import seal
 
     good = tmp_path / "good.emb"
     embcompress.save(embcompress.build("scalar:bits=8", 20, 4).export(), good)
