@@ -139,6 +139,19 @@ def test_demo_refuses_zero_rows(capsys):
     assert "--rows" in one_line_error(capsys, "demo", "--rows", "0")
 
 
+def test_demo_never_writes_its_results_over_the_table(tmp_path, capsys, monkeypatch):
+    from embcompress import data
+
+    source = tmp_path / "glove.npy"
+    np.save(source, synthetic_table(64, 12, 4).numpy())
+    before = source.read_bytes()
+    words = [f"w{i}" for i in range(64)]
+    monkeypatch.setattr(data, "_glove_6b_50d", lambda: data.Table(torch.from_numpy(np.load(source)), words,
+                                                                  "glove-6b-50d", [source]))
+    error = one_line_error(capsys, "demo", "--methods", "scalar", "--json", str(source))
+    assert "is the input" in error and source.read_bytes() == before
+
+
 @pytest.mark.parametrize("budget", [{"ratio": 0}, {"ratio": float("inf")}, {"bits_per_row": float("nan")},
                                     {"bytes": -1}, {"ratio": -2.0}])
 def test_budget_must_be_positive_and_finite(budget):

@@ -217,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode(), protect=table.files)  # replaced
         print(f"wrote {args.json}")
     return 0
 

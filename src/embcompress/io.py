@@ -274,9 +274,10 @@ def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], object]
     return path
 
 
-def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True) -> Path:
-    """:func:`atomic_write` of a bytes object (result files: replaced by default)."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True,
+                       protect: Iterable["str | os.PathLike[str]"] = ()) -> Path:
+    """:func:`atomic_write` of a bytes object (result files: replaced by default, never an input)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, protect=protect)
 
 
 def _prepare(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
