@@ -455,7 +455,11 @@ def test_inspect_refuses_a_resealed_header_that_load_refuses(tmp_path, capsys):
         embcompress.load(bad)
     assert "does not match its header" in one_line_error(capsys, "inspect", str(bad))
     code, out, _ = run_cli(capsys, "inspect", str(good))
-    assert code == 0 and "scalar" in out
+    assert code == 0 and "scalar" in out and "x smaller than fp32" in out
+    trainable = tmp_path / "trainable.emb"  # holds its fp32 training state: larger than the table
+    embcompress.save(embcompress.build("scalar:bits=8", 20, 4), trainable)
+    code, out, _ = run_cli(capsys, "inspect", str(trainable))
+    assert code == 0 and "1.0x the size of fp32" in out
 
 
 def test_inspect_decides_on_a_huge_foreign_file_without_reading_it(tmp_path, capsys, monkeypatch):

@@ -180,7 +180,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
-    print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
+    versus = f"{dense / total:.1f}x smaller than" if total < dense else f"{total / max(dense, 1):.1f}x the size of"
+    print(f"{'tensor bytes':16s} {total:,} ({versus} fp32)")
     for name, t in info["tensors"].items():
         print(f"  {name:14s} {t['dtype']:8s} {str(tuple(t['shape'])):18s} {t['bytes']:,} bytes")
     return 0
