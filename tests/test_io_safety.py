@@ -178,6 +178,15 @@ def flip_in_file(path, old: bytes, new: bytes):
     path.write_bytes(raw.replace(old, new))
 
 
+def test_a_resealed_file_with_nan_is_refused_at_load(tmp_path):
+    path = tmp_path / "t.emb"
+    embcompress.save(frozen("scalar:bits=8"), path)
+    forge(path, change_tensors=lambda t: t.update(scale=t["scale"].clone().index_fill_(0, torch.tensor([3]),
+                                                                                       float("nan"))))
+    with pytest.raises(ArtifactError, match="'scale' holds 1 NaN or infinite values, which embcompress never writes"):
+        embcompress.load(path)
+
+
 def test_one_flipped_byte_in_padding_idx_is_refused(tmp_path):
     path = embcompress.save(frozen("scalar:bits=8", padding_idx=1), tmp_path / "t.emb")
     flip_in_file(path, b'padding_idx\\": 1', b'padding_idx\\": 2')

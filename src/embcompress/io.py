@@ -22,7 +22,7 @@ file only with ``overwrite=True``. Refused always: directories, devices, FIFOs, 
 symbolic links (neither replaced nor written through: write to the link's target instead) and
 the input itself (same inode). Data goes to a short temporary name in the same folder, is
 fsynced and renamed; the temporary file is removed on any error, Ctrl-C, or SIGTERM. No
-non-finite float tensor is ever written.
+non-finite float tensor is ever written, nor accepted when read.
 
 Compatibility: format 1 files (release 0.x, before this module) load as before; their sha256
 covers the tensors only, so their header is validated but not authenticated (save again to
@@ -140,13 +140,28 @@ def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: ob
         raise ArtifactError(f"{source}: {what} checksum mismatch, the file was modified or damaged")
 
 
-def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+def _non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count) of the first float tensor holding NaN or infinite values, else None."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"refusing to write {what}: tensor {name!r} holds {count} NaN or infinite values "
-                             "(the fit diverged or the input overflowed); scale the input down or lower the "
-                             "learning rate, then compress again")
+            return name, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    found = _non_finite(tensors)
+    if found:
+        raise ValueError(f"refusing to write {what}: tensor {found[0]!r} holds {found[1]} NaN or infinite values "
+                         "(the fit diverged or the input overflowed); scale the input down or lower the "
+                         "learning rate, then compress again")
+
+
+def _check_read_finite(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Nothing writes non-finite tensors, so a file holding some was made or re-sealed elsewhere."""
+    found = _non_finite(tensors)
+    if found:
+        raise ArtifactError(f"{source}: tensor {found[0]!r} holds {found[1]} NaN or infinite values, which "
+                            "embcompress never writes; the file was not made by embcompress: compress again")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -387,6 +402,7 @@ def read_file_bundle(path: "str | os.PathLike[str]", kinds: Iterable[str]) -> tu
     assert header is not None
     _verify(header, tensors, path)
     _check_kind(header, kinds, path)
+    _check_read_finite(tensors, path)
     return header, tensors
 
 
@@ -409,6 +425,7 @@ def read_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, kinds: 
     _verify(header, tensors, json_path)
     if header["format_version"] >= 2:
         _check_kind(header, kinds, json_path)
+    _check_read_finite(tensors, json_path)
     return header, tensors
 
 
