@@ -157,6 +157,50 @@ embcompress.save(embcompress.build("hash:buckets=4", 10, 4), {str(tmp_path / "ou
     assert list(tmp_path.iterdir()) == []
 
 
+def pretrained_model():
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+    embcompress.compress_(model, "scalar:bits=8")
+    return model
+
+
+def test_a_failed_folder_save_leaves_the_previous_pair_and_no_orphan(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    embcompress.save_pretrained(pretrained_model(), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*_args, **_kwargs):  # the tensors were written; the JSON pointing at them fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        embcompress.save_pretrained(pretrained_model(), folder, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_sigterm_between_a_folders_two_writes_leaves_nothing(tmp_path):
+    script = f"""
+import time, pathlib, torch, embcompress
+def slow(self, *args, **kwargs):
+    print("between", flush=True)
+    time.sleep(60)
+pathlib.Path.write_text = slow
+model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+embcompress.compress_(model, "scalar:bits=8")
+embcompress.save_pretrained(model, {str(tmp_path / "m")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(SRC), "EMBCOMPRESS_QUIET": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout.readline().strip() == "between"
+        assert any(p.name.startswith("tables-") for p in (tmp_path / "m").iterdir())  # the tensors are written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list((tmp_path / "m").iterdir()) == []
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_tensors_are_never_written(tmp_path, bad):
     table = frozen("scalar:bits=8")

@@ -326,9 +326,17 @@ def write_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, tensor
     tensors = _prepare(tensors, str(folder))
     name = tensor_name(tensor_digest(tensors)) if callable(tensor_name) else tensor_name
     header = seal(kind, {**fields, "tensors": name}, tensors)
-    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
     text = json.dumps(header, indent=1, sort_keys=True) + "\n"
-    atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+    tensor_path = folder / name
+    existed = tensor_path.exists()
+    with _terminate_cleanly():  # one span: a SIGTERM between the two writes is handled here too
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
+        try:
+            atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        except BaseException:  # disk full, Ctrl-C, SIGTERM: no tensor file that no JSON points at
+            if not existed:
+                tensor_path.unlink(missing_ok=True)
+            raise
     if sweep:
         for old in folder.glob(sweep):
             if old.name != name and old.is_file() and not old.is_symlink():
