@@ -440,7 +440,7 @@ def read_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, kinds: 
 # -- tables: save / load ----------------------------------------------------------------------------
 def _table_fields(module: "CompressedEmbedding | FrozenEmbedding") -> dict[str, Any]:
     fields: dict[str, Any] = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-              "padding_idx": module.padding_idx}
+                              "padding_idx": module.padding_idx}
     # How the table was made; absent (not null) for a format module built by hand, as in format 1.
     if module.spec is not None:
         fields["spec"] = module.spec
