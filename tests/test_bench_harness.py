@@ -170,7 +170,8 @@ def test_unreachable_cells_are_settled_without_training(tmp_path):
 
 
 def _record(task, label, method, seed, score, ratio, metric="accuracy", procedure="scratch", target=None, val=None):
-    return {"val": score if val is None else val, "key": f"{task}|{procedure}|{label}|{seed}", "task": task, "procedure": procedure, "label": label,
+    return {"val": score if val is None else val, "key": f"{task}|{procedure}|{label}|{seed}", "task": task,
+            "procedure": procedure, "label": label,
             "method": method, "target_ratio": target, "seed": seed, "size": "quick", "split_seed": 0,
             "metric": metric, "status": "ok", "score": score, "test": {metric: score}, "bytes": 1000 / ratio,
             "ratio": ratio, "tables": {"words": {"spec": label, "bytes": 1000 / ratio}}}

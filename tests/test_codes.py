@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import embcompress
 from embcompress import SpecError
 from embcompress.budget import config_for_budget
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.frozen.codebook import decode_codes
 from embcompress.additive import (beam_encode, best_codes, icm_codes, least_squares_codebooks, local_search_codes,
                                   residual_kmeans)
@@ -102,7 +102,7 @@ def test_export_equals_eval_forward(freeze):
     if freeze:
         table.freeze_codes()
     frozen = table.eval().export()
-    assert isinstance(frozen, CodebookEmbedding) and frozen.combine == "sum" and frozen.bits == 3
+    assert isinstance(frozen, FrozenCodebook) and frozen.combine == "sum" and frozen.bits == 3
     ids = torch.randint(0, 50, (4, 9))
     torch.testing.assert_close(frozen(ids), table(ids), rtol=1e-6, atol=1e-6)
     assert frozen.num_bytes() == CompositionalCodeEmbedding.expected_bytes(table.config, 50, 12)
@@ -273,5 +273,5 @@ def test_paper_autoencoder_fit_alone_reconstructs_and_rejects_unknown_procedures
     assert table.layout() == {"state": "fixed"} and 0 < table.last_maxp <= 1
     fitted = relative_mse(table.eval().materialize(), weight)
     assert fitted < 0.5, f"autoencoder fit relative MSE {fitted:.3f}"
-    with pytest.raises(ValueError, match="'refine'.*'autoencoder'"):
+    with pytest.raises(SpecError, match="procedure.*refine, autoencoder"):
         embcompress.from_pretrained(weight, "codes:books=4,codewords=8", procedure="gumbel")

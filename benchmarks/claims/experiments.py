@@ -234,7 +234,8 @@ class CodesClaim(_TextClassification):
                 "library's default fit, then fixed with their codebooks; AdamW, lr from {1e-3, 3e-3} on "
                 "validation, early stopping (patience 2).",
         "differs": "Smaller vocabularies (17k and 11k words), so the codebooks weigh more: stored as float16 "
-                   "(fitted in float32) to stay >= 95% smaller; reviews shorter than IMDB's, the autoencoder trained 20k steps at lr 1e-3 instead of 200k at 1e-4, Women's "
+                   "(fitted in float32) to stay >= 95% smaller; reviews shorter than IMDB's; the autoencoder "
+                   "trained 20k steps at lr 1e-3 instead of 200k at 1e-4; Women's "
                    "reviews cut to 48 tokens and 3 seeds (CPU budget: 33 CPU s per epoch at 64 tokens).",
     }
 
@@ -256,7 +257,8 @@ class CodesClaim(_TextClassification):
                 options = dict(cfg["default_fit"])
             start = time.process_time()
             # Fitted with float32 codebooks; stored as float16 (the module rounds them in its forward).
-            fitted = embcompress.from_pretrained(weight, config.replace(codebook_dtype="float32"), padding_idx=D.PAD, seed=0, progress=False, **options)
+            fitted = embcompress.from_pretrained(weight, config.replace(codebook_dtype="float32"), padding_idx=D.PAD,
+                                                 seed=0, progress=False, **options)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"codes": fitted.codes.contiguous(), "codebooks": fitted.codebooks.detach().contiguous(),
@@ -434,7 +436,8 @@ class MEmComClaim(Experiment):
              "zipf": "Zipfian 5k-item stand-in, next item, d = 64"}
     comparisons = [Comparison("MEmCom at 16x loses <= 4% relative nDCG@10", "memcom", "dense", "relative", 4.0),
                    Comparison("MEmCom beats hashing at 16x (nDCG@10)", "memcom", "hash", "relative", 0.0),
-                   Comparison("MEmCom beats hashing with a per-row bias at 16x", "memcom", "hash-bias", "relative", 0.0)]
+                   Comparison("MEmCom beats hashing with a per-row bias at 16x", "memcom", "hash-bias", "relative",
+                              0.0)]
     setting = {
         "paper": "Pansare et al. 2022 (MEmCom): the input ID table of large recommendation / classification "
                  "models (millions of IDs, long-tailed) compressed, output side dense; <= 4% relative nDCG loss "
@@ -540,7 +543,7 @@ class DistillClaim(Experiment):
 
         best, best_val = None, math.inf
         for lr, wd in cfg["grid"]:
-            path = cache / f"distill-dense-{cell.size}-lr{lr:g}-wd{wd:g}-seed{cell.seed}.safetensors"
+            path = _teacher_path(cache, cell.size, lr, wd, cell.seed)
             if path.exists():
                 state = load_file(str(path))
                 val = float(state.pop("__val__"))
@@ -585,7 +588,8 @@ class DistillClaim(Experiment):
             teacher_logits, _ = model.teacher[0](batch[:, :-1])
         v = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, v), batch[:, 1:].reshape(-1))
-        kd = F.kl_div(F.log_softmax(logits.reshape(-1, v) / cfg_t, -1), F.log_softmax(teacher_logits.reshape(-1, v) / cfg_t, -1),
+        kd = F.kl_div(F.log_softmax(logits.reshape(-1, v) / cfg_t, -1),
+                      F.log_softmax(teacher_logits.reshape(-1, v) / cfg_t, -1),
                       log_target=True, reduction="batchmean") * cfg_t ** 2
         return alpha * kd + (1 - alpha) * ce
 
@@ -637,14 +641,13 @@ def train_cell(exp: Experiment, cell: Cell, model: nn.Module, data: Any, cfg: di
         best_state, history = copy.deepcopy(model.state_dict()), [best]
     for epoch in range(1, epochs + 1):
         model.train()
-        start, n = time.process_time(), 0
-        for batch in exp.batches(data, cfg, generator):
+        start = time.process_time()
+        for n, batch in enumerate(exp.batches(data, cfg, generator), start=1):
             loss = exp.loss(model, batch) + embcompress.aux_loss(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 5.0)
             optimizer.step()
-            n += 1
             if max_batches is not None and n >= max_batches:
                 return {"batch_cpu_seconds": (time.process_time() - start) / n,
                         "batches_per_epoch": sum(1 for _ in exp.batches(data, cfg, torch.Generator().manual_seed(0)))}
@@ -659,8 +662,12 @@ def train_cell(exp: Experiment, cell: Cell, model: nn.Module, data: Any, cfg: di
     model.load_state_dict(best_state)
     model.eval()
     if cell.claim == "distill" and cell.arm == "dense":
-        _save_teacher(model, best, cache / f"distill-dense-{cell.size}-lr{cell.lr:g}-wd{cell.wd:g}-seed{cell.seed}.safetensors")
+        _save_teacher(model, best, _teacher_path(cache, cell.size, cell.lr, cell.wd, cell.seed))
     return {"val": best, "val_history": history, "best_epoch": best_epoch, "epoch_cpu_seconds": epoch_cpu}
+
+
+def _teacher_path(cache: Path, size: str, lr: float, wd: float, seed: int) -> Path:
+    return cache / f"distill-dense-{size}-lr{lr:g}-wd{wd:g}-seed{seed}.safetensors"
 
 
 def _save_teacher(model: nn.Module, val: float, path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .experiments import EXPERIMENTS, SIZES, Cell, Comparison, settings
+from .experiments import EXPERIMENTS, SIZES, Comparison, settings
 from .run import ORDER, _jsonable, load_results
 from .stats import MEASURES, decisive_size, paired_bootstrap, verdict
 
@@ -58,7 +58,8 @@ def choose(claim: str, dataset: str, arm: str, records: dict[str, dict[str, Any]
     points: dict[tuple[float, float], list[dict[str, Any]]] = {}
     for r in ok:
         points.setdefault((r["lr"], r["wd"]), []).append(r)
-    (lr, wd), chosen = max(points.items(), key=lambda kv: (1 if higher else -1) * statistics.fmean(r["val"] for r in kv[1]))
+    sign = 1 if higher else -1
+    (lr, wd), chosen = max(points.items(), key=lambda kv: sign * statistics.fmean(r["val"] for r in kv[1]))
     return ArmResult(arm, lr, wd, sorted(chosen, key=lambda r: r["seed"]), len(ok), len(planned))
 
 
@@ -144,7 +145,8 @@ def _plan_table(out_dir: Path, size: str) -> list[str]:
     if not path.exists():
         return ["_No plan measured yet (`python -m benchmarks.claims.run --size full --measure`)._", ""]
     plan = json.loads(path.read_text())
-    lines = ["| claim | dataset | arm | cells | max epochs | CPU s / epoch | build CPU s | planned CPU s (upper bound) |",
+    lines = ["| claim | dataset | arm | cells | max epochs | CPU s / epoch | build CPU s | "
+             "planned CPU s (upper bound) |",
              "|---|---|---|---|---|---|---|---|"]
     total, stale = 0.0, 0
     for p in plan:
@@ -201,10 +203,13 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
                     f"{f'{ratio:.1f}x' if ratio else '-'} | {a.lr:g}, {a.wd:g} | "
                     f"{_fmt_score(statistics.fmean(tests), claim, dataset)} ± {_fmt_score(sd, claim, dataset)} | "
                     f"{_fmt_score(a.mean('val'), claim, dataset)} | "
-                    f"{statistics.fmean(r['best_epoch'] for r in a.records):.1f} | {len(a.records)} ({a.done}/{a.planned}) |")
-            lines += ["", "| comparison | loss of arm vs reference, 95% CI | tolerance | verdict |", "|---|---|---|---|"]
+                    f"{statistics.fmean(r['best_epoch'] for r in a.records):.1f} | "
+                    f"{len(a.records)} ({a.done}/{a.planned}) |")
+            lines += ["", "| comparison | loss of arm vs reference, 95% CI | tolerance | verdict |",
+                      "|---|---|---|---|"]
             for c in result["comparisons"]:
-                lines.append(f"| {c['what']} | {_interval_text(c)} | < {c['tolerance']:g} {c['unit']} | {_verdict_text(c)} |")
+                lines.append(f"| {c['what']} | {_interval_text(c)} | < {c['tolerance']:g} {c['unit']} | "
+                             f"{_verdict_text(c)} |")
                 arm = result["arms"].get(c["arm"])
                 ratio = arm.records[0].get("ratio") if arm is not None else None
                 at = f"{ratio:.1f}x: " if ratio and "estimate" in c else ""

@@ -8,9 +8,10 @@ In state dicts and artifacts it keeps its plain name, ``query``, as before it be
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["QueryTableMixin"]
@@ -27,12 +28,18 @@ class QueryTableMixin:
         # An AttributeError here (no table: codes in the fixed state) reads as "no query", as hasattr expects.
         return self.query_table.weight
 
+    def _query_rows(self, ids: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """Query rows (N, d) of ``ids`` (N,). The one place the methods read Q per id, so an engine
+        that holds Q itself (TorchRec, ``embcompress.integrations.torchrec``) can supply the rows."""
+        return F.embedding(ids, self.query, sparse=sparse)
+
     def _add_query_table(self, num_embeddings: int, embedding_dim: int, sparse: bool) -> None:
         # N(0, 1) like nn.Embedding, drawn exactly as torch.randn(V, d) would be.
         self.query_table = nn.Embedding(num_embeddings, embedding_dim, sparse=sparse)
         if not getattr(self, "_query_hooks", False):
-            self.register_state_dict_post_hook(_save_as_query)
-            self.register_load_state_dict_pre_hook(_load_from_query)
+            module = cast(nn.Module, self)  # the mixin sits on an nn.Module subclass
+            module.register_state_dict_post_hook(_save_as_query)
+            module.register_load_state_dict_pre_hook(_load_from_query)
             self._query_hooks = True
 
 
