@@ -5,7 +5,8 @@
 - bad input names the table;
 - agreement: a DLRM with dpq (two), memcom and tt tables trained a few steps sharded by DMP in 2 gloo
   processes (query tables row- and column-wise, MEmCom scalars table-wise, the rest data-parallel) gives the
-  losses and final tables of 1 process on the global batch, and both export the same artifacts.
+  losses and final tables of 1 process on the global batch, and both export the same artifacts; the same for
+  a model on a CompressedEmbeddingCollection whose head reads the unpooled rows.
 """
 
 import datetime
@@ -93,9 +94,7 @@ def test_small_tables_keep_their_per_row_part_as_a_plain_parameter():
 
 
 def test_embedding_collection_returns_jagged_rows_and_mean_pooling():
-    configs = [EmbeddingConfig(name=n, embedding_dim=D, num_embeddings=v, feature_names=[f"f_{n}"])
-               for n, v in ROWS.items()]
-    ec = CompressedEmbeddingCollection(configs, SPECS).eval()
+    ec = CompressedEmbeddingCollection(embedding_tables(), SPECS).eval()
     _, kjt, _ = batch_data(1, slice(0, BATCH))
     out = ec(kjt)
     tables = compressed_tables(ec)
@@ -144,8 +143,35 @@ def dlrm(ebc):
                 over_arch_layer_sizes=[8, 1])
 
 
-def worker(rank, world, port, out_dir):
-    """Train the DLRM sharded over ``world`` gloo processes; rank 0 writes losses, tables and artifacts."""
+def embedding_tables():
+    return [EmbeddingConfig(name=n, embedding_dim=D, num_embeddings=v, feature_names=[f"f_{n}"])
+            for n, v in ROWS.items()]
+
+
+class JaggedModel(torch.nn.Module):
+    """A CompressedEmbeddingCollection under a head that reads every looked-up row (a per-row nonlinearity
+    before pooling, so the unpooled rows matter), with the dense features."""
+
+    def __init__(self):
+        super().__init__()
+        self.sparse = CompressedEmbeddingCollection(embedding_tables(), SPECS)
+        self.over = torch.nn.Linear(DENSE + D * len(ROWS), 1)
+
+    def forward(self, dense, features):
+        pooled = []
+        for name, jagged in self.sparse(features).items():
+            samples = torch.repeat_interleave(torch.arange(dense.shape[0]), jagged.lengths().long())
+            pooled.append(dense.new_zeros(dense.shape[0], D).index_add_(0, samples, torch.tanh(jagged.values())))
+        return self.over(torch.cat([dense, *pooled], dim=1))
+
+
+def build_model(kind):
+    return dlrm(CompressedEmbeddingBagCollection(bag_tables(), SPECS)) if kind == "bag" else JaggedModel()
+
+
+def worker(rank, world, port, out_dir, kind="bag"):
+    """Train the model (``kind``: "bag" = DLRM on the bag collection, "jagged" = JaggedModel) sharded over
+    ``world`` gloo processes; rank 0 writes losses, tables and artifacts."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -159,7 +185,7 @@ def worker(rank, world, port, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
-        model = dlrm(CompressedEmbeddingBagCollection(bag_tables(), SPECS))
+        model = build_model(kind)
         rows = [p for name, p in model.named_parameters() if ".rows." in name]
         apply_optimizer_in_backward(torch.optim.SGD, rows, {"lr": LR})
         # Query tables row- and column-wise (the planner would keep small tables whole), the scalars
@@ -193,12 +219,13 @@ def worker(rank, world, port, out_dir):
 
 
 @pytest.mark.slow
-def test_sharded_training_matches_one_process_and_exports():
+@pytest.mark.parametrize("kind", ["bag", "jagged"])
+def test_sharded_training_matches_one_process_and_exports(kind):
     with tempfile.TemporaryDirectory() as single, tempfile.TemporaryDirectory() as sharded:
         ctx = mp.get_context("spawn")
         ports = free_port(), free_port()
-        procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single))]
-        procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded)) for rank in range(2)]
+        procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single, kind))]
+        procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded, kind)) for rank in range(2)]
         for p in procs:
             p.start()
         for p in procs:
