@@ -36,6 +36,8 @@ D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
 ROWS = {"item": 300, "user": 200, "cat": 100, "page": 260}
 SPECS = {"item": "dpq:groups=2,codewords=8,batchnorm=false", "user": "memcom:buckets=16,bias=true",
          "cat": "tt:cores=2,rank=4", "page": "dpq:groups=2,codewords=4,batchnorm=false"}
+# VQ codes compare the query with the values: rescaling scales the TorchRec-held query too.
+JAGGED_SPECS = {**SPECS, "page": "dpq:variant=vq,groups=2,codewords=4,batchnorm=false"}
 
 
 def bag_tables(rows=ROWS, dim=D):
@@ -113,6 +115,24 @@ def test_embedding_collection_returns_jagged_rows_and_mean_pooling():
     torch.testing.assert_close(ebc(kjt).to_dict()["f_item"] * lengths, summed(kjt).to_dict()["f_item"])
 
 
+def test_rescale_output_scales_the_rows_torchrec_holds():
+    ec = CompressedEmbeddingCollection(embedding_tables(), JAGGED_SPECS).eval()
+    for name in ("user", "page"):  # memcom's scale and bias, VQ's query: per-row parts TorchRec holds
+        with pytest.raises(RuntimeError, match=r"lives in TorchRec; call rescale_output_\(table_name"):
+            ec.tables[name].rescale_output_(4.0)
+    with pytest.raises(KeyError, match="no table 'items'"):
+        ec.rescale_output_("items", 4.0)
+    before = {name: table.materialize() for name, table in compressed_tables(ec).items()}
+    for name in ROWS:
+        ec.rescale_output_(name, 4.0)
+    after = compressed_tables(ec)
+    _, kjt, _ = batch_data(0, slice(0, BATCH))
+    out = ec(kjt)
+    for name in ROWS:
+        torch.testing.assert_close(after[name].materialize(), 4.0 * before[name], msg=f"table {name}")
+        torch.testing.assert_close(out[f"f_{name}"].values(), 4.0 * before[name][kjt[f"f_{name}"].values()])
+
+
 def test_errors_name_the_table():
     with pytest.raises(SpecError, match="table 'item'.*groups"):
         CompressedEmbeddingBagCollection(bag_tables(), {**SPECS, "item": "dpq:groups=3"})
@@ -154,7 +174,7 @@ class JaggedModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.sparse = CompressedEmbeddingCollection(embedding_tables(), SPECS)
+        self.sparse = CompressedEmbeddingCollection(embedding_tables(), JAGGED_SPECS)
         self.over = torch.nn.Linear(DENSE + D * len(ROWS), 1)
 
     def forward(self, dense, features):
@@ -208,9 +228,15 @@ def worker(rank, world, port, out_dir, kind="bag"):
             losses.append(loss.detach())
         losses = torch.stack(losses)
         dist.all_reduce(losses)  # the mean of the ranks' half-batch means is the global-batch mean
+        unscaled = {}
+        if kind == "jagged":  # rescaling reaches the rows every rank holds
+            unscaled = {f"unscaled_{name}": t.materialize() for name, t in compressed_tables(model).items()}
+            collection = next(m for m in model.modules() if isinstance(m, CompressedEmbeddingCollection))
+            for name in ROWS:
+                collection.rescale_output_(name, 2.0)
         tables = compressed_tables(model)
         if rank == 0:
-            save_file({"losses": losses / world, **{name: t.materialize() for name, t in tables.items()}},
+            save_file({"losses": losses / world, **unscaled, **{name: t.materialize() for name, t in tables.items()}},
                       os.path.join(out_dir, "result.safetensors"))
             for name, table in tables.items():
                 embcompress.save(table.export(), os.path.join(out_dir, f"{name}.safetensors"))
@@ -239,6 +265,8 @@ def test_sharded_training_matches_one_process_and_exports(kind):
         assert one["losses"][-1] != one["losses"][0]  # training moved
         for name in ROWS:
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"table {name}")
+            if kind == "jagged":
+                torch.testing.assert_close(two[name], 2.0 * two[f"unscaled_{name}"], msg=f"rescaled table {name}")
             artifacts = [embcompress.load(os.path.join(d, f"{name}.safetensors")) for d in (single, sharded)]
             assert type(artifacts[0]) is type(artifacts[1])
             torch.testing.assert_close(artifacts[1].materialize(), artifacts[0].materialize(), rtol=1e-4, atol=1e-5)
