@@ -271,3 +271,27 @@ def test_sharded_training_matches_one_process_and_exports(kind):
             assert type(artifacts[0]) is type(artifacts[1])
             torch.testing.assert_close(artifacts[1].materialize(), artifacts[0].materialize(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(artifacts[0].materialize(), one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fbgemm_grid_baseline_is_torchrecs_quantized_table():
+    """The task grid's torchrec-int* table looks up what TorchRec's quantized EmbeddingBagCollection
+    returns for the same fp32 rows, trains straight-through, and counts FBGEMM's row bytes."""
+    from benchmarks.perf import build_torchrec_quantized
+    from benchmarks.tasks.fbgemm_table import FbgemmRowwiseTable
+    from benchmarks.tasks.run import plan
+
+    rows, dim = 300, 50  # d = 50 is padded to whole fp16 words, as FBGEMM needs
+    for label, bits, row_bytes in (("torchrec-int8", 8, 64), ("torchrec-int4", 4, 32)):
+        table = FbgemmRowwiseTable(rows, dim, bits)
+        quantized, stored = build_torchrec_quantized(torch.nn.functional.pad(table.weight.detach(), (0, 6)))[label]
+        ids = torch.arange(rows)
+        expected = quantized(make_kjt({"f": [[i] for i in range(rows)]})).values()[:, :dim]
+        out = table(ids)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(out, table.weight)  # the lookups are rounded
+        out.pow(2).sum().backward()
+        torch.testing.assert_close(table.weight.grad, 2 * out.detach())  # straight-through
+        assert table.num_bytes() == stored == rows * row_bytes
+    labels = {cell.choice.label for cell in plan("quick", ["rec", "topic"], ["hash"], [10.0], [0]) if cell.task == "rec"}
+    assert {"torchrec-int8", "torchrec-int4"} <= labels
+    assert not any(c.choice.label.startswith("torchrec") for c in plan("quick", ["topic"], ["hash"], [10.0], [0]))
