@@ -33,9 +33,12 @@ __all__ = ["CompressedEmbedding"]
 
 log = logging.getLogger(__name__)
 
-# Inputs whose largest value exceeds this are fitted scaled down: the fits square values and sum
-# thousands of squares, which overflows float32 (3.4e38) from about 1e16 on.
+# Inputs whose largest value exceeds SAFE_PEAK are fitted scaled down: the fits square values and
+# sum thousands of squares, which overflows float32 (3.4e38) from about 1e16 on. Inputs below
+# TINY_PEAK are fitted scaled up: their squares underflow and fall under the fits' epsilons
+# (a 1e-40 table came back as zeros from scalar, memcom, pq, dpq and codes).
 SAFE_PEAK = 2.0 ** 20
+TINY_PEAK = 2.0 ** -20
 
 
 def _physical_memory() -> int | None:
@@ -62,12 +65,13 @@ def _check_affordable(cls: type, config: MethodConfig, num_embeddings: int, embe
 
 
 def fit_scale(weight: torch.Tensor) -> float:
-    """1.0 for tables in a safe range, else a power of two bringing the RMS near 1 (exact to undo)."""
+    """1.0 for tables in a safe range (or all zeros), else a power of two bringing the RMS near 1
+    (exact to undo)."""
     peak = float(weight.abs().max())
-    if peak <= SAFE_PEAK:
+    if peak == 0.0 or TINY_PEAK <= peak <= SAFE_PEAK:
         return 1.0
-    rms = float(weight.double().pow(2).mean().sqrt())
-    return 2.0 ** max(1, round(math.log2(rms)))
+    exponent = round(math.log2(float(weight.double().pow(2).mean().sqrt())))
+    return 2.0 ** (max(1, exponent) if peak > SAFE_PEAK else min(-1, exponent))
 
 
 class CompressedEmbedding(nn.Module):
@@ -216,9 +220,10 @@ class CompressedEmbedding(nn.Module):
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
         scale = fit_scale(weight)
         if scale != 1.0 and not module.can_rescale_output(scale):
-            raise ValueError(f"{module.config.method} cannot fit values this large (up to "
-                             f"{float(weight.abs().max()):.3g}); divide the table by {scale:g} first, or use "
-                             "another method")
+            size, change = ("large", f"divide the table by {scale:g}") if scale > 1 else \
+                ("small", f"multiply the table by {1 / scale:g}")
+            raise ValueError(f"{module.config.method} cannot fit values this {size} (up to "
+                             f"{float(weight.abs().max()):.3g}); {change} first, or use another method")
         module.fit(weight / scale if scale != 1.0 else weight, **fit_options)
         if scale != 1.0:
             module.rescale_output_(scale)

@@ -123,12 +123,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
     check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
+    protect = [args.source, *table.files]  # a model folder's weights and vocabulary, not only the folder
+    check_output_path(args.output, overwrite=args.force, protect=protect)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
     try:
-        save(module, args.output, overwrite=args.force, protect=[args.source])
+        save(module, args.output, overwrite=args.force, protect=protect)
     except OSError as exc:  # name the output, not the temporary file the write went through
         raise OSError(exc.errno, exc.strerror or str(exc), str(args.output)) from None
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
@@ -178,7 +180,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
-    print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
+    versus = f"{dense / total:.1f}x smaller than" if total < dense else f"{total / max(dense, 1):.1f}x the size of"
+    print(f"{'tensor bytes':16s} {total:,} ({versus} fp32)")
     for name, t in info["tensors"].items():
         print(f"  {name:14s} {t['dtype']:8s} {str(tuple(t['shape'])):18s} {t['bytes']:,} bytes")
     return 0
@@ -215,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode(), protect=table.files)  # replaced
         print(f"wrote {args.json}")
     return 0
 

@@ -19,7 +19,7 @@ import itertools
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,13 @@ _HF_TABLE_SUFFIXES = ("embeddings.word_embeddings.weight", "embed_tokens.weight"
 
 @dataclass
 class Table:
-    """A (V, d) float32 table with its row names when known."""
+    """A (V, d) float32 table with its row names when known, and the files it was read from
+    (an output must never be one of them)."""
 
     weight: torch.Tensor
     words: list[str] | None
     name: str
+    files: list[Path] = field(default_factory=list)
 
     def word_index(self) -> dict[str, int]:
         if self.words is None:
@@ -70,7 +72,7 @@ def _glove_6b_50d() -> Table:
     except ImportError:
         raise ImportError("reading the GloVe word list needs pyarrow: pip install 'embcompress[data]'") from None
     words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
-    return Table(weight, words, "glove-6b-50d")
+    return Table(weight, words, "glove-6b-50d", [root / "glove_6B_50d_emb.npy", root / "glove_6B_index.parquet"])
 
 
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")  # spaces or tabs; not every Unicode space (GloVe words hold some)
@@ -204,11 +206,12 @@ def _hf_vocab(folder: Path, rows: int) -> list[str] | None:
 
 def _hf_folder(folder: Path, key: str | None) -> Table:
     candidates = [folder / "model.safetensors", folder / "model" / "model.safetensors"]
-    files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    files = [p for p in candidates if p.is_file()] or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         pickled = sorted(folder.glob("*.bin"))
         extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}; give a model folder holding "
+                                "model.safetensors, or a table file (.npy, .safetensors, .txt)")
     keys = _safetensors_keys(files[0])
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
@@ -217,7 +220,8 @@ def _hf_folder(folder: Path, key: str | None) -> Table:
         key = matches[0]
     weight = _safetensors(files[0], key)
     words = _hf_vocab(files[0].parent, weight.shape[0]) if weight.dim() == 2 else None
-    return Table(weight, words, f"{folder.name}:{key}")
+    vocab = [files[0].parent / name for name in ("vocab.txt", "tokenizer.json")]
+    return Table(weight, words, f"{folder.name}:{key}", [files[0], *(p for p in vocab if p.is_file())])
 
 
 def _check_limit(limit: object) -> None:
@@ -243,6 +247,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         if not path.exists():
             raise FileNotFoundError(f"no table at {path}; give a .npy, .safetensors, word2vec/GloVe text file, "
                                     f"a Hugging Face model folder, or one of: {', '.join(KNOWN_TABLES)}")
+        if not path.is_dir() and not path.is_file():  # reading a FIFO would block forever
+            raise ValueError(f"{path} is a device, FIFO or socket, not a table file; give a .npy, .safetensors "
+                             "or text file of vectors, or a model folder")
         if path.is_dir():
             table = _hf_folder(path, key)
         elif path.suffix == ".npy":
@@ -256,6 +263,8 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         else:
             raise ValueError(f"unsupported table file {path.name!r}; use .npy, .safetensors, .txt/.vec text "
                              "vectors or a model folder")
+    if not table.files:
+        table.files = [Path(text)]
     weight = check_weight(table.weight, name=f"table {table.name}")
     if limit is not None:
         weight = weight[:limit].contiguous()

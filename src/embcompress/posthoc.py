@@ -50,7 +50,8 @@ def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True
         "ratio": frozen.compression_ratio(),
         "bits_per_row": 8 * frozen.num_bytes() / frozen.num_embeddings,
     }
-    # The measures are scale-free; huge tables are compared scaled down so their squares stay finite.
+    # The measures are scale-free; huge or tiny tables are compared rescaled so their squares stay finite
+    # and normal.
     scale = fit_scale(table.weight)
     report.update(quality_report(approx / scale, table.weight / scale, names, sample=1000 if neighbours else 0,
                                  analogy=analogy))
