@@ -179,9 +179,12 @@ def main() -> None:
 
 
 def _merge_in_order(kept: list[dict], fresh: list[dict]) -> list[dict]:
-    """Kept rows with the fresh ones in the benchmark's method order (FAISS rows last)."""
+    """Kept rows with the fresh ones in the benchmark's method order (TorchRec's first, FAISS rows last)."""
     rank = {m: i for i, m in enumerate(METHODS)}
-    return sorted(kept + fresh, key=lambda r: (-r["budget_bits"], rank.get(r["method"], len(rank))))
+
+    def order(row: dict) -> int:
+        return -1 if row["method"].startswith("torchrec-") else rank.get(row["method"], len(rank))
+    return sorted(kept + fresh, key=lambda r: (-r["budget_bits"], order(r)))
 
 
 def _markdown(rows: list[dict]) -> str:
