@@ -49,14 +49,14 @@ def test_readme_has_examples():
     assert {words.split()[1] for words in command_lines()} >= {"methods", "compress", "evaluate", "inspect", "demo"}
 
 
-@pytest.mark.parametrize("line, code", python_blocks(), ids=lambda value: f"line{value}" if isinstance(value, int) else "")
+@pytest.mark.parametrize("line, code", [pytest.param(line, code, id=f"line{line}") for line, code in python_blocks()])
 def test_python_block_runs(line, code, in_tmp, capsys):
     compiled = compile(code, f"README.md:{line}", "exec")
     if code.startswith(NOT_RUN):
         reason = code.splitlines()[0][len(NOT_RUN):].strip()
         assert reason, f"README.md:{line}: '{NOT_RUN}' needs a reason"
         pytest.skip(f"README.md:{line}: {reason}")
-    exec(compiled, {"__name__": f"readme_line{line}"})  # noqa: S102 - the README's own code
+    exec(compiled, {"__name__": f"readme_line{line}"})
     assert capsys.readouterr().out.strip(), f"README.md:{line}: the example printed nothing"
 
 
