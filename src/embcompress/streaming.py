@@ -1,0 +1,510 @@
+"""Post hoc compression of tables larger than memory: fit on a sample, encode in chunks, write as you go.
+
+The fp32 table stays on disk (:class:`~embcompress.data.MappedTable`, a memory map whose pages are
+released after every read). Memory holds the sample, one chunk of rows and the compressed output's
+per-row state, never the table:
+
+1. **Fit** on a sample of rows (``sample`` rows, default 2^18), read in file order:
+   - ``sample_order="uniform"``: rows drawn uniformly without replacement, as the in-memory fits draw
+     their batches and k-means samples (the reconstruction error they minimize weighs rows equally);
+   - ``sample_order="frequency"``, for a table ordered by lookup frequency (row 0 the most frequent,
+     as word vectors and most ID tables are): the first half of the sample is the head of the table,
+     the second half uniform over the rest. Under Zipf(1) lookups over 20M rows the first 131k rows
+     serve 71% of lookups, so the codebooks are fit where most lookups land while still seeing the
+     bulk of the rows.
+2. **Encode** every row in chunks with the fitted parameters, per deployed format: codebooks with
+   ``concat`` (DPQ, PQ) take the nearest codeword of each group (the least-squares codes for the
+   stored codebooks); ``sum`` (compositional codes) beam search + ICM + LSQ++ local search as the
+   in-memory fit's final stages; ``scalar`` quantizes each row; ``hashed`` (hash, MEmCom) computes
+   its shared table in passes over the chunks (bucket means, then MEmCom's alternating least
+   squares: one pass per round) and solves each row's scale (and bias) against the final table.
+3. **Write** the artifact incrementally (:class:`IncrementalArtifactWriter`): header space is
+   reserved, tensor bytes go straight to a temporary file beside the output, the header with the
+   checksum is written last, and the file is renamed into place; on any error the temporary file is
+   removed. :func:`embcompress.load` reads the result like any other artifact.
+
+Example:
+    >>> from embcompress.data import open_table_mmap
+    >>> with open_table_mmap("items.npy") as table:
+    ...     report = compress_mapped(table, "pq", bits_per_row=64, output="items.emb").report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._version import __version__
+from .additive import best_codes, beam_encode, icm_codes, local_search_codes
+from .bitpack import pack_codes, packed_size
+from .config import MethodConfig
+from .data import MappedTable
+from .frozen import FrozenEmbedding, get_format
+from .frozen.codebook import decode_codes
+from .frozen.scalar import dequantize, quantize_rows
+from .hashing import HashFunction
+from .io import FORMAT_VERSION, HEADER_KEY
+from .kmeans import assign
+from .methods.memcom import TINY, row_scales
+from .progress import progress_bar
+from .registry import get_method
+from .validation import normalize_padding_idx
+
+__all__ = ["STREAMING_METHODS", "StreamResult", "compress_mapped", "sample_ids", "IncrementalArtifactWriter",
+           "check_streamable", "peak_rss_bytes"]
+
+STREAMING_METHODS = ("codes", "dpq", "pq", "scalar", "hash", "memcom")
+SAMPLE_ORDERS = ("uniform", "frequency")
+DEFAULT_SAMPLE = 1 << 18
+DEFAULT_CHUNK = 1 << 16
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.uint8: "U8", torch.int8: "I8",
+              torch.int32: "I32", torch.int64: "I64", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def check_streamable(method: str) -> None:
+    if method not in STREAMING_METHODS:
+        raise ValueError(f"{method} cannot be compressed in chunks (its fit needs the whole table in memory); "
+                         f"streaming methods: {', '.join(STREAMING_METHODS)}")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process as the OS counts it (mapped file pages included): VmHWM."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def sample_ids(rows: int, size: int, order: str = "uniform", seed: int = 0) -> np.ndarray:
+    """Sorted row ids to fit on: all rows when ``size >= rows``; see the module docstring for ``order``."""
+    if order not in SAMPLE_ORDERS:
+        raise ValueError(f"sample_order must be one of {', '.join(SAMPLE_ORDERS)}, got {order!r}")
+    if size < 1:
+        raise ValueError(f"sample must be at least 1 row, got {size}")
+    if size >= rows:
+        return np.arange(rows)
+    rng = np.random.default_rng(seed)
+    if order == "uniform":
+        return np.sort(rng.choice(rows, size, replace=False))
+    head = size // 2
+    tail = head + rng.choice(rows - head, size - head, replace=False)
+    return np.concatenate([np.arange(head), np.sort(tail)])
+
+
+# -- sinks: where the compressed tensors go -----------------------------------------------------------
+class _MemorySink:
+    """Collects the tensors in memory (for ``from_pretrained``); per-row tensors filled piece by piece."""
+
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.tensors = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in layout.items()}
+        self._cursor = dict.fromkeys(layout, 0)
+
+    def append(self, name: str, piece: torch.Tensor) -> None:
+        data = piece.contiguous().view(-1).view(torch.uint8)
+        flat = self.tensors[name].view(-1).view(torch.uint8)
+        start = self._cursor[name]
+        if start + data.numel() > flat.numel():
+            raise ValueError(f"tensor {name!r} overflows its {flat.numel():,} bytes")
+        flat[start:start + data.numel()] = data
+        self._cursor[name] = start + data.numel()
+
+    def check_complete(self) -> None:
+        for name, tensor in self.tensors.items():
+            if self._cursor[name] != tensor.numel() * tensor.element_size():
+                raise RuntimeError(f"tensor {name!r} got {self._cursor[name]:,} of "
+                                   f"{tensor.numel() * tensor.element_size():,} bytes")
+
+
+class IncrementalArtifactWriter:
+    """A safetensors artifact written tensor piece by tensor piece, atomically.
+
+    The tensor sizes are known up front, so the data offsets are too: the header is reserved at the
+    start of a temporary file beside ``path`` (safetensors allows a space-padded JSON header), each
+    tensor's bytes are written at its offset as they come, the checksum is computed by reading the
+    tensors back in the order the digest defines, then the header is written and the file fsync'ed
+    and renamed over ``path``. Used as a context manager: any exception (Ctrl-C included) removes
+    the temporary file and leaves ``path`` as it was.
+    """
+
+    def __init__(self, path: "str | os.PathLike[str]", layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.layout = dict(layout)
+        self.header = dict(header)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for name in sorted(layout):  # the digest's order, so the read-back is one sequential pass
+            dtype, shape = layout[name]
+            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            self._offsets[name] = (position, position + size)
+            position += size
+        self._data_bytes = position
+        self._cursor = {name: 0 for name in layout}
+        # The checksum is a fixed-length hex string: a placeholder of the same length sizes the header.
+        self._header_len = len(self._header_json("0" * 64))
+        self._header_len += (-self._header_len) % 8  # tensor data 8-byte aligned, as safetensors writes it
+        self._tmp: str | None = None
+        self._fd: int | None = None
+
+    def _header_json(self, digest: str) -> bytes:
+        meta = {HEADER_KEY: json.dumps({**self.header, "sha256": digest}, sort_keys=True)}
+        entries: dict[str, Any] = {"__metadata__": meta}
+        for name, (begin, end) in self._offsets.items():
+            dtype, shape = self.layout[name]
+            entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+        return json.dumps(entries, separators=(",", ":")).encode()
+
+    def __enter__(self) -> "IncrementalArtifactWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.ftruncate(self._fd, 8 + self._header_len + self._data_bytes)
+        return self
+
+    def append(self, name: str, piece: torch.Tensor) -> None:
+        """Write the next bytes of tensor ``name`` (pieces arrive in row order)."""
+        data = piece.contiguous().view(-1).view(torch.uint8).numpy()
+        begin, end = self._offsets[name]
+        start = begin + self._cursor[name]
+        if start + data.nbytes > end:
+            raise ValueError(f"tensor {name!r} overflows its {end - begin:,} bytes")
+        os.pwrite(self._fd, memoryview(data), 8 + self._header_len + start)
+        self._cursor[name] += data.nbytes
+
+    def _digest(self, block: int = 1 << 24) -> str:
+        """The digest ``io.tensor_digest`` computes, from the bytes on disk."""
+        digest = hashlib.sha256()
+        for name in sorted(self.layout):
+            dtype, shape = self.layout[name]
+            digest.update(name.encode())
+            digest.update(str(dtype).encode())
+            digest.update(str(tuple(shape)).encode())
+            begin, end = self._offsets[name]
+            for start in range(begin, end, block):
+                digest.update(os.pread(self._fd, min(block, end - start), 8 + self._header_len + start))
+        return digest.hexdigest()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                for name, (begin, end) in self._offsets.items():
+                    if self._cursor[name] != end - begin:
+                        raise RuntimeError(f"tensor {name!r} got {self._cursor[name]:,} of {end - begin:,} bytes")
+                header = self._header_json(self._digest())
+                header += b" " * (self._header_len - len(header))
+                os.pwrite(self._fd, self._header_len.to_bytes(8, "little") + header, 0)
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+            if self._tmp is not None:
+                try:
+                    os.unlink(self._tmp)
+                except FileNotFoundError:
+                    pass
+
+
+# -- encoders: one per deployed format ------------------------------------------------------------------
+class _Encoder:
+    """What a deployed format needs to be built chunk by chunk."""
+
+    format: str
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Every stored tensor's dtype and shape."""
+        raise NotImplementedError
+
+    def fixed(self) -> dict[str, torch.Tensor]:
+        """Tensors known before the encoding pass (codebooks, shared tables)."""
+        return {}
+
+    def prepare(self, table: MappedTable, chunk: int, progress: bool | None) -> None:
+        """Passes over the table before the encoding pass (hashed tables)."""
+
+    def encode(self, rows: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows [start, start + n) -> pieces of the per-row tensors, and the rows as they decode."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CodebookEncoder(_Encoder):
+    format = "codebook"
+
+    def __init__(self, fitted: FrozenEmbedding, rows: int, fit_options: dict[str, Any]) -> None:
+        self.fitted, self.rows = fitted, rows
+        self.books, self.bits, self.combine = fitted.books, fitted.bits, fitted.combine
+        self.codebooks = fitted.codebooks.float()  # the stored values (fp16 ones decode in float32)
+        self.beam = int(fit_options.get("beam", 8))
+        self.search = int(fit_options.get("search", 4))
+        self.generator = torch.Generator().manual_seed(int(fit_options.get("seed") or 0))
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"codebooks": (self.fitted.codebooks.dtype, tuple(self.fitted.codebooks.shape)),
+                "packed": (torch.uint8, (packed_size(self.rows, self.books, self.bits),))}
+
+    def fixed(self) -> dict[str, torch.Tensor]:
+        return {"codebooks": self.fitted.codebooks}
+
+    def _codes(self, rows: torch.Tensor) -> torch.Tensor:
+        books, codebooks = self.books, self.codebooks
+        if self.combine == "concat":  # nearest codeword per group
+            groups = rows.view(rows.shape[0], books, -1).transpose(0, 1)
+            return assign(groups, codebooks.expand(books, -1, -1)).T
+        # sum: the in-memory fit's last stages (best of two beam searches, ICM, LSQ++ local search)
+        codes = best_codes(rows, [beam_encode(rows, codebooks, self.beam),
+                                  beam_encode(rows, codebooks, self.beam, order="stored")], codebooks)
+        codes = icm_codes(rows, codes, codebooks, sweeps=1)
+        return local_search_codes(rows, codes, codebooks, iters=self.search, generator=self.generator)
+
+    def encode(self, rows: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        codes = self._codes(rows)
+        return {"packed": pack_codes(codes, self.bits)}, decode_codes(codes, self.codebooks, self.combine)
+
+    def metadata(self) -> dict[str, Any]:
+        return self.fitted.metadata()
+
+
+class _ScalarEncoder(_Encoder):
+    format = "scalar"
+
+    def __init__(self, bits: int, rows: int, dim: int) -> None:
+        self.bits, self.rows, self.dim = bits, rows, dim
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        if self.bits == 16:
+            return {"values": (torch.float16, (self.rows, self.dim))}
+        width = self.dim if self.bits == 8 else (self.dim + 1) // 2
+        return {"values": (torch.int8 if self.bits == 8 else torch.uint8, (self.rows, width)),
+                "scale": (torch.float32, (self.rows,))}
+
+    def encode(self, rows: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        values, scale = quantize_rows(rows, self.bits)
+        pieces = {"values": values} if scale is None else {"values": values, "scale": scale}
+        return pieces, dequantize(values, scale, self.bits, self.dim)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"bits": self.bits}
+
+
+class _HashedEncoder(_Encoder):
+    """hash: bucket means; memcom: alternating least squares, one pass over the table per round."""
+
+    format = "hashed"
+
+    def __init__(self, config: MethodConfig, rows: int, dim: int, padding_idx: int | None,
+                 fit_options: dict[str, Any]) -> None:
+        self.rows, self.dim, self.padding_idx = rows, dim, padding_idx
+        self.memcom = config.method == "memcom"
+        self.bias = self.memcom and config.bias
+        self.hash = HashFunction.create(config.hash, config.buckets)
+        self.rounds = (30 if fit_options.get("steps") is None else int(fit_options["steps"])) if self.memcom else 0
+        self.table = torch.zeros(config.buckets, dim)
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        out = {"table": (torch.float32, (self.hash.buckets, self.dim))}
+        if self.memcom:
+            out["scale"] = (torch.float32, (self.rows,))
+        if self.bias:
+            out["bias"] = (torch.float32, (self.rows,))
+        return out
+
+    def fixed(self) -> dict[str, torch.Tensor]:
+        return {"table": self.table}
+
+    def _members(self, start: int, n: int) -> torch.Tensor:
+        """Rows of the chunk that shape the table (MEmCom leaves the padding row out, as its fit does)."""
+        keep = torch.ones(n, dtype=torch.bool)
+        if self.memcom and self.padding_idx is not None and start <= self.padding_idx < start + n:
+            keep[self.padding_idx - start] = False
+        return keep
+
+    def prepare(self, table: MappedTable, chunk: int, progress: bool | None) -> None:
+        m = self.hash.buckets
+        sums, count = torch.zeros(m, self.dim, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+        for start, rows in _chunks(table, chunk, progress, "bucket means"):
+            keep = self._members(start, rows.shape[0])
+            bucket = self.hash(torch.arange(start, start + rows.shape[0]))[keep]
+            sums.index_add_(0, bucket, rows[keep].double())
+            count.index_add_(0, bucket, torch.ones(bucket.shape[0], dtype=torch.float64))
+        self.table = (sums / count.clamp_min(1).unsqueeze(1)).float()
+        occupied = count > 0
+        for round_ in range(self.rounds):
+            num, den = torch.zeros(m, self.dim, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+            for start, rows in _chunks(table, chunk, progress, f"memcom round {round_ + 1}/{self.rounds}"):
+                keep = self._members(start, rows.shape[0])
+                bucket = self.hash(torch.arange(start, start + rows.shape[0]))[keep]
+                x = rows[keep]
+                w, b = row_scales(x, self.table[bucket], self.bias)
+                target = x if b is None else x - b.unsqueeze(1)
+                num.index_add_(0, bucket, (target * w.unsqueeze(1)).double())
+                den.index_add_(0, bucket, (w * w).double())
+            update = (den > TINY) & occupied
+            self.table = torch.where(update.unsqueeze(1), (num / den.clamp_min(TINY).unsqueeze(1)).float(), self.table)
+
+    def encode(self, rows: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        t = self.table[self.hash(torch.arange(start, start + rows.shape[0]))]
+        if not self.memcom:
+            return {}, t
+        w, b = row_scales(rows, t, self.bias)
+        keep = self._members(start, rows.shape[0])
+        w = torch.where(keep, w, torch.ones_like(w))  # the padding row keeps the initial scale 1, bias 0
+        decoded = t * w.unsqueeze(1)
+        if b is None:
+            return {"scale": w}, decoded
+        b = torch.where(keep, b, torch.zeros_like(b))
+        return {"scale": w, "bias": b}, decoded + b.unsqueeze(1)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"hash": self.hash.to_dict()}
+
+
+def _chunks(table: MappedTable, chunk: int, progress: bool | None, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+    rows = table.shape[0]
+    for start in progress_bar(range(0, rows, chunk), desc=desc, enabled=progress):
+        yield start, table.rows(start, min(start + chunk, rows))
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    """The report, and the frozen module when no output file was given (else None)."""
+
+    frozen: FrozenEmbedding | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Quality:
+    """rel_mse and mean_cosine as ``evaluate.reconstruction_metrics`` defines them, accumulated by chunk,
+    plus the error weighted by 1 / (row + 1): the lookup mix of a Zipf(1) frequency-ordered table."""
+
+    def __init__(self, dim: int) -> None:
+        self.error = self.zipf_error = self.cosine = self.zipf_weight = self.zipf_sq = 0.0
+        self.col_sum = torch.zeros(dim, dtype=torch.float64)
+        self.zipf_col_sum = torch.zeros(dim, dtype=torch.float64)
+        self.sq = 0.0
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor, decoded: torch.Tensor, start: int) -> None:
+        err = (decoded - rows).double().pow(2).sum(1)
+        x = rows.double()
+        weight = 1.0 / torch.arange(start + 1, start + rows.shape[0] + 1, dtype=torch.float64)
+        self.error += float(err.sum())
+        self.zipf_error += float((err * weight).sum())
+        self.cosine += float(F.cosine_similarity(decoded, rows, dim=1).double().sum())
+        self.col_sum += x.sum(0)
+        self.zipf_col_sum += (x * weight.unsqueeze(1)).sum(0)
+        sq = x.pow(2).sum(1)
+        self.sq += float(sq.sum())
+        self.zipf_sq += float((sq * weight).sum())
+        self.zipf_weight += float(weight.sum())
+        self.rows += rows.shape[0]
+
+    def report(self) -> dict[str, float]:
+        mean = self.col_sum / self.rows
+        spread = max(self.sq - self.rows * float(mean.pow(2).sum()), 1e-30)
+        # sum_i w_i |x_i - mean|^2 = sum w_i |x_i|^2 - 2 mean . sum w_i x_i + |mean|^2 sum w_i
+        zipf_spread = self.zipf_sq - 2 * float(mean @ self.zipf_col_sum) + float(mean.pow(2).sum()) * self.zipf_weight
+        return {"rel_mse": self.error / spread, "mean_cosine": self.cosine / self.rows,
+                "rel_mse_zipf1": self.zipf_error / max(zipf_spread, 1e-30)}
+
+
+def _encoder(config: MethodConfig, table: MappedTable, padding_idx: int | None, sample: int, sample_order: str,
+             seed: int, fit_options: dict[str, Any], report: dict[str, Any]) -> _Encoder:
+    rows, dim = table.shape
+    if config.method == "scalar":
+        return _ScalarEncoder(config.bits, rows, dim)
+    if config.method in ("hash", "memcom"):
+        return _HashedEncoder(config, rows, dim, padding_idx, fit_options)
+    ids = sample_ids(rows, sample, sample_order, seed)
+    started = time.perf_counter()
+    weight = table.take(ids)
+    report["sample_read_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fitted = get_method(config.method).from_pretrained(weight, config, **fit_options).export()
+    report["fit_seconds"] = time.perf_counter() - started
+    del weight
+    return _CodebookEncoder(fitted, rows, fit_options)
+
+
+def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "str | os.PathLike[str] | None" = None,
+                    bytes: int | None = None, bits_per_row: float | None = None, ratio: float | None = None,
+                    padding_idx: int | None = None, sample: int = DEFAULT_SAMPLE, sample_order: str = "uniform",
+                    chunk: int = DEFAULT_CHUNK, seed: int = 0, fit_options: dict[str, Any] | None = None,
+                    progress: bool | None = None) -> StreamResult:
+    """Compress a memory-mapped table without reading it into memory (see the module docstring).
+
+    Writes the frozen artifact to ``output`` (atomically) or, without ``output``, returns the frozen
+    module in :attr:`StreamResult.frozen`. ``fit_options`` go to the method's fit on the sample
+    (``steps`` is also MEmCom's number of rounds, each a pass over the table).
+    """
+    from .posthoc import resolve_config  # posthoc imports this module lazily: import it lazily too
+
+    rows, dim = table.shape
+    config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
+    check_streamable(config.method)
+    if chunk < 8:
+        raise ValueError(f"chunk must be at least 8 rows, got {chunk}")
+    chunk -= chunk % 8  # packed codes of a chunk then end on a byte boundary
+    padding_idx = normalize_padding_idx(padding_idx, rows)
+    fit_options = dict(fit_options or {})
+    report: dict[str, Any] = {"method": config.method, "spec": config.to_spec(), "table": table.name, "rows": rows,
+                              "dim": dim, "streamed": True, "sample_rows": min(sample, rows),
+                              "sample_order": sample_order, "chunk_rows": chunk}
+    started = time.perf_counter()
+    torch.manual_seed(seed)  # the fits draw their k-means seeds from the global generator
+    encoder = _encoder(config, table, padding_idx, sample, sample_order, seed, fit_options, report)
+    prepared = time.perf_counter()
+    encoder.prepare(table, chunk, progress)
+    report["pass_seconds"] = time.perf_counter() - prepared
+    layout = encoder.layout()
+    num_bytes = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                    for dtype, shape in layout.values())
+    header = {"format_version": FORMAT_VERSION, "library_version": __version__, "torch_version": torch.__version__,
+              "num_embeddings": rows, "embedding_dim": dim, "padding_idx": padding_idx, "kind": "frozen",
+              "format": encoder.format, "metadata": encoder.metadata(), "num_bytes": num_bytes,
+              "spec": config.to_spec()}
+    quality = _Quality(dim)
+    sink = _MemorySink(layout) if output is None else IncrementalArtifactWriter(output, layout, header)
+    encoding = time.perf_counter()
+    with (sink if output is not None else nullcontext()):
+        for name, tensor in encoder.fixed().items():
+            sink.append(name, tensor.to(layout[name][0]))
+        for start, chunk_rows in _chunks(table, chunk, progress, f"encode {config.method}"):
+            pieces, decoded = encoder.encode(chunk_rows, start)
+            for name, piece in pieces.items():
+                sink.append(name, piece.to(layout[name][0]))
+            if padding_idx is not None and start <= padding_idx < start + chunk_rows.shape[0]:
+                decoded[padding_idx - start] = 0.0  # the frozen lookup zeroes the padding row
+            quality.add(chunk_rows, decoded, start)
+    report["encode_seconds"] = time.perf_counter() - encoding
+    frozen = None
+    if output is None:
+        sink.check_complete()
+        frozen = get_format(encoder.format).from_stored(sink.tensors, encoder.metadata(), rows, dim, padding_idx)
+        frozen.source_spec = config.to_spec()
+    seconds = time.perf_counter() - started
+    report.update({"seconds": seconds, "rows_per_second": rows / seconds, "bytes": num_bytes,
+                   "dense_bytes": rows * dim * 4, "ratio": rows * dim * 4 / max(1, num_bytes),
+                   "bits_per_row": 8 * num_bytes / rows, **quality.report(), "peak_rss_bytes": peak_rss_bytes()})
+    return StreamResult(frozen, report)
