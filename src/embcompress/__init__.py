@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,12 +35,30 @@ __all__ = [
 
 
 def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | None = None,
-                    **fit_options: Any) -> CompressedEmbedding:
+                    **fit_options: Any) -> "CompressedEmbedding | FrozenEmbedding":
     """Compress a pretrained (V, d) matrix post hoc with the method the spec names.
+
+    A memory-mapped table (``np.load(path, mmap_mode="r")`` or ``embcompress.data.open_table_mmap``)
+    is never read into memory: it is fit on a sample and encoded in chunks (``embcompress.streaming``),
+    and the result is the exported frozen module (a trainable one would hold a full-size table).
 
     Example:
         >>> table = embcompress.from_pretrained(glove, "codes:books=16,codewords=32")
+        >>> frozen = embcompress.from_pretrained(np.load("items.npy", mmap_mode="r"), "pq")
     """
+    from .data import MappedTable, open_table_mmap
+
+    if isinstance(weight, (MappedTable, np.memmap)):
+        from .streaming import compress_mapped
+
+        opened = weight if isinstance(weight, MappedTable) else open_table_mmap(weight)
+        stream = {k: fit_options.pop(k) for k in ("sample", "sample_order", "chunk", "seed", "progress")
+                  if k in fit_options}
+        try:
+            return compress_mapped(opened, spec, padding_idx=padding_idx, fit_options=fit_options, **stream).frozen
+        finally:
+            if opened is not weight:
+                opened.close()
     config = parse_spec(spec)
     return get_method(config.method).from_pretrained(weight, config, padding_idx=padding_idx, **fit_options)
 

@@ -266,11 +266,17 @@ class MappedTable:
         self.release(start, stop)
         return out
 
-    def take(self, ids: np.ndarray, window: int = 65536) -> torch.Tensor:
-        """The rows at the given sorted ids as a float32 tensor, read window by window."""
-        parts, ids = [], np.asarray(ids, dtype=np.int64)
-        for lo in range(0, ids.shape[0], window):
-            chunk = ids[lo:lo + window]
+    def take(self, ids: np.ndarray, span: int = 1 << 23) -> torch.Tensor:
+        """The rows at the given sorted ids as a float32 tensor, read ``span`` bytes of the file at a time.
+
+        Pages are released span by span: a page fault maps up to 16 neighbouring pages too, so random
+        rows spread over the whole file would otherwise leave most of it resident.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        window = ids // max(1, span // self._row_bytes)
+        cuts = np.flatnonzero(np.diff(window)) + 1
+        parts = []
+        for chunk in np.split(ids, cuts) if ids.size else []:
             parts.append(self._float32(self._array[chunk], int(chunk[0])))
             self.release(int(chunk[0]), int(chunk[-1]) + 1)
         return torch.cat(parts) if parts else torch.zeros(0, self.shape[1])
@@ -296,11 +302,13 @@ class MappedTable:
         self.close()
 
 
-def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None) -> MappedTable:
+def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None,
+                    limit: int | None = None) -> MappedTable:
     """A .npy (as ``np.load(mmap_mode="r")`` opens it) or .safetensors table, memory-mapped.
 
     Also takes the array ``np.load(path, mmap_mode="r")`` returned. Safetensors tensors are chosen
     with ``key`` like :func:`load_table`; float32, float16, bfloat16 and float64 are read (as float32).
+    ``limit`` keeps the first rows only.
 
     Example:
         >>> with open_table_mmap("items.npy") as table:
@@ -327,7 +335,8 @@ def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None)
             raise ValueError(f"{path} is stored column-major (Fortran order); save it row-major "
                              "(np.save(path, np.ascontiguousarray(table))) to stream it")
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == "=" else array.dtype
-        return MappedTable(path, int(array.offset), array.shape[0], array.shape[1], dtype.str, path.name)
+        rows = array.shape[0] if limit is None else min(limit, array.shape[0])
+        return MappedTable(path, int(array.offset), rows, array.shape[1], dtype.str, path.name)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -350,7 +359,8 @@ def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None)
         shape, dtype = entry["shape"], entry["dtype"]
         if len(shape) != 2 or dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}:{key} is {dtype} of shape {shape}; streaming needs a 2-D F32/F16/BF16/F64 table")
-        return MappedTable(path, 8 + header_len + entry["data_offsets"][0], shape[0], shape[1], dtype,
+        rows = shape[0] if limit is None else min(limit, shape[0])
+        return MappedTable(path, 8 + header_len + entry["data_offsets"][0], rows, shape[1], dtype,
                            f"{path.name}:{key}")
     raise ValueError(f"cannot stream {path.name!r}: streaming reads .npy or .safetensors files "
                      "(load_table reads the other formats into memory)")

@@ -15,7 +15,7 @@ from typing import Any
 from .base import CompressedEmbedding
 from .budget import config_for_budget
 from .config import MethodConfig, parse_spec
-from .data import Table
+from .data import MappedTable, Table
 from .evaluate import quality_report
 from .frozen import FrozenEmbedding
 from .registry import get_method
@@ -25,7 +25,7 @@ __all__ = ["CompressionResult", "compress_table", "evaluate_module"]
 
 @dataclass
 class CompressionResult:
-    module: CompressedEmbedding
+    module: CompressedEmbedding | None  # None when the table was streamed
     frozen: FrozenEmbedding
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -56,11 +56,22 @@ def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True
     return report
 
 
-def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | None = None,
+def compress_table(table: "Table | MappedTable", spec: "str | MethodConfig", *, bytes: int | None = None,
                    bits_per_row: float | None = None, ratio: float | None = None,
                    evaluate: bool = True, fit_options: dict[str, Any] | None = None,
                    **eval_options: bool) -> CompressionResult:
-    """Fit a method to ``table`` (hyperparameters from the spec or a budget), export, and report."""
+    """Fit a method to ``table`` (hyperparameters from the spec or a budget), export, and report.
+
+    A :class:`~embcompress.data.MappedTable` (``data.open_table_mmap``) is compressed without reading
+    it into memory (``streaming.compress_mapped``): ``module`` is then None (no trainable state is
+    built) and the report's quality figures are rel_mse and mean_cosine, computed chunk by chunk.
+    """
+    if isinstance(table, MappedTable):
+        from .streaming import compress_mapped
+
+        streamed = compress_mapped(table, spec, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio,
+                                   fit_options=fit_options)
+        return CompressionResult(None, streamed.frozen, streamed.report)
     rows, dim = table.weight.shape
     config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
     start = time.perf_counter()
