@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import re
-import shutil
+import shlex
 import subprocess
 import sys
 import time
@@ -53,9 +53,12 @@ def generate(path: Path, rows: int, dim: int, *, chunk: int = 1 << 20, seed: int
 
 
 def timed_compress(source: Path, spec: str, output: Path, *extra: str) -> dict:
-    """`embcompress compress` in a child under /usr/bin/time -v: its JSON report plus the kernel's max RSS."""
+    """`embcompress compress` in a child under /usr/bin/time -v: its JSON report plus the kernel's max RSS.
+
+    ``spec`` may carry CLI options after it ("memcom:buckets=100000 --steps 2")."""
+    spec, *options = shlex.split(spec)
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "embcompress.cli", "-q", "compress", str(source),
-               "--spec", spec, "-o", str(output), "--json", *extra]
+               "--spec", spec, "-o", str(output), "--json", *options, *extra]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -65,6 +68,7 @@ def timed_compress(source: Path, spec: str, output: Path, *extra: str) -> dict:
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     report["time_max_rss_bytes"] = int(match.group(1)) * 1024 if match else None
     report["wall_seconds"] = wall
+    report["options"] = options
     output.unlink(missing_ok=True)
     return report
 
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-orders", nargs="+", default=["uniform", "frequency"])
     parser.add_argument("--compare-specs", nargs="+", default=None, help="default: --specs")
     parser.add_argument("--skip-large", action="store_true", help="only the in-memory comparison")
+    parser.add_argument("--skip-compare", action="store_true",
+                        help="only the large table (keeps the comparison of an earlier run's results)")
     parser.add_argument("--out", default="stream", help="results name under benchmarks/results/")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -87,14 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"rows": args.rows, "dim": args.dim, "table_bytes": args.rows * args.dim * 4,
                      "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                      "cpus": os.cpu_count(), "large": [], "compare": []}
-    for path, rows in ((table, args.rows), (small, args.compare_rows)):
+    previous = RESULTS / f"{args.out}.json"
+    if previous.exists():  # a partial rerun keeps the other part's results
+        old = json.loads(previous.read_text())
+        results["compare" if args.skip_compare else "large"] = old.get("compare" if args.skip_compare else "large", [])
+    needed = ([] if args.skip_large else [(table, args.rows)]) + ([] if args.skip_compare else [(small, args.compare_rows)])
+    for path, rows in needed:
         if not path.exists():
             started = time.perf_counter()
             generate(path, rows, args.dim)
             results.setdefault("generate_seconds", {})[path.name] = time.perf_counter() - started
             print(f"generated {path} in {time.perf_counter() - started:.0f} s", flush=True)
     output = args.dir / "out.emb"
-    for spec in args.compare_specs or args.specs:
+    for spec in [] if args.skip_compare else args.compare_specs or args.specs:
         for mode in ("--no-stream", "--stream"):
             report = timed_compress(small, spec, output, mode)
             results["compare"].append(report)

@@ -19,6 +19,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,18 +106,23 @@ def _safetensors(path: Path, key: str | None) -> torch.Tensor:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            if key is None:
-                matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
-                if len(matrices) != 1:
-                    raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
-                                     f"(2-D tensors: {', '.join(matrices[:20])})")
-                key = matrices[0]
-            if key not in keys:
-                raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
-            return handle.get_tensor(key)
+            return handle.get_tensor(_safetensors_key(handle, path, key))
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _safetensors_key(handle: Any, path: Path, key: str | None) -> str:
+    """``key``, or the file's only matrix; an error naming the choices otherwise."""
+    keys = list(handle.keys())
+    if key is None:
+        matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
+        if len(matrices) != 1:
+            raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
+                             f"(2-D tensors: {', '.join(matrices[:20])})")
+        key = matrices[0]
+    if key not in keys:
+        raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
+    return key
 
 
 def _hf_vocab(folder: Path) -> list[str] | None:
@@ -342,15 +348,7 @@ def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None,
 
         try:
             with safe_open(str(path), framework="pt") as handle:
-                keys = list(handle.keys())
-                if key is None:
-                    matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
-                    if len(matrices) != 1:
-                        raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
-                                         f"(2-D tensors: {', '.join(matrices[:20])})")
-                    key = matrices[0]
-                if key not in keys:
-                    raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
+                key = _safetensors_key(handle, path, key)
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
         with open(path, "rb") as handle:  # where the tensor's bytes start: safe_open does not say

@@ -80,15 +80,21 @@ def check_streamable(method: str) -> None:
                          f"streaming methods: {', '.join(STREAMING_METHODS)}")
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable (what can be allocated without swapping), else physical memory."""
+def _proc_kib(file: str, field: str) -> int | None:
+    """A "Field: N kB" line of a /proc file, in bytes (None where there is no /proc)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable (what can be allocated without swapping), else physical memory."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 #: Stream when the table file exceeds this share of available memory: the in-memory fits hold the
@@ -105,13 +111,8 @@ def should_stream(source: "str | os.PathLike[str]") -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak resident set of this process as the OS counts it (mapped file pages included): VmHWM."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def sample_ids(rows: int, size: int, order: str = "uniform", seed: int = 0) -> np.ndarray:
