@@ -73,6 +73,10 @@ def timed_compress(source: Path, spec: str, output: Path, *extra: str) -> dict:
     return report
 
 
+def planned(specs: list[str], orders: list[str]) -> set[tuple[str, str]]:
+    return {(spec.split(":")[0], order) for spec in specs for order in orders}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="scratch folder for the table (outside the repo)")
@@ -94,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                      "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                      "cpus": os.cpu_count(), "large": [], "compare": []}
     previous = RESULTS / f"{args.out}.json"
-    if previous.exists():  # a partial rerun keeps the other part's results
+    if previous.exists():  # a partial rerun keeps the results of the runs it does not repeat
         old = json.loads(previous.read_text())
-        results["compare" if args.skip_compare else "large"] = old.get("compare" if args.skip_compare else "large", [])
+        results["large"] = [r for r in old.get("large", []) if args.skip_large or
+                            (r["spec"].split(":")[0], r["sample_order"]) not in planned(args.specs, args.sample_orders)]
+        results["compare"] = [r for r in old.get("compare", []) if args.skip_compare or
+                              r["spec"].split(":")[0] not in {s.split(":")[0] for s in args.compare_specs or args.specs}]
     needed = ([] if args.skip_large else [(table, args.rows)]) + ([] if args.skip_compare else [(small, args.compare_rows)])
     for path, rows in needed:
         if not path.exists():
@@ -135,7 +142,7 @@ def markdown(results: dict) -> str:
         lines += ["| spec | sample | rel MSE | rel MSE (Zipf-weighted) | bytes | ratio | peak RSS (VmHWM) | "
                   "max RSS (time -v) | rows/s | fit s | encode s | total s |", "|" + "---|" * 12]
         for r in results["large"]:
-            lines.append(f"| {r['spec']} | {r['sample_order']} {r['sample_rows']:,} | {r['rel_mse']:.4f} | "
+            lines.append(f"| {r['spec']} | {r['sample_order']} {r['sample_rows']:,} | {r['rel_mse']:.4g} | "
                          f"{r['rel_mse_zipf1']:.4f} | {r['bytes']:,} | {r['ratio']:.1f}x | "
                          f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['time_max_rss_bytes'] / gib:.2f} GiB | "
                          f"{r['rows_per_second']:,.0f} | {r.get('fit_seconds', 0):.0f} | {r['encode_seconds']:.0f} | "
@@ -146,7 +153,7 @@ def markdown(results: dict) -> str:
                   "| spec | rows | path | rel MSE | mean cosine | max RSS (time -v) | wall s |", "|" + "---|" * 7]
         for r in results["compare"]:
             path = "streamed" if r.get("streamed") else "in memory"
-            lines.append(f"| {r['spec']} | {r['rows']:,} | {path} | {r.get('rel_mse', float('nan')):.4f} | "
+            lines.append(f"| {r['spec']} | {r['rows']:,} | {path} | {r.get('rel_mse', float('nan')):.4g} | "
                          f"{r.get('mean_cosine', float('nan')):.4f} | {r['time_max_rss_bytes'] / gib:.2f} GiB | "
                          f"{r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
