@@ -149,7 +149,7 @@ def markdown(results: dict) -> str:
                          f"{r['seconds']:.0f} |")
         lines.append("")
     if results["compare"]:
-        lines += ["In memory against streamed on the first rows (a table small enough for both):", "",
+        lines += ["In memory against streamed on a smaller table from the same generator (small enough for both):", "",
                   "| spec | rows | path | rel MSE | mean cosine | max RSS (time -v) | wall s |", "|" + "---|" * 7]
         for r in results["compare"]:
             path = "streamed" if r.get("streamed") else "in memory"

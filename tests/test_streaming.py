@@ -110,7 +110,7 @@ def test_writer_leaves_no_temp_file_when_interrupted(table_file, tmp_path, monke
 
     monkeypatch.setattr(streaming._ScalarEncoder, "encode", interrupted)
     with open_table_mmap(table_file) as table, pytest.raises(KeyboardInterrupt):
-        compress_mapped(table, "scalar:bits=8", output=out, chunk=512)
+        compress_mapped(table, "scalar:bits=8", output=out, chunk=512, overwrite=True)
     assert len(calls) == 3
     assert [p.name for p in out.parent.iterdir()] == ["table.emb"]
     assert out.read_bytes() == b"previous artifact"
@@ -133,10 +133,14 @@ def test_cli_streams_and_refuses_what_it_cannot(table_file, tmp_path, capsys):
                  "--sample", "800", "-o", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["streamed"] and report["rows"] == 3000 and embcompress.load(out).num_embeddings == 3000
-    assert main(["-q", "compress", str(table_file), "-m", "tt", "--stream", "-o", str(out)]) == 2
+    other = tmp_path / "other.emb"
+    assert main(["-q", "compress", str(table_file), "-m", "tt", "--stream", "-o", str(other)]) == 2
     assert "streaming methods: codes, dpq, pq, scalar, hash, memcom" in capsys.readouterr().err
-    assert main(["-q", "compress", str(table_file), "-m", "pq", "--stream", "--trainable", "-o", str(out)]) == 2
+    assert main(["-q", "compress", str(table_file), "-m", "pq", "--stream", "--trainable", "-o", str(other)]) == 2
     assert "--stream writes the frozen artifact only" in capsys.readouterr().err
+    assert not other.exists()
+    assert main(["-q", "compress", str(table_file), "-m", "scalar", "--stream", "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err  # io's output rules hold for streamed writes too
 
 
 PEAK_SCRIPT = textwrap.dedent("""
@@ -152,7 +156,7 @@ PEAK_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     path, out = sys.argv[1], sys.argv[2]
-    spec, options = "pq:groups=16,codewords=16,iters=3", {"output": out, "sample": 4096, "chunk": 8192}
+    spec, options = "pq:groups=16,codewords=16,iters=3", {"output": out, "sample": 4096, "chunk": 8192, "overwrite": True}
     with open_table_mmap(path, limit=20000) as head:  # code paths loaded once before the baseline
         compress_mapped(head, spec, **options)
     base = rss()

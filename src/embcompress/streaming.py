@@ -31,22 +31,18 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
-import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._version import __version__
 from .additive import best_codes, beam_encode, icm_codes, local_search_codes
 from .bitpack import pack_codes, packed_size
 from .config import MethodConfig
@@ -55,7 +51,8 @@ from .frozen import FrozenEmbedding, get_format, kernels
 from .frozen.codebook import decode_codes
 from .frozen.scalar import dequantize, quantize_rows
 from .hashing import HashFunction
-from .io import FORMAT_VERSION, HEADER_KEY
+from .io import (HEADER_KEY, atomic_write, check_output_path, header_digest, json_ready, unsealed_header,
+                 update_with_tensor)
 from .kmeans import assign
 from .methods.memcom import TINY, row_scales
 from .progress import progress_bar
@@ -63,7 +60,7 @@ from .registry import get_method
 from .validation import normalize_padding_idx
 
 __all__ = ["STREAMING_METHODS", "StreamResult", "compress_mapped", "sample_ids", "IncrementalArtifactWriter",
-           "check_streamable", "peak_rss_bytes", "should_stream"]
+           "check_streamable", "peak_rss_bytes", "should_stream", "write_incrementally"]
 
 STREAMING_METHODS = ("codes", "dpq", "pq", "scalar", "hash", "memcom")
 SAMPLE_ORDERS = ("uniform", "frequency")
@@ -156,21 +153,19 @@ class _MemorySink:
 
 
 class IncrementalArtifactWriter:
-    """A safetensors artifact written tensor piece by tensor piece, atomically.
+    """A safetensors artifact written tensor piece by tensor piece (see :func:`write_incrementally`).
 
     The tensor sizes are known up front, so the data offsets are too: the header is reserved at the
-    start of a temporary file beside ``path`` (safetensors allows a space-padded JSON header), each
-    tensor's bytes are written at its offset as they come, the checksum is computed by reading the
-    tensors back in the order the digest defines, then the header is written and the file fsync'ed
-    and renamed over ``path``. Used as a context manager: any exception (Ctrl-C included) removes
-    the temporary file and leaves ``path`` as it was.
+    start of the file (safetensors allows a space-padded JSON header), each tensor's bytes are
+    written at its offset as they come, and :meth:`finish` hashes the tensors by reading them back
+    in the order io's digest defines (pieces of several tensors arrive interleaved), then writes the
+    sealed header. Header and digest are io's: the file is an ordinary artifact for ``load``.
     """
 
-    def __init__(self, path: "str | os.PathLike[str]", layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 header: dict[str, Any]) -> None:
-        self.path = Path(path)
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], kind: str,
+                 fields: dict[str, Any]) -> None:
         self.layout = dict(layout)
-        self.header = dict(header)
+        self.header = unsealed_header(kind, fields)
         self._offsets: dict[str, tuple[int, int]] = {}
         position = 0
         for name in sorted(layout):  # the digest's order, so the read-back is one sequential pass
@@ -179,26 +174,23 @@ class IncrementalArtifactWriter:
             self._offsets[name] = (position, position + size)
             position += size
         self._data_bytes = position
-        self._cursor = {name: 0 for name in layout}
-        # The checksum is a fixed-length hex string: a placeholder of the same length sizes the header.
+        self._cursor = dict.fromkeys(layout, 0)
+        # The digest is a fixed-length hex string: a placeholder of the same length sizes the header.
         self._header_len = len(self._header_json("0" * 64))
         self._header_len += (-self._header_len) % 8  # tensor data 8-byte aligned, as safetensors writes it
-        self._tmp: str | None = None
         self._fd: int | None = None
 
     def _header_json(self, digest: str) -> bytes:
-        meta = {HEADER_KEY: json.dumps({**self.header, "sha256": digest}, sort_keys=True)}
-        entries: dict[str, Any] = {"__metadata__": meta}
+        entries: dict[str, Any] = {"__metadata__": {HEADER_KEY: json.dumps({**self.header, "sha256": digest},
+                                                                            sort_keys=True)}}
         for name, (begin, end) in self._offsets.items():
             dtype, shape = self.layout[name]
             entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
         return json.dumps(entries, separators=(",", ":")).encode()
 
-    def __enter__(self) -> "IncrementalArtifactWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+    def open(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR)
         os.ftruncate(self._fd, 8 + self._header_len + self._data_bytes)
-        return self
 
     def append(self, name: str, piece: torch.Tensor) -> None:
         """Write the next bytes of tensor ``name`` (pieces arrive in row order)."""
@@ -210,41 +202,46 @@ class IncrementalArtifactWriter:
         os.pwrite(self._fd, memoryview(data), 8 + self._header_len + start)
         self._cursor[name] += data.nbytes
 
-    def _digest(self, block: int = 1 << 24) -> str:
-        """The digest ``io.tensor_digest`` computes, from the bytes on disk."""
-        digest = hashlib.sha256()
+    def _pieces(self, name: str, block: int = 1 << 24) -> Iterator[bytes]:
+        begin, end = self._offsets[name]
+        for start in range(begin, end, block):
+            yield os.pread(self._fd, min(block, end - start), 8 + self._header_len + start)
+
+    def finish(self) -> None:
+        for name, (begin, end) in self._offsets.items():
+            if self._cursor[name] != end - begin:
+                raise RuntimeError(f"tensor {name!r} got {self._cursor[name]:,} of {end - begin:,} bytes")
+        digest = header_digest(self.header)
         for name in sorted(self.layout):
             dtype, shape = self.layout[name]
-            digest.update(name.encode())
-            digest.update(str(dtype).encode())
-            digest.update(str(tuple(shape)).encode())
-            begin, end = self._offsets[name]
-            for start in range(begin, end, block):
-                digest.update(os.pread(self._fd, min(block, end - start), 8 + self._header_len + start))
-        return digest.hexdigest()
+            update_with_tensor(digest, name, dtype, shape, self._pieces(name))
+        header = self._header_json(digest.hexdigest())
+        header += b" " * (self._header_len - len(header))
+        os.pwrite(self._fd, self._header_len.to_bytes(8, "little") + header, 0)
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_incrementally(path: "str | os.PathLike[str]", writer: IncrementalArtifactWriter,
+                        produce: Callable[[IncrementalArtifactWriter], None], *, overwrite: bool = False,
+                        protect: Iterable["str | os.PathLike[str]"] = ()) -> Path:
+    """``produce(writer)`` appends every tensor's bytes; the file appears at ``path`` only when complete.
+
+    io's atomic write protocol (its output rules, a temporary file removed on any error, Ctrl-C or
+    SIGTERM, fsync and rename) around the whole encoding pass.
+    """
+    def write(tmp: Path) -> None:
+        writer.open(tmp)
         try:
-            if exc_type is None:
-                for name, (begin, end) in self._offsets.items():
-                    if self._cursor[name] != end - begin:
-                        raise RuntimeError(f"tensor {name!r} got {self._cursor[name]:,} of {end - begin:,} bytes")
-                header = self._header_json(self._digest())
-                header += b" " * (self._header_len - len(header))
-                os.pwrite(self._fd, self._header_len.to_bytes(8, "little") + header, 0)
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-                os.replace(self._tmp, self.path)
-                self._tmp = None
+            produce(writer)
+            writer.finish()
         finally:
-            if self._fd is not None:
-                os.close(self._fd)
-            if self._tmp is not None:
-                try:
-                    os.unlink(self._tmp)
-                except FileNotFoundError:
-                    pass
+            writer.close()
+
+    return atomic_write(path, write, overwrite=overwrite, protect=protect)
 
 
 # -- encoders: one per deployed format ------------------------------------------------------------------
@@ -477,12 +474,13 @@ def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "
                     bytes: int | None = None, bits_per_row: float | None = None, ratio: float | None = None,
                     padding_idx: int | None = None, sample: int = DEFAULT_SAMPLE, sample_order: str = "uniform",
                     chunk: int = DEFAULT_CHUNK, seed: int = 0, fit_options: dict[str, Any] | None = None,
-                    progress: bool | None = None) -> StreamResult:
+                    progress: bool | None = None, overwrite: bool = False) -> StreamResult:
     """Compress a memory-mapped table without reading it into memory (see the module docstring).
 
-    Writes the frozen artifact to ``output`` (atomically) or, without ``output``, returns the frozen
-    module in :attr:`StreamResult.frozen`. ``fit_options`` go to the method's fit on the sample
-    (``steps`` is also MEmCom's number of rounds, each a pass over the table).
+    Writes the frozen artifact to ``output`` (atomically, by io's rules: an existing file is
+    replaced only with ``overwrite``) or, without ``output``, returns the frozen module in
+    :attr:`StreamResult.frozen`. ``fit_options`` go to the method's fit on the sample (``steps``
+    is also MEmCom's number of rounds, each a pass over the table).
     """
     from .posthoc import resolve_config  # posthoc imports this module lazily: import it lazily too
 
@@ -491,9 +489,13 @@ def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "
     check_streamable(config.method)
     if chunk < 8:
         raise ValueError(f"chunk must be at least 8 rows, got {chunk}")
+    if output is not None:
+        check_output_path(output, overwrite=overwrite, protect=[table.path])  # before the fit, not after
     chunk -= chunk % 8  # packed codes of a chunk then end on a byte boundary
     padding_idx = normalize_padding_idx(padding_idx, rows)
     fit_options = dict(fit_options or {})
+    settings = {**fit_options, "stream": {"sample": min(sample, rows), "sample_order": sample_order,
+                                          "chunk": chunk, "seed": seed}}
     report: dict[str, Any] = {"method": config.method, "spec": config.to_spec(), "table": table.name, "rows": rows,
                               "dim": dim, "streamed": True, "sample_rows": min(sample, rows),
                               "sample_order": sample_order, "chunk_rows": chunk}
@@ -506,14 +508,9 @@ def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "
     layout = encoder.layout()
     num_bytes = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
                     for dtype, shape in layout.values())
-    header = {"format_version": FORMAT_VERSION, "library_version": __version__, "torch_version": torch.__version__,
-              "num_embeddings": rows, "embedding_dim": dim, "padding_idx": padding_idx, "kind": "frozen",
-              "format": encoder.format, "metadata": encoder.metadata(), "num_bytes": num_bytes,
-              "spec": config.to_spec()}
     quality = _Quality(dim)
-    sink = _MemorySink(layout) if output is None else IncrementalArtifactWriter(output, layout, header)
-    encoding = time.perf_counter()
-    with (sink if output is not None else nullcontext()):
+
+    def produce(sink: "IncrementalArtifactWriter | _MemorySink") -> None:
         for name, tensor in encoder.fixed().items():
             sink.append(name, tensor.to(layout[name][0]))
         for start, chunk_rows in _chunks(table, chunk, progress, f"encode {config.method}"):
@@ -523,12 +520,22 @@ def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "
             if padding_idx is not None and start <= padding_idx < start + chunk_rows.shape[0]:
                 decoded[padding_idx - start] = 0.0  # the frozen lookup zeroes the padding row
             quality.add(chunk_rows, decoded, start)
-    report["encode_seconds"] = time.perf_counter() - encoding
+
+    encoding = time.perf_counter()
     frozen = None
     if output is None:
-        sink.check_complete()
-        frozen = get_format(encoder.format).from_stored(sink.tensors, encoder.metadata(), rows, dim, padding_idx)
-        frozen.source_spec = config.to_spec()
+        memory = _MemorySink(layout)
+        produce(memory)
+        memory.check_complete()
+        frozen = get_format(encoder.format).from_stored(memory.tensors, encoder.metadata(), rows, dim, padding_idx)
+        frozen.spec, frozen.fit_settings = config.to_spec(), settings
+    else:
+        fields = {"num_embeddings": rows, "embedding_dim": dim, "padding_idx": padding_idx,
+                  "spec": config.to_spec(), "fit": json_ready(settings), "format": encoder.format,
+                  "metadata": encoder.metadata(), "num_bytes": num_bytes}
+        writer = IncrementalArtifactWriter(layout, "frozen", fields)
+        write_incrementally(output, writer, produce, overwrite=overwrite, protect=[table.path])
+    report["encode_seconds"] = time.perf_counter() - encoding
     seconds = time.perf_counter() - started
     report.update({"seconds": seconds, "rows_per_second": rows / seconds, "bytes": num_bytes,
                    "dense_bytes": rows * dim * 4, "ratio": rows * dim * 4 / max(1, num_bytes),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_ids, check_table_shape, normalize_padding_idx
+from ..validation import check_bag, check_ids, check_table_shape, normalize_padding_idx
 from . import kernels
 
 __all__ = ["FrozenEmbedding", "register_format", "get_format", "FORMATS"]
@@ -47,6 +47,10 @@ class FrozenEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        #: the resolved spec of the table this module was exported from (set by ``export()``)
+        self.spec: str | None = None
+        #: the fit settings that table was made with, when known (recorded in artifacts)
+        self.fit_settings: dict[str, Any] | None = None
 
     # -- what each format implements -------------------------------------------------------
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,18 @@ class FrozenEmbedding(nn.Module):
     def metadata(self) -> dict[str, Any]:
         """JSON-serializable settings needed, with the stored tensors, to rebuild the module."""
         return {}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        """Refuse stored metadata of the wrong JSON type or range (ValueError naming the field).
+
+        Runs before the constructor: a float where an int belongs passes Python's ``==`` but not
+        the C kernels, so the two lookup paths would disagree about the file."""
+        if metadata:
+            raise ValueError(f"format {cls.format!r} stores no metadata, got keys {sorted(metadata)}")
+
+    def check_stored(self) -> None:
+        """Cheap checks of stored tensor values that shapes cannot catch (ValueError)."""
 
     # -- shared behaviour -------------------------------------------------------------------
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -97,32 +113,20 @@ class FrozenEmbedding(nn.Module):
         mode: str = "mean",
     ) -> torch.Tensor:
         """``nn.EmbeddingBag`` semantics: ids (B, L) or 1-D with offsets -> (B, embedding_dim)."""
-        if mode not in ("sum", "mean", "max"):
-            raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
-        if ids.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when ids is 2-D (B, L)")
-            batch, length = ids.shape
-            offsets = torch.arange(0, batch * length, length, dtype=torch.long)
-            ids = ids.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        elif ids.dim() != 1 or offsets is None:
-            raise ValueError("ids must be 2-D (B, L), or 1-D together with offsets")
-        if mode != "max" and (per_sample_weights is None or mode == "sum"):
-            check_ids(ids, self.num_embeddings)
-            pooled = self.pooled(ids.long(), offsets, per_sample_weights, mode)
+        ids, offsets, per_sample_weights = check_bag(ids, offsets, per_sample_weights, mode, self.num_embeddings)
+        if mode != "max":
+            pooled = self.pooled(ids, offsets, per_sample_weights, mode)
             if pooled is not None:
                 return pooled
         rows = self(ids)
         if self.padding_idx is not None:
-            keep = ids.long() != self.padding_idx
+            keep = ids != self.padding_idx
             ids_for_bag = torch.arange(ids.numel())
             ids_for_bag = ids_for_bag.masked_fill(~keep, ids.numel())  # padding -> a zero row
             rows = torch.cat([rows, rows.new_zeros(1, self.embedding_dim)])
-            return F.embedding_bag(ids_for_bag, rows, offsets.long(), mode=mode,
+            return F.embedding_bag(ids_for_bag, rows, offsets, mode=mode,
                                    per_sample_weights=per_sample_weights, padding_idx=ids.numel())
-        return F.embedding_bag(torch.arange(ids.numel()), rows, offsets.long(), mode=mode,
+        return F.embedding_bag(torch.arange(ids.numel()), rows, offsets, mode=mode,
                                per_sample_weights=per_sample_weights)
 
     def _c_lookup(self, ids: torch.Tensor, bags: "kernels.Bags | None" = None) -> torch.Tensor | None:
@@ -151,9 +155,17 @@ class FrozenEmbedding(nn.Module):
         embedding_dim: int,
         padding_idx: int | None,
     ) -> "FrozenEmbedding":
-        """Rebuild from an artifact's tensors and metadata; shapes are checked by the constructor."""
+        """Rebuild from an artifact's tensors and metadata: metadata types and ranges first
+        (:meth:`check_metadata`), shapes in the constructor, stored values (:meth:`check_stored`) last."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+        cls.check_metadata(metadata)
+        clash = set(metadata) & set(tensors)
+        if clash:
+            raise ValueError(f"names {sorted(clash)} are both metadata and tensors")
         module = cls(num_embeddings, embedding_dim, padding_idx, **metadata, **tensors)
         expected = module.stored_tensors()
         if set(expected) != set(tensors):
             raise ValueError(f"format {cls.format!r} stores {sorted(expected)}, artifact has {sorted(tensors)}")
+        module.check_stored()
         return module

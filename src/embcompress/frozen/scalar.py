@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..validation import json_choice
 from .base import FrozenEmbedding, register_format
 
 __all__ = ["ScalarQuantizedEmbedding", "quantize_rows"]
@@ -87,3 +88,9 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"bits": self.bits}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if set(metadata) != {"bits"}:
+            raise ValueError(f"scalar metadata holds exactly 'bits', got {sorted(metadata)}")
+        json_choice(metadata, "bits", (16, 8, 4))

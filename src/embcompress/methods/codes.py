@@ -239,6 +239,10 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
             self._to_fixed(self.current_codes())
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.codebooks.mul_(factor)  # the codes come from the query alone, so they stay
+
     def export(self) -> CodebookEmbedding:
         codebooks = self.codebooks.detach().to(_DTYPES[self.config.codebook_dtype]).clone()
         return CodebookEmbedding.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)

@@ -102,6 +102,12 @@ class MEmComEmbedding(HashEmbedding):
             self.bias[ids] = b
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.scale.mul_(factor)  # the per-row weights, so the shared table keeps its scale
+        if self.bias is not None:
+            self.bias.mul_(factor)
+
     def export(self) -> HashedEmbedding:
         bias = None if self.bias is None else self.bias.detach().clone()
         return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,

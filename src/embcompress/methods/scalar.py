@@ -63,6 +63,10 @@ class ScalarEmbedding(CompressedEmbedding):
         return self
 
     @torch.no_grad()
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.weight.mul_(factor)
+
     def export(self) -> ScalarQuantizedEmbedding:
         values, scale = quantize_rows(self.weight.detach(), self.config.bits)
         return ScalarQuantizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
