@@ -67,6 +67,10 @@ def timed_compress(source: Path, spec: str, output: Path, *extra: str) -> dict:
     report = json.loads(done.stdout[done.stdout.index("{"):])
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     report["time_max_rss_bytes"] = int(match.group(1)) * 1024 if match else None
+    # CPU seconds: on a shared machine, wall time measures the load as much as the code
+    cpu = [re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr) for kind in ("User", "System")]
+    report["cpu_seconds"] = sum(float(m.group(1)) for m in cpu) if all(cpu) else None
+    report["load_average"] = os.getloadavg()[0]
     report["wall_seconds"] = wall
     report["options"] = options
     output.unlink(missing_ok=True)
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(path, rows, args.dim)
             results.setdefault("generate_seconds", {})[path.name] = time.perf_counter() - started
             print(f"generated {path} in {time.perf_counter() - started:.0f} s", flush=True)
-    output = args.dir / "out.emb"
+    output = args.dir / f"out-{os.getpid()}.emb"  # concurrent runs write apart
     for spec in [] if args.skip_compare else args.compare_specs or args.specs:
         for mode in ("--no-stream", "--stream"):
             report = timed_compress(small, spec, output, mode)
