@@ -186,3 +186,14 @@ def test_streamed_peak_memory_stays_well_below_the_table(tmp_path):
     assert figures["streamed"] - figures["base"] < table_bytes / 4, figures
     # The measurement counts mapped file pages: reading the whole map raises the peak by ~the table.
     assert figures["control"] - figures["base"] > 0.8 * table_bytes, figures
+
+
+def test_compress_table_streams_a_mapped_table(table_file):
+    with open_table_mmap(table_file) as table:
+        result = compress_table(table, "hash", ratio=8)
+    assert result.module is None and result.report["streamed"]
+    weight = torch.from_numpy(np.load(table_file))
+    in_memory = compress_table(Table(weight, None, "t"), "hash", ratio=8, neighbours=False, analogy=False)
+    # bucket means summed in float64 here, in float32 in memory
+    assert torch.allclose(result.frozen.materialize(), in_memory.frozen.materialize(), atol=1e-6)
+    assert result.report["rel_mse"] == pytest.approx(in_memory.report["rel_mse"], rel=1e-5)

@@ -1,8 +1,9 @@
 """Post hoc compression of tables larger than memory: fit on a sample, encode in chunks, write as you go.
 
 The fp32 table stays on disk (:class:`~embcompress.data.MappedTable`, a memory map whose pages are
-released after every read). Memory holds the sample, one chunk of rows and the compressed output's
-per-row state, never the table:
+released after every read). Memory holds the sample, one chunk of rows and the fitted parameters,
+never the table; the output goes to disk as it is made (or, for ``from_pretrained``, into the
+returned frozen module):
 
 1. **Fit** on a sample of rows (``sample`` rows, default 2^18), read in file order:
    - ``sample_order="uniform"``: rows drawn uniformly without replacement, as the in-memory fits draw
@@ -19,9 +20,9 @@ per-row state, never the table:
    its shared table in passes over the chunks (bucket means, then MEmCom's alternating least
    squares: one pass per round) and solves each row's scale (and bias) against the final table.
 3. **Write** the artifact incrementally (:class:`IncrementalArtifactWriter`): header space is
-   reserved, tensor bytes go straight to a temporary file beside the output, the header with the
-   checksum is written last, and the file is renamed into place; on any error the temporary file is
-   removed. :func:`embcompress.load` reads the result like any other artifact.
+   reserved, tensor bytes go straight to io's temporary file beside the output, the header sealed
+   with io's digest is written last, and io's atomic write renames the file into place or removes it
+   on any error. :func:`embcompress.load` reads the result like any other artifact.
 
 Example:
     >>> from embcompress.data import open_table_mmap
