@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc clean
+.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc bench-scale clean
 
-$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
+$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -52,6 +53,11 @@ bench-posthoc: $(STAMP)
 bench-perf: $(STAMP)
 	$(PY) -m pip install -q -e '.[perf]' || echo "tensorly-torch unavailable: tt is compared with nn.Embedding only"
 	$(PY) -m benchmarks.perf
+
+# Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
+# processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.
+bench-scale: $(STAMP)
+	nice -n 10 $(PY) -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

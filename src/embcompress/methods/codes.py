@@ -212,7 +212,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
             return decode_codes(self.codes[ids], codebooks, "sum")
         # sparse=True: the (V, d) query gradient holds only the looked-up rows, so the backward pass
         # and the optimizer touch N rows instead of the whole table (nn.Embedding(sparse=True)).
-        log_alpha = self.log_alpha(F.embedding(ids, self.query, sparse=self.config.sparse))
+        log_alpha = self.log_alpha(self._query_rows(ids, sparse=self.config.sparse))
         if not self.training:
             return decode_codes(log_alpha.argmax(-1), codebooks, "sum")
         tau = self.temperature()

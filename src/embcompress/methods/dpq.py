@@ -239,7 +239,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         n = ids.shape[0]
         # Sparse query gradients (config.sparse, and always in the post hoc fit, which uses SparseAdam):
         # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
-        q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting)
+        q = self._query_rows(ids, sparse=self.config.sparse or self._fitting)
         if self.config.variant == "sx":
             qt = self._transposed(q)
             keys, bias = self._affine_scores(qt)
