@@ -143,15 +143,21 @@ def markdown(results: dict) -> str:
              f"({results['table_bytes'] / 1e9:.1f} GB) on a {results['machine_memory_bytes'] / gib:.0f} GiB, "
              f"{results['cpus']}-core machine", ""]
     if results["large"]:
-        lines += ["| spec | sample | rel MSE | rel MSE (Zipf-weighted) | bytes | ratio | peak RSS (VmHWM) | "
-                  "max RSS (time -v) | rows/s | fit s | encode s | total s |", "|" + "---|" * 12]
+        lines += ["| spec | sample | rel MSE | rel MSE, Zipf(1)-weighted | bytes | ratio | peak RSS (VmHWM) | "
+                  "max RSS (time -v) | rows/s | rows per CPU s | fit s | encode s | total s | load |",
+                  "|" + "---|" * 14]
         for r in results["large"]:
+            cpu = r.get("cpu_seconds")
+            per_cpu = f"{r['rows'] / cpu:,.0f}" if cpu else "-"
+            load = f"{r['load_average']:.0f}" if r.get("load_average") is not None else "-"
             lines.append(f"| {r['spec']} | {r['sample_order']} {r['sample_rows']:,} | {r['rel_mse']:.4g} | "
                          f"{r['rel_mse_zipf1']:.4f} | {r['bytes']:,} | {r['ratio']:.1f}x | "
                          f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['time_max_rss_bytes'] / gib:.2f} GiB | "
-                         f"{r['rows_per_second']:,.0f} | {r.get('fit_seconds', 0):.0f} | {r['encode_seconds']:.0f} | "
-                         f"{r['seconds']:.0f} |")
-        lines.append("")
+                         f"{r['rows_per_second']:,.0f} | {per_cpu} | {r.get('fit_seconds', 0):.0f} | "
+                         f"{r['encode_seconds']:.0f} | {r['seconds']:.0f} | {load} |")
+        lines += ["", "rows/s: all rows over the whole run (sample read, fit, encode, write) in wall time on the "
+                  "shared machine; rows per CPU s: the same over the process's user + system CPU time; load: "
+                  "the 1-minute load average at the end of the run (2 cores).", ""]
     if results["compare"]:
         lines += ["In memory against streamed on a smaller table from the same generator (small enough for both):", "",
                   "| spec | rows | path | rel MSE | mean cosine | max RSS (time -v) | wall s |", "|" + "---|" * 7]
