@@ -28,7 +28,8 @@ import embcompress
 from embcompress import SpecError, cli
 from embcompress.budget import config_for_budget
 from embcompress.data import load_table
-from embcompress.frozen import kernels
+from embcompress.kernels import _extension as kernels  # the switch is read in _extension at import
+from embcompress.io import seal
 from embcompress.surgery import CompressedEmbeddingBag
 from helpers import synthetic_table
 from method_cases import CASES
@@ -73,9 +74,10 @@ def npy(tmp_path) -> Path:
 
 # -- 4. finite input, non-finite fits ------------------------------------------------------------
 
+@pytest.mark.parametrize("factor", [1e37, 1e-40], ids=["huge", "tiny"])  # tiny: 1e-40 is below float32's normals
 @pytest.mark.parametrize("spec", SPECS)
-def test_huge_finite_values_fit_scaled_and_fold_back(spec):
-    weight = synthetic_table(64, 12, 4) * 1e37
+def test_huge_and_tiny_values_fit_scaled_and_fold_back(spec, factor):
+    weight = synthetic_table(64, 12, 4) * factor
     quick = embcompress.get_method(spec.partition(":")[0]).quick_fit_options()
     module = embcompress.from_pretrained(weight, spec, **{**quick, "steps": min(quick.get("steps", 30), 30)})
     frozen = module.export()
@@ -135,6 +137,19 @@ def test_cli_refuses_bad_numbers(npy, tmp_path, capsys, args):
 
 def test_demo_refuses_zero_rows(capsys):
     assert "--rows" in one_line_error(capsys, "demo", "--rows", "0")
+
+
+def test_demo_never_writes_its_results_over_the_table(tmp_path, capsys, monkeypatch):
+    from embcompress import data
+
+    source = tmp_path / "glove.npy"
+    np.save(source, synthetic_table(64, 12, 4).numpy())
+    before = source.read_bytes()
+    words = [f"w{i}" for i in range(64)]
+    monkeypatch.setattr(data, "_glove_6b_50d", lambda: data.Table(torch.from_numpy(np.load(source)), words,
+                                                                  "glove-6b-50d", [source]))
+    error = one_line_error(capsys, "demo", "--methods", "scalar", "--json", str(source))
+    assert "is the input" in error and source.read_bytes() == before
 
 
 @pytest.mark.parametrize("budget", [{"ratio": 0}, {"ratio": float("inf")}, {"bits_per_row": float("nan")},
@@ -243,6 +258,19 @@ def test_bad_bags_are_refused_by_every_format_in_both_paths(spec, kernel_path):
             wrapper(case["ids"], case.get("offsets"), case.get("per_sample_weights"))
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_empty_bags_are_zeros_in_both_paths(spec, kernel_path):
+    table = embcompress.build(spec, 50, 8).eval()
+    frozen, wrapper = table.export(), CompressedEmbeddingBag(table, mode="sum")
+    for mode in ("sum", "mean", "max"):
+        wrapper.mode = mode
+        for ids, offsets, bags in [(torch.zeros(3, 0, dtype=torch.long), None, 3),  # nn.EmbeddingBag raises here
+                                   (torch.zeros(0, 2, dtype=torch.long), None, 0),
+                                   (torch.zeros(0, dtype=torch.long), torch.tensor([0, 0]), 2)]:
+            for out in (frozen.bag(ids, offsets, mode=mode), wrapper(ids, offsets)):
+                assert out.shape == (bags, 8) and not out.any()
+
+
 def test_include_last_offset_must_end_at_the_id_count():
     wrapper = CompressedEmbeddingBag(embcompress.build("hash:buckets=8", 50, 8), include_last_offset=True)
     assert wrapper(IDS, torch.tensor([0, 2, 4])).shape == (2, 8)
@@ -327,6 +355,16 @@ def test_text_named_npy_and_pickled_npy_are_named(tmp_path):
         load_table(truncated)
 
 
+@pytest.mark.parametrize("name", ["table.npy", "vectors.txt", "table.safetensors", "model/model.safetensors"])
+def test_a_fifo_source_is_refused_not_read(tmp_path, name):
+    fifo = tmp_path / name
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    source = fifo.parent if name.startswith("model/") else fifo  # reading either would block forever
+    with pytest.raises((ValueError, FileNotFoundError), match="FIFO|no .safetensors weights"):
+        load_table(source)
+
+
 def test_big_endian_npy_is_converted(tmp_path):
     values = np.arange(24, dtype="f4").reshape(6, 4)
     path = tmp_path / "big.npy"
@@ -399,7 +437,7 @@ def test_a_closed_pipe_ends_quietly(npy, tmp_path):
     assert result.stdout == "{" and result.stderr == ""
 
 
-def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
+def test_inspect_refuses_a_resealed_header_that_load_refuses(tmp_path, capsys):
     from safetensors.torch import load_file, save_file as save_tensors
 
     good = tmp_path / "good.emb"
@@ -408,14 +446,20 @@ def test_inspect_refuses_what_load_refuses(tmp_path, capsys):
     with open(good, "rb") as handle:
         meta = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
     header = json.loads(meta["embcompress"])
-    header["num_embeddings"] = 10 ** 6  # the tensors still match their checksum; the shape does not
+    fields = {k: v for k, v in header.items() if k not in ("kind", "format_version", "library_version",
+                                                           "torch_version", "sha256")}
+    fields["num_embeddings"] = 10 ** 6  # re-sealed: the checksum holds, the tensors do not fit the shape
     bad = tmp_path / "bad.emb"
-    save_tensors(tensors, str(bad), metadata={"embcompress": json.dumps(header)})
-    with pytest.raises(embcompress.ArtifactError):
+    save_tensors(tensors, str(bad), metadata={"embcompress": json.dumps(seal("frozen", fields, tensors))})
+    with pytest.raises(embcompress.ArtifactError, match="does not match its header"):
         embcompress.load(bad)
-    one_line_error(capsys, "inspect", str(bad))
+    assert "does not match its header" in one_line_error(capsys, "inspect", str(bad))
     code, out, _ = run_cli(capsys, "inspect", str(good))
-    assert code == 0 and "scalar" in out
+    assert code == 0 and "scalar" in out and "x smaller than fp32" in out
+    trainable = tmp_path / "trainable.emb"  # holds its fp32 training state: larger than the table
+    embcompress.save(embcompress.build("scalar:bits=8", 20, 4), trainable)
+    code, out, _ = run_cli(capsys, "inspect", str(trainable))
+    assert code == 0 and "1.0x the size of fp32" in out
 
 
 def test_inspect_decides_on_a_huge_foreign_file_without_reading_it(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes
 from embcompress.cli import main
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.io import OutputError, read_header, seal
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -113,6 +113,19 @@ def test_the_command_line_never_writes_over_its_input(tmp_path, capsys):
     assert main([*args, str(out), "--force"]) == 0
 
 
+def test_the_command_line_never_writes_over_a_model_folders_files(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"embeddings.word_embeddings.weight": torch.randn(30, 8)}, str(folder / "model.safetensors"))
+    (folder / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(30)))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in before:
+        args = ["compress", str(folder), "--spec", "scalar:bits=8", "--no-eval", "-o", str(folder / name), "--force"]
+        assert main(args) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_long_legal_name_stays_legal(tmp_path):
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
     path = tmp_path / ("x" * (name_max - 4) + ".emb")
@@ -144,6 +157,50 @@ embcompress.save(embcompress.build("hash:buckets=4", 10, 4), {str(tmp_path / "ou
     assert list(tmp_path.iterdir()) == []
 
 
+def pretrained_model():
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+    embcompress.compress_(model, "scalar:bits=8")
+    return model
+
+
+def test_a_failed_folder_save_leaves_the_previous_pair_and_no_orphan(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    embcompress.save_pretrained(pretrained_model(), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*_args, **_kwargs):  # the tensors were written; the JSON pointing at them fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        embcompress.save_pretrained(pretrained_model(), folder, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_sigterm_between_a_folders_two_writes_leaves_nothing(tmp_path):
+    script = f"""
+import time, pathlib, torch, embcompress
+def slow(self, *args, **kwargs):
+    print("between", flush=True)
+    time.sleep(60)
+pathlib.Path.write_text = slow
+model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+embcompress.compress_(model, "scalar:bits=8")
+embcompress.save_pretrained(model, {str(tmp_path / "m")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(SRC), "EMBCOMPRESS_QUIET": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout.readline().strip() == "between"
+        assert any(p.name.startswith("tables-") for p in (tmp_path / "m").iterdir())  # the tensors are written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list((tmp_path / "m").iterdir()) == []
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_tensors_are_never_written(tmp_path, bad):
     table = frozen("scalar:bits=8")
@@ -163,6 +220,15 @@ def flip_in_file(path, old: bytes, new: bytes):
     raw = path.read_bytes()
     assert raw.count(old) == 1 and len(old) == len(new)
     path.write_bytes(raw.replace(old, new))
+
+
+def test_a_resealed_file_with_nan_is_refused_at_load(tmp_path):
+    path = tmp_path / "t.emb"
+    embcompress.save(frozen("scalar:bits=8"), path)
+    forge(path, change_tensors=lambda t: t.update(scale=t["scale"].clone().index_fill_(0, torch.tensor([3]),
+                                                                                       float("nan"))))
+    with pytest.raises(ArtifactError, match="'scale' holds 1 NaN or infinite values, which embcompress never writes"):
+        embcompress.load(path)
 
 
 def test_one_flipped_byte_in_padding_idx_is_refused(tmp_path):
@@ -190,14 +256,16 @@ HOSTILE_HEADERS = {
                            "buckets must be an integer"),
     "string hash multiplier": ("memcom:buckets=4,hash=universal", lambda h: h["metadata"]["hash"].update(a="7"),
                                "a must be an integer"),
-    "absurd row count": ("hash:buckets=4", lambda h: h.update(num_embeddings=10 ** 15), "num_embeddings=.* out of range"),
+    "absurd row count": ("hash:buckets=4", lambda h: h.update(num_embeddings=10 ** 15),
+                         "num_embeddings=.* out of range"),
     "absurd tt factor": ("tt:cores=2,rank=2", lambda h: h["metadata"].update(vocab_shape=[10 ** 13, 2]),
                          "vocab_shape=.* out of range"),
     "float tt factor": ("tt:cores=2,rank=2", lambda h: h["metadata"].update(vocab_shape=[2.5, 5]),
                         "vocab_shape must be an integer"),
     "unknown metadata": ("qr:buckets=4", lambda h: h["metadata"].update(extra=1), "exactly 'combine'"),
     "metadata a list": ("qr:buckets=4", lambda h: h.update(metadata=[1]), "metadata must be a JSON object"),
-    "nested metadata": ("factors", lambda h: h["metadata"].update(activation=[[["relu"]]]), "activation=.* is not one of"),
+    "nested metadata": ("factors", lambda h: h["metadata"].update(activation=[[["relu"]]]),
+                        "activation=.* is not one of"),
     "unknown format": ("scalar:bits=8", lambda h: h.update(format="pickle"), "unknown artifact format"),
     "header sizes disagree": ("scalar:bits=8", lambda h: h.update(num_bytes=1), "header says 1 bytes"),
     "fit a list": ("scalar:bits=8", lambda h: h.update(fit=[1]), "fit must be a JSON object"),
@@ -272,7 +340,7 @@ def test_pretrained_and_checkpoint_fields_are_checked(tmp_path):
 # -- 3. stored codes that would decode to the wrong codeword --------------------------------------
 def codebook_artifact(tmp_path, codewords=5, books=3):
     codes = torch.randint(0, codewords, (16, books))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(books, codewords, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(books, codewords, 2), "concat")
     return embcompress.save(table, tmp_path / "c.emb"), codes
 
 
@@ -282,12 +350,12 @@ def test_a_code_at_or_above_k_in_any_slot_is_refused_at_load(tmp_path, slot):
     codes[9, slot] = 7  # fits the 3 bits of K = 5, but there is no codeword 7
     forge(path, change_tensors=lambda t: t.update(packed=pack_codes(codes, 3)))
     for kernels_on in (True, False):
-        previous = embcompress.frozen.kernels.set_enabled(kernels_on)
+        previous = embcompress.kernels.set_enabled(kernels_on)
         try:
             with pytest.raises(ArtifactError, match=f"stored code 7 at row 9, slot {slot} is not below the 5"):
                 embcompress.load(path)
         finally:
-            embcompress.frozen.kernels.set_enabled(previous)
+            embcompress.kernels.set_enabled(previous)
 
 
 def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):
@@ -298,12 +366,12 @@ def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):
 
 def test_packing_codes_beyond_k_is_refused():
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\)"):
-        CodebookEmbedding.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
+        FrozenCodebook.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
 
 
 def test_the_code_check_is_cheap(tmp_path):
     codes = torch.randint(0, 5, (200_000, 8))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(8, 5, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(8, 5, 2), "concat")
     started = time.perf_counter()
     table.check_stored()
     assert time.perf_counter() - started < 5.0  # 1.6M codes: well under a second on one core

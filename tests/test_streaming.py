@@ -38,7 +38,7 @@ def table_file(tmp_path):
 # (here 1,000 of the 3,000 rows) and encode every row; hash, MEmCom and scalar do what the in-memory
 # fit does, in passes, and must match it.
 CASES = [
-    ("pq:groups=4,codewords=16,iters=10", {}, 0.05),
+    ("pq:groups=4,codewords=16", {"iters": 10}, 0.05),
     ("dpq:variant=vq,groups=4,codewords=16", {"steps": 10}, 0.05),
     # codes: least-squares codebooks fit to the sample alone (in memory: to every row); 5.8% worse here
     ("codes:books=3,codewords=16", {"rounds": 1, "beam": 2, "polish": 1, "search": 1}, 0.10),
@@ -156,7 +156,8 @@ PEAK_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     path, out = sys.argv[1], sys.argv[2]
-    spec, options = "pq:groups=16,codewords=16,iters=3", {"output": out, "sample": 4096, "chunk": 8192, "overwrite": True}
+    spec, options = "pq:groups=16,codewords=16", {"output": out, "sample": 4096, "chunk": 8192, "overwrite": True,
+                                                  "fit_options": {"iters": 3}}
     with open_table_mmap(path, limit=20000) as head:  # code paths loaded once before the baseline
         compress_mapped(head, spec, **options)
     base = rss()

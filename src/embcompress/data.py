@@ -19,7 +19,7 @@ import itertools
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ _HF_TABLE_SUFFIXES = ("embeddings.word_embeddings.weight", "embed_tokens.weight"
 
 @dataclass
 class Table:
-    """A (V, d) float32 table with its row names when known."""
+    """A (V, d) float32 table with its row names when known, and the files it was read from
+    (an output must never be one of them)."""
 
     weight: torch.Tensor
     words: list[str] | None
     name: str
+    files: list[Path] = field(default_factory=list)
 
     def word_index(self) -> dict[str, int]:
         if self.words is None:
@@ -72,7 +74,7 @@ def _glove_6b_50d() -> Table:
     except ImportError:
         raise ImportError("reading the GloVe word list needs pyarrow: pip install 'embcompress[data]'") from None
     words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
-    return Table(weight, words, "glove-6b-50d")
+    return Table(weight, words, "glove-6b-50d", [root / "glove_6B_50d_emb.npy", root / "glove_6B_index.parquet"])
 
 
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")  # spaces or tabs; not every Unicode space (GloVe words hold some)
@@ -211,20 +213,24 @@ def _hf_vocab(folder: Path, rows: int) -> list[str] | None:
 
 def _hf_folder(folder: Path, key: str | None) -> Table:
     candidates = [folder / "model.safetensors", folder / "model" / "model.safetensors"]
-    files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    files = [p for p in candidates if p.is_file()] or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         pickled = sorted(folder.glob("*.bin"))
-        extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
+        extra = (" (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)"
+                 if pickled else "")
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}; give a model folder holding "
+                                "model.safetensors, or a table file (.npy, .safetensors, .txt)")
     keys = _safetensors_keys(files[0])
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
         if not matches:
-            raise KeyError(f"no input embedding table found in {files[0]}; pass --key (tensors: {', '.join(keys[:15])})")
+            raise KeyError(f"no input embedding table found in {files[0]}; pass --key "
+                           f"(tensors: {', '.join(keys[:15])})")
         key = matches[0]
     weight = _safetensors(files[0], key)
     words = _hf_vocab(files[0].parent, weight.shape[0]) if weight.dim() == 2 else None
-    return Table(weight, words, f"{folder.name}:{key}")
+    vocab = [files[0].parent / name for name in ("vocab.txt", "tokenizer.json")]
+    return Table(weight, words, f"{folder.name}:{key}", [files[0], *(p for p in vocab if p.is_file())])
 
 
 def _check_limit(limit: object) -> None:
@@ -236,9 +242,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
     """Load a table by short name or path; see the module docstring for the formats.
 
     Example:
-        >>> table = load_table("glove-6b-50d")
-        >>> table.weight.shape
-        torch.Size([400000, 50])
+        >>> table = load_table("glove-6b-50d", limit=1000)   # the packaged GloVe, first 1,000 words
+        >>> table.weight.shape, table.words[:3]
+        (torch.Size([1000, 50]), ['the', ',', '.'])
     """
     _check_limit(limit)
     text = str(source)
@@ -250,6 +256,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         if not path.exists():
             raise FileNotFoundError(f"no table at {path}; give a .npy, .safetensors, word2vec/GloVe text file, "
                                     f"a Hugging Face model folder, or one of: {', '.join(KNOWN_TABLES)}")
+        if not path.is_dir() and not path.is_file():  # reading a FIFO would block forever
+            raise ValueError(f"{path} is a device, FIFO or socket, not a table file; give a .npy, .safetensors "
+                             "or text file of vectors, or a model folder")
         if path.is_dir():
             table = _hf_folder(path, key)
         elif path.suffix == ".npy":
@@ -263,6 +272,8 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         else:
             raise ValueError(f"unsupported table file {path.name!r}; use .npy, .safetensors, .txt/.vec text "
                              "vectors or a model folder")
+    if not table.files:
+        table.files = [Path(text)]
     weight = check_weight(table.weight, name=f"table {table.name}")
     if limit is not None:
         weight = weight[:limit].contiguous()
@@ -299,7 +310,8 @@ def word_similarity_sets() -> dict[str, list[tuple[str, str, float]]]:
 def analogy_questions() -> list[tuple[str, str, str, str]]:
     """The Google analogy set (a : b :: c : d), lower-cased, section headers dropped."""
     lines = (_gensim_data() / "questions-words.txt").read_text(encoding="utf-8").splitlines()
-    return [tuple(line.lower().split()) for line in lines if line and not line.startswith(":")]
+    words = (line.lower().split() for line in lines if line and not line.startswith(":"))
+    return [(a, b, c, d) for a, b, c, d in words]
 
 
 # -- tables larger than memory ------------------------------------------------------------------

@@ -4,7 +4,9 @@ A *bundle* is a JSON header plus named tensors. The header always holds ``kind``
 ``trainable``, ``model`` for save_pretrained folders, ``checkpoint`` for distillation), the
 format version, the library and torch versions, and ``sha256``: one digest of the canonical
 JSON of the header (every field but ``sha256``) AND of the tensors (name, dtype, shape, bytes),
-so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. Two containers:
+so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. The digest has
+no key: it detects damage and edits, not a forger who recomputes it (that needs a signature or a
+hash from a trusted channel). Two containers:
 
 - a single file (``save`` / ``load``): safetensors with the header in its metadata;
 - a folder (``save_pretrained``, checkpoints): a JSON file holding the header, pointing at a
@@ -20,7 +22,7 @@ file only with ``overwrite=True``. Refused always: directories, devices, FIFOs, 
 symbolic links (neither replaced nor written through: write to the link's target instead) and
 the input itself (same inode). Data goes to a short temporary name in the same folder, is
 fsynced and renamed; the temporary file is removed on any error, Ctrl-C, or SIGTERM. No
-non-finite float tensor is ever written.
+non-finite float tensor is ever written, nor accepted when read.
 
 Compatibility: format 1 files (release 0.x, before this module) load as before; their sha256
 covers the tensors only, so their header is validated but not authenticated (save again to
@@ -55,7 +57,7 @@ from .validation import MAX_DIM, MAX_ROWS, json_int, json_object
 __all__ = ["save", "load", "read_header", "ArtifactError", "OutputError", "FORMAT_VERSION", "atomic_write",
            "atomic_write_bytes", "check_output_path", "seal", "bundle_digest", "tensor_digest",
            "write_file_bundle", "read_file_bundle", "write_folder_bundle", "read_folder_bundle", "json_ready",
-           "build_trainable", "header_digest", "update_with_tensor", "unsealed_header"]
+           "build_trainable", "check_table_header", "header_digest", "update_with_tensor", "unsealed_header"]
 
 FORMAT_VERSION = 2  # 2: the digest covers the header too; kinds "model" and "checkpoint" share the format
 HEADER_KEY = "embcompress"
@@ -65,7 +67,7 @@ _DIGEST_DOMAIN = b"embcompress-bundle-2\0"
 
 
 class ArtifactError(ValueError):
-    """A file that is not a valid embcompress artifact (foreign, truncated, tampered, too new)."""
+    """A file that is not a valid embcompress artifact (foreign, truncated, damaged, too new)."""
 
 
 class OutputError(ValueError):
@@ -133,16 +135,17 @@ def json_ready(value: Any) -> Any:
 
 def seal(kind: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The header of a bundle: ``fields`` plus kind, versions and the digest over header and tensors."""
-    header = unsealed_header(kind, fields)
-    header["sha256"] = bundle_digest(header, tensors)
-    return header
+    sealed = unsealed_header(kind, fields)
+    sealed["sha256"] = bundle_digest(sealed, tensors)
+    return sealed
 
 
 def unsealed_header(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     """:func:`seal`'s header before the digest (for writers that hash tensors as they stream them)."""
     header = {**fields, "kind": kind, "format_version": FORMAT_VERSION, "library_version": __version__,
               "torch_version": torch.__version__}
-    return json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
+    unsealed: dict[str, Any] = json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
+    return unsealed
 
 
 def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: object) -> None:
@@ -157,13 +160,28 @@ def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: ob
         raise ArtifactError(f"{source}: {what} checksum mismatch, the file was modified or damaged")
 
 
-def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+def _non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count) of the first float tensor holding NaN or infinite values, else None."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"refusing to write {what}: tensor {name!r} holds {count} NaN or infinite values "
-                             "(the fit diverged or the input overflowed); scale the input down or lower the "
-                             "learning rate, then compress again")
+            return name, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    found = _non_finite(tensors)
+    if found:
+        raise ValueError(f"refusing to write {what}: tensor {found[0]!r} holds {found[1]} NaN or infinite values "
+                         "(the fit diverged or the input overflowed); scale the input down or lower the "
+                         "learning rate, then compress again")
+
+
+def _check_read_finite(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Nothing writes non-finite tensors, so a file holding some was made or re-sealed elsewhere."""
+    found = _non_finite(tensors)
+    if found:
+        raise ArtifactError(f"{source}: tensor {found[0]!r} holds {found[1]} NaN or infinite values, which "
+                            "embcompress never writes; the file was not made by embcompress: compress again")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -291,9 +309,10 @@ def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], object]
     return path
 
 
-def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True) -> Path:
-    """:func:`atomic_write` of a bytes object (result files: replaced by default)."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True,
+                       protect: Iterable["str | os.PathLike[str]"] = ()) -> Path:
+    """:func:`atomic_write` of a bytes object (result files: replaced by default, never an input)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, protect=protect)
 
 
 def _prepare(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -327,9 +346,17 @@ def write_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, tensor
     tensors = _prepare(tensors, str(folder))
     name = tensor_name(tensor_digest(tensors)) if callable(tensor_name) else tensor_name
     header = seal(kind, {**fields, "tensors": name}, tensors)
-    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
     text = json.dumps(header, indent=1, sort_keys=True) + "\n"
-    atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+    tensor_path = folder / name
+    existed = tensor_path.exists()
+    with _terminate_cleanly():  # one span: a SIGTERM between the two writes is handled here too
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
+        try:
+            atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        except BaseException:  # disk full, Ctrl-C, SIGTERM: no tensor file that no JSON points at
+            if not existed:
+                tensor_path.unlink(missing_ok=True)
+            raise
     if sweep:
         for old in folder.glob(sweep):
             if old.name != name and old.is_file() and not old.is_symlink():
@@ -379,7 +406,7 @@ def _open_safetensors(path: Path, header_key: str | None) -> tuple[dict[str, Any
                                         "embcompress header); create one with embcompress.save or "
                                         "`embcompress compress`")
                 header = _parse_json(meta[header_key], path, MAX_HEADER_CHARS)
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         if isinstance(exc, ArtifactError):
             raise
@@ -393,16 +420,18 @@ def _check_kind(header: dict[str, Any], kinds: Iterable[str], source: object) ->
     kind = header.get("kind")
     if kind not in kinds:
         raise ArtifactError(f"{source} holds kind {kind!r}, expected {' or '.join(map(repr, kinds))}")
-    return kind
+    return str(kind)
 
 
-def read_file_bundle(path: "str | os.PathLike[str]", kinds: Iterable[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_file_bundle(path: "str | os.PathLike[str]",
+                     kinds: Iterable[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(header, tensors) of a single-file bundle, digest verified."""
     path = Path(path)
     header, tensors = _open_safetensors(path, HEADER_KEY)
     assert header is not None
     _verify(header, tensors, path)
     _check_kind(header, kinds, path)
+    _check_read_finite(tensors, path)
     return header, tensors
 
 
@@ -425,13 +454,14 @@ def read_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, kinds: 
     _verify(header, tensors, json_path)
     if header["format_version"] >= 2:
         _check_kind(header, kinds, json_path)
+    _check_read_finite(tensors, json_path)
     return header, tensors
 
 
 # -- tables: save / load ----------------------------------------------------------------------------
 def _table_fields(module: "CompressedEmbedding | FrozenEmbedding") -> dict[str, Any]:
-    fields = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-              "padding_idx": module.padding_idx}
+    fields: dict[str, Any] = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                              "padding_idx": module.padding_idx}
     # How the table was made; absent (not null) for a format module built by hand, as in format 1.
     if module.spec is not None:
         fields["spec"] = module.spec
@@ -449,7 +479,11 @@ def save(module: "CompressedEmbedding | FrozenEmbedding", path: "str | os.PathLi
     output must not be (see :func:`check_output_path`).
 
     Example:
-        >>> embcompress.save(table.export(), "glove.emb")
+        >>> import embcompress
+        >>> table = embcompress.from_pretrained(torch.randn(100, 8), "scalar:bits=8")
+        >>> path = embcompress.save(table.export(), "table.emb")
+        >>> embcompress.load(path).num_bytes()
+        1200
     """
     if isinstance(module, FrozenEmbedding):
         tensors = module.stored_tensors()

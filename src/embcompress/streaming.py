@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from .additive import best_codes, beam_encode, icm_codes, local_search_codes
 from .bitpack import pack_codes, packed_size
-from .config import MethodConfig
+from .config import FitConfig, FitLike, MethodConfig
 from .data import MappedTable
 from .frozen import FrozenEmbedding, get_format, kernels
 from .frozen.codebook import decode_codes
@@ -273,13 +274,14 @@ class _Encoder:
 class _CodebookEncoder(_Encoder):
     format = "codebook"
 
-    def __init__(self, fitted: FrozenEmbedding, rows: int, fit_options: dict[str, Any]) -> None:
+    def __init__(self, fitted: FrozenEmbedding, rows: int, fit: FitConfig) -> None:
         self.fitted, self.rows = fitted, rows
         self.books, self.bits, self.combine = fitted.books, fitted.bits, fitted.combine
         self.codebooks = fitted.codebooks.float()  # the stored values (fp16 ones decode in float32)
-        self.beam = int(fit_options.get("beam", 8))
-        self.search = int(fit_options.get("search", 4))
-        self.generator = torch.Generator().manual_seed(int(fit_options.get("seed") or 0))
+        settings = fitted.fit_settings or {}  # codes: the beam and search of its own fit's last stages
+        self.beam = int(settings.get("beam", 8))
+        self.search = int(settings.get("search", 4))
+        self.generator = torch.Generator().manual_seed(int(settings.get("seed") or 0))
 
     def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {"codebooks": (self.fitted.codebooks.dtype, tuple(self.fitted.codebooks.shape)),
@@ -336,13 +338,12 @@ class _HashedEncoder(_Encoder):
 
     format = "hashed"
 
-    def __init__(self, config: MethodConfig, rows: int, dim: int, padding_idx: int | None,
-                 fit_options: dict[str, Any]) -> None:
+    def __init__(self, config: MethodConfig, rows: int, dim: int, padding_idx: int | None, fit: FitConfig) -> None:
         self.rows, self.dim, self.padding_idx = rows, dim, padding_idx
         self.memcom = config.method == "memcom"
         self.bias = self.memcom and config.bias
         self.hash = HashFunction.create(config.hash, config.buckets)
-        self.rounds = (30 if fit_options.get("steps") is None else int(fit_options["steps"])) if self.memcom else 0
+        self.rounds = fit.steps if self.memcom else 0
         self.table = torch.zeros(config.buckets, dim)
 
     def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -454,27 +455,28 @@ class _Quality:
 
 
 def _encoder(config: MethodConfig, table: MappedTable, padding_idx: int | None, sample: int, sample_order: str,
-             seed: int, fit_options: dict[str, Any], report: dict[str, Any]) -> _Encoder:
+             seed: int, fit: FitConfig, progress: bool | None, report: dict[str, Any]) -> _Encoder:
     rows, dim = table.shape
     if config.method == "scalar":
         return _ScalarEncoder(config.bits, rows, dim)
     if config.method in ("hash", "memcom"):
-        return _HashedEncoder(config, rows, dim, padding_idx, fit_options)
+        return _HashedEncoder(config, rows, dim, padding_idx, fit)
     ids = sample_ids(rows, sample, sample_order, seed)
     started = time.perf_counter()
     weight = table.take(ids)
     report["sample_read_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
-    fitted = get_method(config.method).from_pretrained(weight, config, **fit_options).export()
+    fitted = get_method(config.method).from_pretrained(weight, config, None, fit, progress=progress).export()
     report["fit_seconds"] = time.perf_counter() - started
     del weight
-    return _CodebookEncoder(fitted, rows, fit_options)
+    report["fit"] = fitted.fit_settings
+    return _CodebookEncoder(fitted, rows, fit)
 
 
 def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "str | os.PathLike[str] | None" = None,
                     bytes: int | None = None, bits_per_row: float | None = None, ratio: float | None = None,
                     padding_idx: int | None = None, sample: int = DEFAULT_SAMPLE, sample_order: str = "uniform",
-                    chunk: int = DEFAULT_CHUNK, seed: int = 0, fit_options: dict[str, Any] | None = None,
+                    chunk: int = DEFAULT_CHUNK, seed: int = 0, fit_options: FitLike = None,
                     progress: bool | None = None, overwrite: bool = False) -> StreamResult:
     """Compress a memory-mapped table without reading it into memory (see the module docstring).
 
@@ -494,15 +496,16 @@ def compress_mapped(table: MappedTable, spec: "str | MethodConfig", *, output: "
         check_output_path(output, overwrite=overwrite, protect=[table.path])  # before the fit, not after
     chunk -= chunk % 8  # packed codes of a chunk then end on a byte boundary
     padding_idx = normalize_padding_idx(padding_idx, rows)
-    fit_options = dict(fit_options or {})
-    settings = {**fit_options, "stream": {"sample": min(sample, rows), "sample_order": sample_order,
-                                          "chunk": chunk, "seed": seed}}
+    fit = get_method(config.method).Fit.parse(fit_options)
     report: dict[str, Any] = {"method": config.method, "spec": config.to_spec(), "table": table.name, "rows": rows,
                               "dim": dim, "streamed": True, "sample_rows": min(sample, rows),
                               "sample_order": sample_order, "chunk_rows": chunk}
     started = time.perf_counter()
     torch.manual_seed(seed)  # the fits draw their k-means seeds from the global generator
-    encoder = _encoder(config, table, padding_idx, sample, sample_order, seed, fit_options, report)
+    encoder = _encoder(config, table, padding_idx, sample, sample_order, seed, fit, progress, report)
+    settings = {**(report.get("fit") or dataclasses.asdict(fit)),
+                "stream": {"sample": min(sample, rows), "sample_order": sample_order, "chunk": chunk, "seed": seed}}
+    report["fit"] = settings
     prepared = time.perf_counter()
     encoder.prepare(table, chunk, progress)
     report["pass_seconds"] = time.perf_counter() - prepared

@@ -104,7 +104,8 @@ def check_bag(ids: torch.Tensor, offsets: torch.Tensor | None, per_sample_weight
         if offsets is not None:
             raise ValueError("offsets must be None when ids is 2-D (B, L); pass 1-D ids to use offsets")
         batch, length = ids.shape
-        offsets = torch.arange(0, batch * length, length, dtype=torch.long, device=ids.device)
+        # (B, 0) ids are B empty bags (zeros); nn.EmbeddingBag fails on them with "step must be nonzero".
+        offsets = torch.arange(batch, dtype=torch.long, device=ids.device) * length
         include_last_offset = False
     elif ids.dim() != 1 or offsets is None:
         raise ValueError(f"ids must be 2-D (B, L), or 1-D together with offsets; got shape {tuple(ids.shape)}"
@@ -186,7 +187,7 @@ def json_int_list(mapping: dict, key: str, lo: int, hi: int, *, min_len: int = 1
     value = mapping.get(key)
     if not isinstance(value, list) or not min_len <= len(value) <= max_len:
         raise ValueError(f"{key} must be a list of {min_len} to {max_len} integers, got {value!r}")
-    return [json_int({key: v}, key, lo, hi) for v in value]  # type: ignore[misc]
+    return [json_int({key: v}, key, lo, hi) for v in value]
 
 
 def json_object(mapping: dict, key: str, *, optional: bool = False) -> dict | None:

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ..validation import json_choice
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["ScalarQuantizedEmbedding", "quantize_rows"]
+__all__ = ["FrozenScalar", "quantize_rows"]
 
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -24,7 +25,9 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     if bits == 16:
         return weight.half(), None
     qmax = (1 << (bits - 1)) - 1
-    scale = weight.abs().amax(1).clamp_min(1e-12) / qmax
+    peak = weight.abs().amax(1)
+    # Only all-zero rows need a stand-in scale; a floor such as 1e-12 would zero every tiny row.
+    scale = torch.where(peak > 0, peak / qmax, torch.ones_like(peak))
     q = torch.round(weight / scale.unsqueeze(1)).clamp(-qmax, qmax).to(torch.int8)
     if bits == 8:
         return q, scale
@@ -42,12 +45,15 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor | None, bits: int, dim:
         high = (values >> 4).to(torch.int8)
         q = torch.stack([low, high], -1).reshape(values.shape[0], 2 * values.shape[1])[:, :dim]
         values = torch.where(q > 7, q - 16, q)  # sign-extend the nibbles
+    assert scale is not None, "int8 / int4 rows carry a scale"
     return values.float() * scale.unsqueeze(1)
 
 
 @register_format
-class ScalarQuantizedEmbedding(FrozenEmbedding):
+class FrozenScalar(FrozenEmbedding):
     format = "scalar"
+    values: torch.Tensor  # registered buffers, declared for the type checker
+    scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -76,7 +82,7 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         values = self.values.index_select(0, ids)
-        if self.bits == 8:  # scale in place on the fresh float copy: one (N, d) float tensor
+        if self.bits == 8 and self.scale is not None:  # scale in place on the fresh float copy: one (N, d) tensor
             return values.float().mul_(self.scale.index_select(0, ids).unsqueeze(1))
         scale = None if self.scale is None else self.scale.index_select(0, ids)
         return dequantize(values, scale, self.bits, self.embedding_dim)
@@ -94,3 +100,6 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
         if set(metadata) != {"bits"}:
             raise ValueError(f"scalar metadata holds exactly 'bits', got {sorted(metadata)}")
         json_choice(metadata, "bits", (16, 8, 4))
+
+
+__getattr__ = renamed_names(__name__, {"ScalarQuantizedEmbedding": "FrozenScalar"})  # deprecated names

@@ -15,23 +15,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig
-from ..frozen import ScalarQuantizedEmbedding
+from ..config import FitConfig, MethodConfig
+from ..frozen import FrozenScalar
 from ..frozen.scalar import dequantize, quantize_rows
 from ..registry import register
 
-__all__ = ["ScalarConfig", "ScalarEmbedding"]
+__all__ = ["ScalarConfig", "ScalarFit", "ScalarEmbedding"]
 
 
 @dataclass(frozen=True)
 class ScalarConfig(MethodConfig):
     method: ClassVar[str] = "scalar"
-    bits: Literal[16, 8, 4] = field(default=8, metadata={"help": "16 = fp16; 8 / 4 = signed ints with a per-row fp32 scale"})
+    bits: Literal[16, 8, 4] = field(default=8, metadata={
+        "help": "16 = fp16; 8 / 4 = signed ints with a per-row fp32 scale"})
+
+
+@dataclass(frozen=True)
+class ScalarFit(FitConfig):
+    """The fit copies the table (quantized at lookup and export): nothing to set but the common ``steps``."""
+
+    method: ClassVar[str] = "scalar"
 
 
 @register
-class ScalarEmbedding(CompressedEmbedding):
+class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
     Config = ScalarConfig
+    Fit = ScalarFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -58,16 +67,16 @@ class ScalarEmbedding(CompressedEmbedding):
         return rows + (self._quantized(rows) - rows).detach()  # straight-through estimator
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "ScalarEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: ScalarFit, progress: bool | None) -> ScalarFit:
         self.weight.copy_(self._check_fit_weight(weight))
-        return self
+        return settings
 
     @torch.no_grad()
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         self.weight.mul_(factor)
 
-    def export(self) -> ScalarQuantizedEmbedding:
+    def export(self) -> FrozenScalar:
         values, scale = quantize_rows(self.weight.detach(), self.config.bits)
-        return ScalarQuantizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                                        bits=self.config.bits, values=values, scale=scale)
+        return FrozenScalar(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            bits=self.config.bits, values=values, scale=scale)
