@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         results["large"] = [r for r in old.get("large", []) if args.skip_large or
                             (r["spec"].split(":")[0], r["sample_order"]) not in planned(args.specs, args.sample_orders)]
-        results["compare"] = [r for r in old.get("compare", []) if args.skip_compare or
-                              r["spec"].split(":")[0] not in {s.split(":")[0] for s in args.compare_specs or args.specs}]
-    needed = ([] if args.skip_large else [(table, args.rows)]) + ([] if args.skip_compare else [(small, args.compare_rows)])
+        rerun = {s.split(":")[0] for s in args.compare_specs or args.specs}
+        results["compare"] = [r for r in old.get("compare", [])
+                              if args.skip_compare or r["spec"].split(":")[0] not in rerun]
+    needed = (([] if args.skip_large else [(table, args.rows)])
+              + ([] if args.skip_compare else [(small, args.compare_rows)]))
     for path, rows in needed:
         if not path.exists():
             started = time.perf_counter()
@@ -121,14 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             report = timed_compress(small, spec, output, mode)
             results["compare"].append(report)
             print(f"{spec} {mode}: rel MSE {report.get('rel_mse', float('nan')):.4f}, "
-                  f"max RSS {report['time_max_rss_bytes'] / 2**20:,.0f} MiB, {report['wall_seconds']:.0f} s", flush=True)
+                  f"max RSS {report['time_max_rss_bytes'] / 2**20:,.0f} MiB, {report['wall_seconds']:.0f} s",
+                  flush=True)
     if not args.skip_large:
         for spec in args.specs:
             for order in args.sample_orders:
                 report = timed_compress(table, spec, output, "--stream", "--sample-order", order)
                 results["large"].append(report)
                 print(f"{spec} {order}: rel MSE {report['rel_mse']:.4f} (zipf {report['rel_mse_zipf1']:.4f}), "
-                      f"VmHWM {report['peak_rss_bytes'] / 2**20:,.0f} MiB, time -v {report['time_max_rss_bytes'] / 2**20:,.0f} MiB, "
+                      f"VmHWM {report['peak_rss_bytes'] / 2**20:,.0f} MiB, "
+                      f"time -v {report['time_max_rss_bytes'] / 2**20:,.0f} MiB, "
                       f"{report['rows_per_second']:,.0f} rows/s", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))

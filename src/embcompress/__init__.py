@@ -64,8 +64,10 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
         settings = get_method(parse_spec(spec).method).Fit.parse(fit, **fit_options)
         opened = weight if isinstance(weight, MappedTable) else open_table_mmap(weight)
         try:
-            return compress_mapped(opened, spec, padding_idx=padding_idx, fit_options=settings, progress=progress,
-                                   **stream).frozen
+            frozen = compress_mapped(opened, spec, padding_idx=padding_idx, fit_options=settings, progress=progress,
+                                     **stream).frozen
+            assert frozen is not None  # no output file: the frozen module is returned
+            return frozen
         finally:
             if opened is not weight:
                 opened.close()

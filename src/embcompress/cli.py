@@ -135,6 +135,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_table(table, spec, fit_options=fit, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
+    assert module is not None  # an in-memory table: both are built
     try:
         save(module, args.output, overwrite=args.force, protect=protect)
     except OSError as exc:  # name the output, not the temporary file the write went through

@@ -390,7 +390,7 @@ class MappedTable:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
-        self._array = None
+        self._array = np.empty((0, self.shape[1]), self._dtype)  # drops the view, so the map can close
         self._map.close()
 
     def __enter__(self) -> "MappedTable":
@@ -409,8 +409,11 @@ def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None,
     ``limit`` keeps the first rows only.
 
     Example:
+        >>> np.save("items.npy", np.random.rand(1000, 8).astype(np.float32))
         >>> with open_table_mmap("items.npy") as table:
-        ...     first = table.rows(0, 1000)
+        ...     first = table.rows(0, 100)
+        >>> tuple(first.shape)
+        (100, 8)
     """
     if isinstance(source, np.memmap):
         import mmap

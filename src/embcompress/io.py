@@ -108,7 +108,7 @@ def bundle_digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> s
     """Format 2's digest: the canonical header JSON (all but ``sha256``) and the tensors."""
     digest = header_digest(header)
     _update_with_tensors(digest, tensors)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def header_digest(header: dict[str, Any]) -> Any:

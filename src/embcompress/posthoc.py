@@ -77,6 +77,7 @@ def compress_table(table: "Table | MappedTable", spec: "str | MethodConfig", *, 
 
         streamed = compress_mapped(table, spec, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio,
                                    fit_options=fit_options, progress=progress)
+        assert streamed.frozen is not None  # no output file: the frozen module is returned
         return CompressionResult(None, streamed.frozen, streamed.report)
     rows, dim = table.weight.shape
     config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)

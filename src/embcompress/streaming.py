@@ -25,9 +25,13 @@ returned frozen module):
    on any error. :func:`embcompress.load` reads the result like any other artifact.
 
 Example:
+    >>> import numpy as np
     >>> from embcompress.data import open_table_mmap
+    >>> np.save("items.npy", np.random.rand(5000, 16).astype(np.float32))
     >>> with open_table_mmap("items.npy") as table:
-    ...     report = compress_mapped(table, "pq", bits_per_row=64, output="items.emb").report
+    ...     report = compress_mapped(table, "pq", bits_per_row=32, output="items.emb", sample=2000).report
+    >>> report["rows"], report["bits_per_row"] <= 32
+    (5000, True)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import numpy as np
 import torch
@@ -50,6 +54,7 @@ from .bitpack import pack_codes, packed_size
 from .config import FitConfig, FitLike, MethodConfig
 from .data import MappedTable
 from .frozen import FrozenEmbedding, get_format, kernels
+from .frozen.codebook import FrozenCodebook
 from .frozen.codebook import decode_codes
 from .frozen.scalar import dequantize, quantize_rows
 from .hashing import HashFunction
@@ -57,6 +62,8 @@ from .io import (HEADER_KEY, atomic_write, check_output_path, header_digest, jso
                  update_with_tensor)
 from .kmeans import assign
 from .methods.memcom import TINY, row_scales
+from .methods.scalar import ScalarConfig
+from .methods.shared import HashedRowsConfig
 from .progress import progress_bar
 from .registry import get_method
 from .validation import normalize_padding_idx
@@ -201,12 +208,14 @@ class IncrementalArtifactWriter:
         start = begin + self._cursor[name]
         if start + data.nbytes > end:
             raise ValueError(f"tensor {name!r} overflows its {end - begin:,} bytes")
-        os.pwrite(self._fd, memoryview(data), 8 + self._header_len + start)
+        assert self._fd is not None, "open() the writer first"
+        os.pwrite(self._fd, data.data, 8 + self._header_len + start)
         self._cursor[name] += data.nbytes
 
     def _pieces(self, name: str, block: int = 1 << 24) -> Iterator[bytes]:
         begin, end = self._offsets[name]
         for start in range(begin, end, block):
+            assert self._fd is not None
             yield os.pread(self._fd, min(block, end - start), 8 + self._header_len + start)
 
     def finish(self) -> None:
@@ -219,6 +228,7 @@ class IncrementalArtifactWriter:
             update_with_tensor(digest, name, dtype, shape, self._pieces(name))
         header = self._header_json(digest.hexdigest())
         header += b" " * (self._header_len - len(header))
+        assert self._fd is not None
         os.pwrite(self._fd, self._header_len.to_bytes(8, "little") + header, 0)
 
     def close(self) -> None:
@@ -274,7 +284,7 @@ class _Encoder:
 class _CodebookEncoder(_Encoder):
     format = "codebook"
 
-    def __init__(self, fitted: FrozenEmbedding, rows: int, fit: FitConfig) -> None:
+    def __init__(self, fitted: FrozenCodebook, rows: int, fit: FitConfig) -> None:
         self.fitted, self.rows = fitted, rows
         self.books, self.bits, self.combine = fitted.books, fitted.bits, fitted.combine
         self.codebooks = fitted.codebooks.float()  # the stored values (fp16 ones decode in float32)
@@ -338,16 +348,16 @@ class _HashedEncoder(_Encoder):
 
     format = "hashed"
 
-    def __init__(self, config: MethodConfig, rows: int, dim: int, padding_idx: int | None, fit: FitConfig) -> None:
+    def __init__(self, config: HashedRowsConfig, rows: int, dim: int, padding_idx: int | None, fit: FitConfig) -> None:
         self.rows, self.dim, self.padding_idx = rows, dim, padding_idx
         self.memcom = config.method == "memcom"
-        self.bias = self.memcom and config.bias
+        self.bias = self.memcom and bool(getattr(config, "bias", False))
         self.hash = HashFunction.create(config.hash, config.buckets)
         self.rounds = fit.steps if self.memcom else 0
         self.table = torch.zeros(config.buckets, dim)
 
     def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        out = {"table": (torch.float32, (self.hash.buckets, self.dim))}
+        out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"table": (torch.float32, (self.hash.buckets, self.dim))}
         if self.memcom:
             out["scale"] = (torch.float32, (self.rows,))
         if self.bias:
@@ -458,15 +468,16 @@ def _encoder(config: MethodConfig, table: MappedTable, padding_idx: int | None, 
              seed: int, fit: FitConfig, progress: bool | None, report: dict[str, Any]) -> _Encoder:
     rows, dim = table.shape
     if config.method == "scalar":
-        return _ScalarEncoder(config.bits, rows, dim)
+        return _ScalarEncoder(cast(ScalarConfig, config).bits, rows, dim)
     if config.method in ("hash", "memcom"):
-        return _HashedEncoder(config, rows, dim, padding_idx, fit)
+        return _HashedEncoder(cast(HashedRowsConfig, config), rows, dim, padding_idx, fit)
     ids = sample_ids(rows, sample, sample_order, seed)
     started = time.perf_counter()
     weight = table.take(ids)
     report["sample_read_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
-    fitted = get_method(config.method).from_pretrained(weight, config, None, fit, progress=progress).export()
+    fitted = cast(FrozenCodebook, get_method(config.method).from_pretrained(weight, config, None, fit,
+                                                                           progress=progress).export())
     report["fit_seconds"] = time.perf_counter() - started
     del weight
     report["fit"] = fitted.fit_settings
