@@ -30,7 +30,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +191,7 @@ class CompressionReport:
 
     tables: list[TableReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    plan: Any = None  # the planner's Plan when compress_ was given a budget
 
     @property
     def bytes_before(self) -> int:
@@ -215,7 +216,8 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return {"tables": [dataclasses.asdict(t) | {"ratio": t.ratio} for t in self.tables],
                 "skipped": [list(s) for s in self.skipped], "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "ratio": self.ratio}
+                "bytes_after": self.bytes_after, "ratio": self.ratio,
+                **({"plan": self.plan.to_dict()} if self.plan is not None else {})}
 
     def __str__(self) -> str:
         header = ("module", "shape", "spec", "before", "after", "ratio", "tied heads")
@@ -228,6 +230,8 @@ class CompressionReport:
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
         out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        if self.plan is not None:
+            out += ["", str(self.plan)]
         return "\n".join(out)
 
 
@@ -318,12 +322,15 @@ def compressed_tables(model: nn.Module) -> list[tuple[list[str], CompressedEmbed
 
 def compress_(
     model: nn.Module,
-    spec_or_mapping: "SpecLike | SpecMapping",
+    spec_or_mapping: "SpecLike | SpecMapping | None" = None,
     *,
     init: Literal["pretrained", "random"] = "pretrained",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     fit_options: Mapping[str, Any] | None = None,
     untie: bool = False,
+    budget: Any = None,
+    methods: Sequence[str] | None = None,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressionReport:
     """Replace the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` in place.
 
@@ -340,6 +347,12 @@ def compress_(
             the method's name (``{"dpq": {"steps": 300}}``).
         untie: give output layers tied to a replaced table an independent copy of the weight
             instead of computing their logits from the compressed table.
+        budget: one byte budget for all tables together (``"10x"``, ``"4MB"``, ``"80bpr"``, an int
+            of bytes, or ``{"ratio": 10}``): :func:`embcompress.planner.plan_budget` chooses each
+            table's method and size by measured quality; ``spec_or_mapping`` may then only skip tables.
+        methods: candidate methods for ``budget`` (default ``planner.DEFAULT_METHODS``).
+        row_weights: module name -> (V,) row weights (token counts) for the planner's quality measure
+            and the fits that take them.
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows a table.
@@ -350,6 +363,12 @@ def compress_(
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    if budget is None and spec_or_mapping is None:
+        raise SpecError("give a spec (or a mapping of specs), or budget= to let the planner choose")
+    if budget is not None:
+        _check_budget_mapping(spec_or_mapping, init)
+        # Every table the mapping does not skip resolves to a placeholder the planner then replaces.
+        spec_or_mapping = {"default": "scalar", **(spec_or_mapping or {})}
     if isinstance(spec_or_mapping, Mapping):
         for key, value in spec_or_mapping.items():  # fail early on a bad spec, before any fitting
             if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
@@ -371,12 +390,19 @@ def compress_(
         for alias in names_of[id(module)]:
             groups.setdefault(id(module.weight), []).append((alias, module))
 
+    kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]] = []
     for members in groups.values():
         names = [n for n, _ in members]
         if filter_fn is not None and not all(filter_fn(m, n) for n, m in members):
             report.skipped.extend((n, "rejected by filter_fn") for n in names)
             continue
         resolved = {n: _resolve_spec(n, spec_or_mapping, used_keys) for n in names}
+        kept.append((members, resolved))
+    if budget is not None:
+        report.plan = _plan_tables(kept, budget, methods, row_weights)
+
+    for members, resolved in kept:
+        names = [n for n, _ in members]
         distinct = {(r.to_spec() if isinstance(r, MethodConfig) else r) for r in resolved.values()}
         if len(distinct) > 1:
             raise SpecError(f"modules {names} share one weight Parameter but the mapping gives them different "
@@ -398,6 +424,39 @@ def compress_(
             warnings.warn(f"spec keys {unused} matched no embedding table; tables are: {tables}", stacklevel=2)
     log.info("compress_ replaced %d table(s): %s", len(report.tables), report.specs)
     return report
+
+
+def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
+    if init != "pretrained":
+        raise SpecError("budget= measures fits to the current weights; it needs init='pretrained'")
+    values = spec_or_mapping.values() if isinstance(spec_or_mapping, Mapping) else [spec_or_mapping]
+    for value in values:
+        if spec_or_mapping is not None and not (value is None or (isinstance(value, str) and value.strip().lower() == SKIP)):
+            raise SpecError(f"with budget=, the mapping may only skip tables (None or 'skip'), got {value!r}; "
+                            "name the candidate methods with methods=[...]")
+
+
+def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]], budget: Any,
+                 methods: Sequence[str] | None, row_weights: Mapping[str, torch.Tensor] | None) -> Any:
+    """Run the planner over the tables the mapping does not skip; their resolved configs become its choices."""
+    from .planner import parse_budget, plan_budget  # the planner sits above surgery's per-table work
+
+    planned = {members[0][0]: members for members, resolved in kept
+               if all(isinstance(r, MethodConfig) for r in resolved.values())}
+    if not planned:
+        return None
+    weights = {}
+    for name, members in planned.items():
+        for alias, _ in members:
+            if row_weights is not None and alias in row_weights:
+                weights[name] = row_weights[alias]
+    tables = {name: members[0][1].weight.detach().float().cpu() for name, members in planned.items()}
+    plan = plan_budget(tables, methods=methods, weights=weights or None, **parse_budget(budget))
+    for members, resolved in kept:
+        if members[0][0] in planned:
+            config = parse_spec(plan.specs[members[0][0]])
+            resolved.update({n: config for n in resolved})
+    return plan
 
 
 def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
