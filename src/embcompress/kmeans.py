@@ -71,8 +71,11 @@ def kmeans(
         centroids = _plus_plus(fit_rows, k, generator)
         for _ in range(iters):
             codes = assign(fit_rows, centroids)
-            sums = torch.zeros_like(centroids).scatter_add_(1, codes.unsqueeze(-1).expand(-1, -1, width), fit_rows)
-            counts = torch.zeros(groups, k).scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float))
+            # index_add_ over (G*K, w) rows: several times faster than scatter_add_ with an index
+            # expanded to (G, N, w), which dominated residual k-means at d = 300.
+            flat = (codes + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
+            sums = torch.zeros(groups * k, width).index_add_(0, flat, fit_rows.reshape(-1, width)).reshape(groups, k, width)
+            counts = torch.bincount(flat, minlength=groups * k).reshape(groups, k).float()
             empty = counts == 0
             centroids = torch.where(empty.unsqueeze(-1), centroids, sums / counts.clamp_min(1).unsqueeze(-1))
     codes = assign(x, centroids)
