@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc clean
+.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc bench-fit bench-tied-lm clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ bench-posthoc: $(STAMP)
 bench-perf: $(STAMP)
 	$(PY) -m pip install -q -e '.[perf]' || echo "tensorly-torch unavailable: tt is compared with nn.Embedding only"
 	$(PY) -m benchmarks.perf
+
+# Post hoc fit time and quality over shapes 10k x 64 .. 50k x 1,024 at 10x-40x, FAISS PQ/OPQ/RQ/LSQ beside
+# (benchmarks/results/fit_grid.json and .md; resumable: rerunning runs only the missing cells).
+bench-fit: $(STAMP)
+	$(PY) -m benchmarks.fit_grid
+
+# Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
+bench-tied-lm: $(STAMP)
+	$(PY) -m benchmarks.tied_lm
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

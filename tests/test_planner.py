@@ -97,3 +97,17 @@ def test_compress_model_cli_writes_what_load_pretrained_reads(tmp_path, capsys):
     assert logits.shape == (2, 9, 300) and torch.isfinite(logits).all()
     assert main(["-q", "compress-model", str(tmp_path / "llama"), "-o", str(tmp_path / "x")]) == 2
     assert "give a budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["pq:groups=4,codewords=8", "lowrank:rank=3"])
+def test_row_weights_move_the_error_onto_rare_rows(spec):
+    weight = torch.randn(400, 16, generator=torch.Generator().manual_seed(3))
+    counts = torch.ones(400)
+    counts[:40] = 1000.0  # 40 frequent rows
+    torch.manual_seed(0)
+    plain = embcompress.from_pretrained(weight, spec).materialize()
+    torch.manual_seed(0)
+    weighted = embcompress.from_pretrained(weight, spec, row_weights=counts).materialize()
+    frequent = lambda approx: float((approx - weight)[:40].pow(2).mean())  # noqa: E731
+    assert frequent(weighted) < 0.85 * frequent(plain)
+    assert weighted_relative_error(weighted, weight, counts) < weighted_relative_error(plain, weight, counts)

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -196,9 +197,14 @@ def _measure(method: str, config: MethodConfig, weight: torch.Tensor, weights: t
 def _fit_kwargs(cls: Any, fit_options: Mapping[str, Any], weights: torch.Tensor | None) -> dict[str, Any]:
     """Fit options, plus row weights for the methods whose fit takes them."""
     options = dict(fit_options)
-    if weights is not None and getattr(cls, "ROW_WEIGHTED_FIT", False):
+    if weights is not None and takes_row_weights(cls):
         options["row_weights"] = weights
     return options
+
+
+def takes_row_weights(cls: Any) -> bool:
+    """True if the method's ``fit`` accepts ``row_weights`` (k-means PQ and low-rank so far)."""
+    return "row_weights" in inspect.signature(cls.fit).parameters
 
 
 def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str], *,

@@ -102,12 +102,20 @@ class LowRankEmbedding(CompressedEmbedding):
         return logits
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "LowRankEmbedding":
+    def fit(self, weight: torch.Tensor, *, row_weights: torch.Tensor | None = None, **_: Any) -> "LowRankEmbedding":
+        """Truncated SVD; with ``row_weights`` w the basis minimizes sum_i w_i ||e_i||^2 (SVD of
+        diag(sqrt w) W) and every row's codes are its projection onto that basis."""
         weight = self._check_fit_weight(weight)
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         rank = self.config.rank
-        self.codes.copy_(u[:, :rank] * s[:rank])
+        if row_weights is None:
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            self.codes.copy_(u[:, :rank] * s[:rank])
+            self.basis.copy_(vh[:rank])
+            return self
+        scaled = weight * row_weights.float().clamp_min(0).sqrt().unsqueeze(1)
+        _, _, vh = torch.linalg.svd(scaled, full_matrices=False)
         self.basis.copy_(vh[:rank])
+        self.codes.copy_(weight @ vh[:rank].T)
         return self
 
     def export(self) -> FactorizedEmbedding:

@@ -76,12 +76,13 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return decode_codes(self.codes[ids], self.codebooks, "concat")
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "ProductQuantizedEmbedding":
+    def fit(self, weight: torch.Tensor, *, row_weights: torch.Tensor | None = None,
+            **_: Any) -> "ProductQuantizedEmbedding":
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
         seed = int(torch.randint(0, 2**31 - 1, ()))
-        centroids, codes = kmeans(sub, self.config.codewords, iters=self.config.iters, seed=seed)
+        centroids, codes = kmeans(sub, self.config.codewords, iters=self.config.iters, seed=seed, weights=row_weights)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)
         return self
