@@ -14,8 +14,9 @@ resolves from the table shape (a tensor-train factorization, hash parameters) go
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +35,13 @@ class CompressedEmbedding(nn.Module):
     """Base class of every trainable compressed table."""
 
     Config: ClassVar[type[MethodConfig]]
+    #: the fit settings this table was made with (recorded in artifacts); None when not known
+    fit_settings: dict[str, Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "export" in cls.__dict__:
+            cls.export = _declaring_spec(cls.__dict__["export"])  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -60,7 +68,10 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     def export(self) -> FrozenEmbedding:
-        """The frozen inference module; its output equals this module's output in eval mode."""
+        """The frozen inference module; its output equals this module's output in eval mode.
+
+        Every subclass's ``export`` returns a module whose ``spec`` and ``fit_settings`` are this
+        table's (set on the way out, so a method's export only builds the format)."""
         raise NotImplementedError
 
     def layout(self) -> dict[str, Any]:
@@ -164,6 +175,7 @@ class CompressedEmbedding(nn.Module):
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
         module.fit(weight, **fit_options)
+        module.fit_settings = dict(fit_options)  # artifacts record how the table was made ({} = defaults)
         return module
 
     def fit_by_gradient(
@@ -209,3 +221,14 @@ class CompressedEmbedding(nn.Module):
                              f"({self.num_embeddings}, {self.embedding_dim}); build the table with the "
                              "weight's shape or use from_pretrained(weight, spec)")
         return weight
+
+
+def _declaring_spec(export: Callable[[CompressedEmbedding], FrozenEmbedding]) -> Callable[[CompressedEmbedding], FrozenEmbedding]:
+    """Wrap a method's ``export`` so the frozen module declares the spec and fit settings it came from."""
+    @functools.wraps(export)
+    def wrapper(self: CompressedEmbedding) -> FrozenEmbedding:
+        frozen = export(self)
+        frozen.spec = self.spec
+        frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
+        return frozen
+    return wrapper

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .config import SpecError
-from .io import ArtifactError, load, read_header, save
+from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -90,12 +90,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
     if args.spec and args.method and not args.spec.startswith(args.method):
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
+    check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
-    save(module, args.output)
+    save(module, args.output, overwrite=args.force, protect=[args.source])
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -127,15 +128,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     header, tensors = read_header(args.artifact)
+    load(args.artifact)  # refuse what load refuses (metadata, shapes, stored codes), not only a bad header
     info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                                          "bytes": t.numel() * t.element_size()} for name, t in tensors.items()}}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("kind", "method", "format", "spec", "num_embeddings", "embedding_dim", "padding_idx",
+    for key in ("kind", "method", "format", "spec", "fit", "num_embeddings", "embedding_dim", "padding_idx",
                 "library_version", "format_version"):
         if header.get(key) is not None:
-            print(f"{key:16s} {header[key]}")
+            print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
     print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
@@ -208,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
         print(f"wrote {args.json}")
     return 0
 
@@ -231,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help='full spec, e.g. "codes:books=16,codewords=32"')
     _add_budget(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at the output path")
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
     p.add_argument("--limit", type=int, help="keep only the first N rows")
     p.add_argument("--steps", type=int, help="override the method's number of fitting steps")

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -32,13 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from ._version import __version__
 from .base import CompressedEmbedding
-from .io import ArtifactError, atomic_write_bytes, tensor_digest
+from .io import ArtifactError, json_ready, read_folder_bundle, write_folder_bundle
+from .validation import json_int, json_object
 from .progress import progress_bar
 
 __all__ = ["distill", "DistillResult", "distillation_loss", "mean_pool"]
@@ -46,7 +43,6 @@ __all__ = ["distill", "DistillResult", "distillation_loss", "mean_pool"]
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "distill.json"
-CHECKPOINT_VERSION = 1
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -358,60 +354,67 @@ def _save_checkpoint(folder: Path, student: nn.Module, optimizer: torch.optim.Op
                 scalars.setdefault(str(index), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.rows"] = rows_generator.get_state()
-    tensors = {k: v.detach().clone().contiguous().cpu() for k, v in tensors.items()}
-    name = f"state-{step:08d}.safetensors"
-    header = {"format_version": CHECKPOINT_VERSION, "library_version": __version__, "step": step, "epoch": epoch,
-              "position": position, "losses": losses, "settings": settings, "optimizer_scalars": scalars,
-              "tensors": name, "sha256": tensor_digest(tensors)}
-    # Tensors under a new name first, then the JSON pointing at them: a crash in between leaves
-    # the previous checkpoint whole.
-    atomic_write_bytes(folder / name, st_save(tensors))
-    atomic_write_bytes(folder / CHECKPOINT_NAME, (json.dumps(header, indent=1) + "\n").encode())
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    fields = {"step": step, "epoch": epoch, "position": position, "losses": losses, "settings": json_ready(settings),
+              "optimizer_scalars": json_ready(scalars)}
+    # One io bundle: tensors under a new name first, then the JSON pointing at them, so a crash in
+    # between leaves the previous checkpoint whole; older state files are swept afterwards.
+    write_folder_bundle(folder, CHECKPOINT_NAME, f"state-{step:08d}.safetensors", "checkpoint", fields, tensors,
+                        overwrite=True, sweep="state-*.safetensors")
 
 
 def _load_checkpoint(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
                      rows_generator: torch.Generator, settings: dict[str, Any]) -> tuple[int, int, int, list[float]]:
     path = folder / CHECKPOINT_NAME
+    hint = "; delete the folder or pass resume=False"
     try:
-        header = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); delete it or pass resume=False") from None
-    if header.get("format_version") != CHECKPOINT_VERSION:
-        raise ArtifactError(f"{path} has checkpoint version {header.get('format_version')!r}, expected "
-                            f"{CHECKPOINT_VERSION}")
-    saved = header.get("settings", {})
+        header, tensors = read_folder_bundle(folder, CHECKPOINT_NAME, ("checkpoint",))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}{hint}") from None
+    try:
+        steps = json_int(header, "step", 0, 1 << 62)
+        epoch = json_int(header, "epoch", 0, 1 << 62)
+        position = json_int(header, "position", 0, 1 << 62)
+        losses = header.get("losses")
+        if not isinstance(losses, list) or not all(isinstance(v, (int, float)) for v in losses):
+            raise ValueError("losses must be a list of numbers")
+        saved = json_object(header, "settings")
+        scalars = json_object(header, "optimizer_scalars")
+        assert saved is not None and scalars is not None
+        if not all(k.isdigit() and isinstance(v, dict) for k, v in scalars.items()):
+            raise ValueError("optimizer_scalars must map parameter indices to objects")
+        for key in ("rng.torch", "rng.rows"):
+            if key not in tensors or tensors[key].dtype != torch.uint8:
+                raise ValueError(f"the tensor {key!r} (a uint8 RNG state) is missing")
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: invalid header: {exc}{hint}") from None
+    settings = json_ready(settings)  # compared as stored: tuples are lists in JSON
     changed = sorted(k for k in settings if saved.get(k) != settings[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
         raise ValueError(f"the checkpoint in {folder} was made with other settings ({detail}); "
                          "pass resume=False (or another checkpoint folder) to start over")
-    tensor_path = folder / header["tensors"]
-    if not tensor_path.is_file():
-        raise ArtifactError(f"{path} points at {tensor_path.name}, which is missing")
-    tensors = st_load(tensor_path.read_bytes())
-    if tensor_digest(tensors) != header.get("sha256"):
-        raise ArtifactError(f"{tensor_path}: checksum mismatch, the checkpoint is damaged")
     params = dict(student.named_parameters())
     buffers = dict(student.named_buffers())
-    with torch.no_grad():
+    try:
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                kind, _, name = key.partition(".")
+                if kind == "param":
+                    params[name].copy_(tensor)
+                elif kind == "buffer" and name in buffers and buffers[name] is not None:
+                    buffers[name].copy_(tensor)
+        state: dict[int, dict[str, Any]] = {}
         for key, tensor in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "param":
-                params[name].copy_(tensor)
-            elif kind == "buffer" and name in buffers and buffers[name] is not None:
-                buffers[name].copy_(tensor)
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = tensor
-    for index, entries in header.get("optimizer_scalars", {}).items():
-        state.setdefault(int(index), {}).update(entries)
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
-    rows_generator.set_state(tensors["rng.rows"])
-    return int(header["step"]), int(header["epoch"]), int(header["position"]), list(header["losses"])
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = tensor
+        for index, entries in scalars.items():
+            state.setdefault(int(index), {}).update(entries)
+        groups = optimizer.state_dict()["param_groups"]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        rows_generator.set_state(tensors["rng.rows"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{path}: the checkpoint does not fit this student ({reason}){hint}") from None
+    return steps, epoch, position, [float(v) for v in losses]

@@ -67,7 +67,6 @@ def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | Non
     module = get_method(config.method).from_pretrained(table.weight, config, **(fit_options or {}))
     frozen = module.export()
     seconds = time.perf_counter() - start
-    frozen.source_spec = module.spec
     report: dict[str, Any] = {"method": config.method, "spec": module.spec, "table": table.name,
                               "rows": rows, "dim": dim, "seconds": seconds}
     if evaluate:

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import warnings
@@ -34,16 +33,13 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from ._version import __version__
 from .base import CompressedEmbedding
 from .config import MethodConfig, SpecError, parse_spec
-from .io import ArtifactError, atomic_write_bytes, tensor_digest, verify_payload
+from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
+from .validation import MAX_DIM, MAX_ROWS, json_choice, json_int, json_int_list, json_object
 
 __all__ = [
     "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport", "TableReport",
@@ -55,7 +51,6 @@ log = logging.getLogger(__name__)
 SpecLike = Union[str, MethodConfig]
 SpecMapping = Mapping[str, Union[SpecLike, None]]
 SKIP = "skip"
-PRETRAINED_FORMAT_VERSION = 1
 CONFIG_NAME = "embcompress.json"
 _DROPPED_EMBEDDING_OPTIONS = ("max_norm", "scale_grad_by_freq", "sparse")
 
@@ -580,9 +575,11 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     index = {id(t): k for k, (_, t) in enumerate(tables)}
     entries: list[dict[str, Any]] = []
     for key, (names, table) in enumerate(tables):
+        fit = None if table.fit_settings is None else json_ready(dict(table.fit_settings))
         entries.append({"key": f"tables.{key}", "method": table.config.method, "spec": table.spec,
                         "layout": table.layout(), "shape": [table.num_embeddings, table.embedding_dim],
-                        "padding_idx": table.padding_idx, "embeddings": [], "bags": [], "tied_heads": []})
+                        "padding_idx": table.padding_idx, "fit": fit, "embeddings": [], "bags": [],
+                        "tied_heads": []})
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -605,52 +602,71 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     for key, (_, table) in enumerate(tables):
         for pname, tensor in table.state_dict().items():
             tensors[f"tables.{key}.{pname}"] = tensor
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {"format_version": PRETRAINED_FORMAT_VERSION, "library_version": __version__,
-              "torch_version": torch.__version__, "tables": entries, "sha256": tensor_digest(tensors)}
-    return tensors, header
+    return tensors, {"tables": entries}
 
 
-def save_pretrained(model: nn.Module, folder: "str | Path") -> Path:
+def save_pretrained(model: nn.Module, folder: "str | Path", *, overwrite: bool = False) -> Path:
     """Write the compressed tables of ``model`` (and tied heads' biases) to ``folder``.
 
-    ``folder/tables.safetensors`` holds the tensors; ``folder/embcompress.json`` the module names,
-    resolved specs, layouts, shapes, ties and versions. Everything else in the model is the
-    caller's (load it as usual, e.g. ``AutoModel.from_pretrained``), then :func:`load_pretrained`.
+    ``folder/tables-<digest>.safetensors`` holds the tensors; ``folder/embcompress.json`` the
+    module names, resolved specs, fit settings, layouts, shapes, ties and versions (an
+    ``embcompress.io`` bundle of kind "model"). A folder saved before is replaced only with
+    ``overwrite=True``. Everything else in the model is the caller's (load it as usual, e.g.
+    ``AutoModel.from_pretrained``), then :func:`load_pretrained`.
     """
-    tensors, header = _surgery_state(model)
-    if not header["tables"]:
+    tensors, fields = _surgery_state(model)
+    if not fields["tables"]:
         raise ValueError("the model holds no compressed table; run embcompress.compress_(model, spec) first")
     folder = Path(folder)
-    tensor_file = f"tables-{header['sha256'][:12]}.safetensors"
-    header["tensors"] = tensor_file
-    # Tensors first under a content-addressed name, then the JSON that points at them: an
-    # interrupted save leaves the previous JSON and its tensors intact.
-    atomic_write_bytes(folder / tensor_file, st_save(tensors))
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(header, indent=2, sort_keys=True) + "\n").encode())
-    for old in folder.glob("tables-*.safetensors"):
-        if old.name != tensor_file:
-            old.unlink(missing_ok=True)
+    write_folder_bundle(folder, CONFIG_NAME, lambda digest: f"tables-{digest[:12]}.safetensors", "model", fields,
+                        tensors, overwrite=overwrite, sweep="tables-*.safetensors")
     return folder
 
 
 def _read_pretrained(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not config_path.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; write one with embcompress.save_pretrained")
+    header, tensors = read_folder_bundle(folder, CONFIG_NAME, ("model",))
     try:
-        header = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{config_path} is not valid JSON ({exc})") from None
-    tensor_path = folder / str(header.get("tensors", ""))
-    if not tensor_path.is_file():
-        raise ArtifactError(f"{config_path} points at {tensor_path.name!r}, which is missing")
-    try:
-        tensors = st_load(tensor_path.read_bytes())
-    except SafetensorError as exc:
-        raise ArtifactError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
-    verify_payload(header, tensors, PRETRAINED_FORMAT_VERSION, header_source=config_path, tensor_source=tensor_path)
+        _check_tables_header(header)
+    except ValueError as exc:
+        raise ArtifactError(f"{config_path}: invalid header: {exc}") from None
     return header, tensors
+
+
+def _check_tables_header(header: dict[str, Any]) -> None:
+    """Types and ranges of every field load_pretrained reads (ValueError naming the field)."""
+    tables = header.get("tables")
+    if not isinstance(tables, list):
+        raise ValueError(f"tables must be a list, got {type(tables).__name__}")
+    for n, entry in enumerate(tables):
+        if not isinstance(entry, dict):
+            raise ValueError(f"tables[{n}] must be a JSON object")
+        for key in ("key", "method", "spec"):
+            if not isinstance(entry.get(key), str):
+                raise ValueError(f"tables[{n}].{key} must be a string, got {entry.get(key)!r}")
+        rows, _ = json_int_list(entry, "shape", 1, MAX_ROWS, min_len=2, max_len=2)
+        json_int({"embedding_dim": entry["shape"][1]}, "embedding_dim", 1, MAX_DIM)
+        json_int(entry, "padding_idx", -rows, rows - 1, optional=True)
+        json_object(entry, "layout", optional=True)
+        json_object(entry, "fit", optional=True)
+        for key in ("embeddings", "bags", "tied_heads"):
+            if not isinstance(entry.get(key), list):
+                raise ValueError(f"tables[{n}].{key} must be a list")
+        if not all(isinstance(name, str) for name in entry["embeddings"]):
+            raise ValueError(f"tables[{n}].embeddings must list module names")
+        for bag in entry["bags"]:
+            if not isinstance(bag, dict) or not isinstance(bag.get("name"), str):
+                raise ValueError(f"tables[{n}].bags entries need a string 'name'")
+            json_choice(bag, "mode", ("sum", "mean", "max"))
+            json_choice(bag, "include_last_offset", (False, True))
+        for head in entry["tied_heads"]:
+            if not isinstance(head, dict) or not isinstance(head.get("name"), str):
+                raise ValueError(f"tables[{n}].tied_heads entries need a string 'name'")
+            json_choice(head, "bias", (False, True))
+        if not (entry["embeddings"] or entry["bags"]):
+            raise ValueError(f"tables[{n}] sits at no module")
 
 
 def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport:
@@ -662,14 +678,16 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
     holders = _parameter_holders(model)
     for entry in header["tables"]:
         shape = tuple(entry["shape"])
-        table = get_method(entry["method"])(*shape, entry["spec"], padding_idx=entry["padding_idx"],
-                                            layout=entry.get("layout") or None)
         prefix = entry["key"] + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            table.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: {exc}") from None
+            table = build_trainable(entry["method"], shape, entry["spec"], entry["padding_idx"],
+                                    entry.get("layout") or None, state)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: "
+                                f"{reason}") from None
+        table.fit_settings = entry.get("fit")
         originals: list[nn.Parameter] = []
         device = torch.device("cpu")
         expected = [(n, nn.Embedding) for n in entry["embeddings"]] + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]]
@@ -691,7 +709,7 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
             bias = None
             if head["bias"]:
                 saved = tensors[f"heads.{head['name']}.bias"] if f"heads.{head['name']}.bias" in tensors else None
-                if linear.bias is None or saved is None:
+                if linear.bias is None or saved is None or saved.shape != linear.bias.shape:
                     raise ArtifactError(f"{head['name']}: bias mismatch between the model and the saved head")
                 with torch.no_grad():
                     linear.bias.copy_(saved)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal, overload
+
 import torch
 
-__all__ = ["check_ids", "check_weight", "check_table_shape", "normalize_padding_idx"]
+__all__ = ["check_ids", "check_weight", "check_table_shape", "normalize_padding_idx", "json_int", "json_choice",
+           "json_int_list", "json_object", "MAX_ROWS", "MAX_DIM"]
 
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -70,3 +73,59 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     if not -num_embeddings <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx {padding_idx} must be within [-{num_embeddings}, {num_embeddings - 1}]")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+# -- values read from a stored JSON header -------------------------------------------------------
+# A header is data from a file: every value is checked for its JSON type and range before it
+# builds anything, so a float where an int belongs (1.0 passes ``==`` and dict lookups in
+# Python, but not the C kernels) or an absurd size is refused instead of half-working.
+MAX_ROWS = 1 << 40  # ids stay far inside int64 arithmetic (id * books * bits, a * id + b)
+MAX_DIM = 1 << 24
+
+
+@overload
+def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: Literal[False] = False) -> int: ...
+@overload
+def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: bool) -> int | None: ...
+def json_int(mapping: dict, key: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
+    """``mapping[key]`` as an int in [lo, hi] (a JSON integer, never a bool or a float)."""
+    if key not in mapping or (optional and mapping[key] is None):
+        if optional:
+            return None
+        raise ValueError(f"{key} is missing")
+    value = mapping[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise ValueError(f"{key}={value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def json_choice(mapping: dict, key: str, choices: "tuple | list | dict", *, optional: bool = False) -> Any:
+    """``mapping[key]`` as one of ``choices`` (compared with its type: 8.0 is not 8)."""
+    if key not in mapping:
+        if optional:
+            return None
+        raise ValueError(f"{key} is missing")
+    value = mapping[key]
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def json_int_list(mapping: dict, key: str, lo: int, hi: int, *, min_len: int = 1, max_len: int = 64) -> list[int]:
+    """``mapping[key]`` as a list of ints in [lo, hi]."""
+    value = mapping.get(key)
+    if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+        raise ValueError(f"{key} must be a list of {min_len} to {max_len} integers, got {value!r}")
+    return [json_int({key: v}, key, lo, hi) for v in value]  # type: ignore[misc]
+
+
+def json_object(mapping: dict, key: str, *, optional: bool = False) -> dict | None:
+    """``mapping[key]`` as a JSON object (a dict), or None when optional and absent."""
+    value = mapping.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value

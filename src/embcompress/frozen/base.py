@@ -47,6 +47,10 @@ class FrozenEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        #: the resolved spec of the table this module was exported from (set by ``export()``)
+        self.spec: str | None = None
+        #: the fit settings that table was made with, when known (recorded in artifacts)
+        self.fit_settings: dict[str, Any] | None = None
 
     # -- what each format implements -------------------------------------------------------
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,18 @@ class FrozenEmbedding(nn.Module):
     def metadata(self) -> dict[str, Any]:
         """JSON-serializable settings needed, with the stored tensors, to rebuild the module."""
         return {}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        """Refuse stored metadata of the wrong JSON type or range (ValueError naming the field).
+
+        Runs before the constructor: a float where an int belongs passes Python's ``==`` but not
+        the C kernels, so the two lookup paths would disagree about the file."""
+        if metadata:
+            raise ValueError(f"format {cls.format!r} stores no metadata, got keys {sorted(metadata)}")
+
+    def check_stored(self) -> None:
+        """Cheap checks of stored tensor values that shapes cannot catch (ValueError)."""
 
     # -- shared behaviour -------------------------------------------------------------------
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -151,9 +167,17 @@ class FrozenEmbedding(nn.Module):
         embedding_dim: int,
         padding_idx: int | None,
     ) -> "FrozenEmbedding":
-        """Rebuild from an artifact's tensors and metadata; shapes are checked by the constructor."""
+        """Rebuild from an artifact's tensors and metadata: metadata types and ranges first
+        (:meth:`check_metadata`), shapes in the constructor, stored values (:meth:`check_stored`) last."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+        cls.check_metadata(metadata)
+        clash = set(metadata) & set(tensors)
+        if clash:
+            raise ValueError(f"names {sorted(clash)} are both metadata and tensors")
         module = cls(num_embeddings, embedding_dim, padding_idx, **metadata, **tensors)
         expected = module.stored_tensors()
         if set(expected) != set(tensors):
             raise ValueError(f"format {cls.format!r} stores {sorted(expected)}, artifact has {sorted(tensors)}")
+        module.check_stored()
         return module

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..bitpack import bits_for, pack_codes, packed_size, unpack_codes
+from ..bitpack import MAX_BITS, bits_for, pack_codes, packed_size, unpack_codes
+from ..validation import json_choice, json_int
 from . import kernels
 from .base import FrozenEmbedding, register_format
 
@@ -185,6 +186,9 @@ class CodebookEmbedding(FrozenEmbedding):
         """Pack integer codes (V, books) with their codebooks ((books or 1), K, width)."""
         books = codes.shape[1]
         _, codewords, width = codebooks.shape
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codewords):
+            raise ValueError(f"codes must lie in [0, {codewords}) for {codewords} codewords, "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
         dim = books * width if combine == "concat" else width
         bits = bits_for(codewords)
         return cls(codes.shape[0], dim, padding_idx, combine=combine, bits=bits,
@@ -336,3 +340,27 @@ class CodebookEmbedding(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"combine": self.combine, "bits": self.bits, "books": self.books}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        unknown = set(metadata) - {"combine", "bits", "books"}
+        if unknown:
+            raise ValueError(f"unknown codebook metadata {sorted(unknown)}")
+        json_choice(metadata, "combine", ("concat", "sum"))
+        json_int(metadata, "bits", 1, MAX_BITS)
+        json_int(metadata, "books", 1, 1 << 16, optional=True)
+
+    def check_stored(self, chunk_rows: int = 1 << 16) -> None:
+        """Every stored code < K. With K a power of two every bit field is a valid code; otherwise a
+        field >= K would read a neighbouring codeword (or past the table) in one path and be
+        clamped in another. One vectorized unpack per chunk of rows."""
+        if self.codewords == 1 << self.bits:
+            return
+        for start in range(0, self.num_embeddings, chunk_rows):
+            rows = torch.arange(start, min(start + chunk_rows, self.num_embeddings))
+            codes = unpack_codes(self.packed, rows, self.books, self.bits)
+            bad = codes >= self.codewords
+            if bool(bad.any()):
+                row, slot = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(f"stored code {int(codes[row, slot])} at row {start + row}, slot {slot} is not "
+                                 f"below the {self.codewords} codewords; the codes are damaged")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..validation import json_choice
 from . import kernels
 from .base import FrozenEmbedding, register_format
 
@@ -46,6 +47,8 @@ class FactorizedEmbedding(FrozenEmbedding):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         rank = basis.shape[0]
+        if basis.dim() != 2 or rank < 1:
+            raise ValueError(f"basis must be (rank >= 1, {embedding_dim}), got {tuple(basis.shape)}")
         if codes.shape != (num_embeddings, rank) or basis.shape != (rank, embedding_dim):
             raise ValueError(f"codes {tuple(codes.shape)} and basis {tuple(basis.shape)} do not factor a "
                              f"({num_embeddings}, {embedding_dim}) table")
@@ -85,3 +88,9 @@ class FactorizedEmbedding(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"activation": self.activation}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if set(metadata) != {"activation"}:
+            raise ValueError(f"factors metadata holds exactly 'activation', got {sorted(metadata)}")
+        json_choice(metadata, "activation", tuple(ACTIVATIONS))

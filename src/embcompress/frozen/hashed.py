@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..hashing import HashFunction
+from ..hashing import PRIME, HashFunction
+from ..validation import MAX_ROWS, json_choice, json_int, json_object
 from . import kernels
 from .base import FrozenEmbedding, register_format
 
@@ -89,3 +90,22 @@ class HashedEmbedding(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"hash": self.hash.to_dict()}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if set(metadata) != {"hash"}:
+            raise ValueError(f"hashed metadata holds exactly 'hash', got {sorted(metadata)}")
+        params = json_object(metadata, "hash")
+        assert params is not None
+        if set(params) - {"kind", "buckets", "a", "b"}:
+            raise ValueError(f"unknown hash parameters {sorted(set(params) - {'kind', 'buckets', 'a', 'b'})}")
+        kind = json_choice(params, "kind", ("mod", "universal"))
+        json_int(params, "buckets", 1, MAX_ROWS)
+        # universal: a in [1, p), b in [0, p), so a * id + b stays in int64 for every id < 2^31
+        json_int(params, "a", 1 if kind == "universal" else 0, PRIME - 1, optional=True)
+        json_int(params, "b", 0, PRIME - 1, optional=True)
+
+    def check_stored(self) -> None:
+        # (a * id + b) must not overflow int64 in either path: the universal hash is defined for ids < 2^31.
+        if self.hash.kind == "universal" and self.num_embeddings > 1 << 31:
+            raise ValueError(f"a universal hash serves at most 2^31 rows, the header says {self.num_embeddings}")

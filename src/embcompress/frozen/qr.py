@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..validation import json_choice
 from .base import FrozenEmbedding, register_format
 
 __all__ = ["QREmbedding", "COMBINES", "combine_parts", "qr_width"]
@@ -87,3 +88,9 @@ class QREmbedding(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"combine": self.combine}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if set(metadata) != {"combine"}:
+            raise ValueError(f"qr metadata holds exactly 'combine', got {sorted(metadata)}")
+        json_choice(metadata, "combine", COMBINES)

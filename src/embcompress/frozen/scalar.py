@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..bitpack import pack_codes, packed_size, unpack_codes
+from ..validation import json_choice, json_int
 from .base import FrozenEmbedding, register_format
 
 __all__ = ["ScalarQuantizedEmbedding", "quantize_rows", "block_codes", "block_decode", "is_blockwise",
@@ -227,3 +228,11 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
         # Per-row artifacts keep their original header (bits only).
         extra = {"block": self.block} if self.block else {}
         return {"bits": self.bits, **extra, **({"offset": True} if self.offset else {})}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if not {"bits"} <= set(metadata) <= {"bits", "block", "offset"}:
+            raise ValueError(f"scalar metadata holds 'bits' and optionally 'block', 'offset'; got {sorted(metadata)}")
+        json_choice(metadata, "bits", (16, *BLOCK_BITS))
+        json_int(metadata, "block", 1, 1 << 20, optional=True)
+        json_choice(metadata, "offset", (True,), optional=True)

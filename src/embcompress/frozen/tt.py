@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..validation import MAX_DIM, MAX_ROWS, json_int_list
 from . import kernels
 from .base import FrozenEmbedding, register_format
 
@@ -233,6 +234,8 @@ class TensorTrainCores(FrozenEmbedding):
             if core.dim() != 4 or tuple(core.shape[:3]) != expected:
                 raise ValueError(f"{name} must have shape (r_{k}, v_{k + 1}, d_{k + 1}, r_{k + 1}) with "
                                  f"leading dims {expected}, got {tuple(core.shape)}")
+            if core.shape[3] < 1:
+                raise ValueError(f"{name} has rank {core.shape[3]}; TT ranks must be >= 1")
             ranks.append(int(core.shape[3]))
             self.register_buffer(name, core.detach().float().contiguous())
         if ranks[-1] != 1:
@@ -288,3 +291,10 @@ class TensorTrainCores(FrozenEmbedding):
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab_shape": list(self.vocab_shape), "dim_shape": list(self.dim_shape)}
+
+    @classmethod
+    def check_metadata(cls, metadata: dict[str, Any]) -> None:
+        if set(metadata) != {"vocab_shape", "dim_shape"}:
+            raise ValueError(f"tt metadata holds exactly 'vocab_shape' and 'dim_shape', got {sorted(metadata)}")
+        json_int_list(metadata, "vocab_shape", 1, MAX_ROWS, min_len=2, max_len=16)
+        json_int_list(metadata, "dim_shape", 1, MAX_DIM, min_len=2, max_len=16)
