@@ -144,13 +144,15 @@ def main() -> None:
                     row = {"error": f"cut after {args.timeout:.0f} s wall"}
                 row.update({"method": method, "shape": shape, "ratio": ratio, "fit": fit,
                             "load": os.getloadavg()[0], "cell_wall": time.perf_counter() - started})
-                results.append(row)
                 print(json.dumps(row), flush=True)
+                # Re-read before writing: several grid runs (different shapes) may share one results file.
+                results = json.loads(json_path.read_text()) if json_path.is_file() else []
+                results.append(row)
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = json_path.with_suffix(".tmp")
+                tmp = json_path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 os.replace(tmp, json_path)
-    args.out.with_suffix(".md").write_text(markdown(results))
+                args.out.with_suffix(".md").write_text(markdown(results))
 
 
 def markdown(results: list[dict]) -> str:
