@@ -111,3 +111,18 @@ def test_row_weights_move_the_error_onto_rare_rows(spec):
     frequent = lambda approx: float((approx - weight)[:40].pow(2).mean())  # noqa: E731
     assert frequent(weighted) < 0.85 * frequent(plain)
     assert weighted_relative_error(weighted, weight, counts) < weighted_relative_error(plain, weight, counts)
+
+
+def test_compress_passes_row_weights_to_fits_that_take_them():
+    weight = torch.randn(300, 8, generator=torch.Generator().manual_seed(4))
+    counts = torch.ones(300)
+    counts[:30] = 1000.0
+    errors = {}
+    for weighted in (False, True):
+        model = torch.nn.Sequential(torch.nn.Embedding(300, 8))
+        with torch.no_grad():
+            model[0].weight.copy_(weight)
+        torch.manual_seed(0)
+        embcompress.compress_(model, "lowrank:rank=2", row_weights={"0": counts} if weighted else None)
+        errors[weighted] = float((model[0].materialize() - weight)[:30].pow(2).mean())
+    assert errors[True] < 0.9 * errors[False]

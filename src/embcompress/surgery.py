@@ -410,7 +410,8 @@ def compress_(
         paddings = {m.padding_idx for _, m in members}
         if len(paddings) > 1:
             raise ValueError(f"modules {names} share a weight but have different padding_idx {sorted(map(str, paddings))}")
-        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders))
+        options = _with_row_weights(fit_options, names, config, row_weights) if init == "pretrained" else fit_options
+        report.tables.append(_replace_group(model, members, config, init, options, untie, holders))
 
     if isinstance(spec_or_mapping, Mapping):
         unused = [k for k in spec_or_mapping if k not in used_keys and k != "default"]
@@ -419,6 +420,17 @@ def compress_(
             warnings.warn(f"spec keys {unused} matched no embedding table; tables are: {tables}", stacklevel=2)
     log.info("compress_ replaced %d table(s): %s", len(report.tables), report.specs)
     return report
+
+
+def _with_row_weights(fit_options: Mapping[str, Any] | None, names: list[str], config: MethodConfig,
+                      row_weights: Mapping[str, torch.Tensor] | None) -> Mapping[str, Any] | None:
+    """Fit options plus the table's row weights, for methods whose fit takes them."""
+    from .planner import takes_row_weights
+
+    weights = next((row_weights[n] for n in names if n in row_weights), None) if row_weights else None
+    if weights is None or not takes_row_weights(get_method(config.method)):
+        return fit_options
+    return {**(fit_options or {}), "row_weights": weights}
 
 
 def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
