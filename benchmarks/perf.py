@@ -11,7 +11,9 @@ d = 128, 65,536 uniform random ids per call, all cores. The big tables are built
 what the numbers are, and fitting 1M rows would take the benchmark's whole budget.
 
 Bags: each format's ``bag(mode="mean")`` against ``nn.EmbeddingBag(mode="mean")``, 2,048 bags of 32
-ids per call.
+ids per call; with TorchRec installed, also its row-wise int8 / int4 / int2 quantized
+EmbeddingBagCollection of nn.EmbeddingBag's own table (the tables a recommendation engineer picks
+instead), with every contender's stored bytes per row.
 
 Training: one SGD step (forward, backward, update) of a bag-of-embeddings classifier
 (mean-pooled table rows -> linear head, cross entropy) with each method's training module,
@@ -258,16 +260,57 @@ def bench_inference(rows: int, dim: int, batch: int, rounds: int, seed: int = 0)
             "dense_lookups_per_s": lookups, "tltorch_installed": tl is not None, "formats": results}
 
 
+# TorchRec's row-wise quantized EmbeddingBagCollection (FBGEMM TBE): what a recommendation engineer
+# picks instead of a compressed table. name -> torch dtype the quantization observer is given.
+TORCHREC_QUANTIZED = {"torchrec-int8": "qint8", "torchrec-int4": "quint4x2", "torchrec-int2": "quint2x4"}
+
+
+def build_torchrec_quantized(weight: torch.Tensor) -> dict[str, tuple[nn.Module, int]] | None:
+    """name -> (TorchRec quantized EmbeddingBagCollection of ``weight``, mean pooling; its stored bytes),
+    or None without TorchRec. Bytes are FBGEMM's storage: per row the N-bit values, an fp16 scale and
+    bias, padded to 16 bytes (int4 at d = 64: 32 + 4 -> 48 B)."""
+    try:
+        import torch.ao.quantization as quant  # noqa: PLC0415
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType  # noqa: PLC0415
+        from torchrec.modules.embedding_configs import QuantConfig  # noqa: PLC0415
+        from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: PLC0415
+    except ImportError:
+        return None
+    rows, dim = weight.shape
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows,
+                                                     feature_names=["f"], pooling=PoolingType.MEAN)])
+    ebc.embedding_bags["t"].weight.data.copy_(weight)
+    out = {}
+    for name, dtype in TORCHREC_QUANTIZED.items():
+        ebc.qconfig = QuantConfig(activation=quant.PlaceholderObserver.with_args(dtype=torch.float),
+                                  weight=quant.PlaceholderObserver.with_args(dtype=getattr(torch, dtype)))
+        module = QuantEBC.from_float(ebc)
+        stored = sum(tbe.weights_host.numel() for tbe in module._emb_modules)
+        out[name] = (module, stored)
+    return out
+
+
 @torch.no_grad()
 def bench_bags(rows: int, dim: int, bags: int, length: int, rounds: int, seed: int = 0) -> dict[str, Any]:
-    """Exported formats' ``bag(mode="mean")`` against nn.EmbeddingBag(mode="mean"), same ids."""
+    """Exported formats' ``bag(mode="mean")`` and TorchRec's quantized bags against
+    nn.EmbeddingBag(mode="mean"), same ids, same table (the quantized ones quantize nn.EmbeddingBag's)."""
     gen = torch.Generator().manual_seed(seed + 2)
     dense = nn.EmbeddingBag(rows, dim, mode="mean")
     formats = build_formats(rows, dim, seed)
     ids = torch.randint(0, rows, (bags, length), generator=gen)
     contenders = {name: (lambda m=module: m.bag(ids, mode="mean")) for name, (_, module) in formats.items()}
+    quantized = build_torchrec_quantized(dense.weight.detach())
+    if quantized is not None:
+        from torchrec import KeyedJaggedTensor  # noqa: PLC0415
+        kjt = KeyedJaggedTensor(keys=["f"], values=ids.reshape(-1), lengths=torch.full((bags,), length, dtype=torch.int32))
+        contenders.update({name: (lambda m=module: m(kjt)) for name, (module, _) in quantized.items()})
     results = interleaved_ratios(lambda: dense(ids), contenders, rounds, settle=1)
-    return {"rows": rows, "dim": dim, "bags": bags, "bag_length": length, "rounds": rounds, "formats": results}
+    for name, (_, module) in formats.items():
+        results[name]["bytes_per_row"] = module.num_bytes() / rows
+    for name, (_, stored) in (quantized or {}).items():
+        results[name]["bytes_per_row"] = stored / rows
+    return {"rows": rows, "dim": dim, "bags": bags, "bag_length": length, "rounds": rounds,
+            "threads": torch.get_num_threads(), "torchrec_installed": quantized is not None, "formats": results}
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -471,9 +514,17 @@ def markdown(report: dict[str, Any]) -> str:
     bag = report.get("bags")
     if bag:
         lines += ["", f"### Bags: `bag(mode=\"mean\")` vs nn.EmbeddingBag(mode=\"mean\") ({bag['bags']:,} bags x "
-                      f"{bag['bag_length']} ids, median of {bag['rounds']} rounds)", "",
-                  "| format | speed vs nn.EmbeddingBag |", "|---|---:|"]
-        lines += [f"| {name} | {r['ratio']:.2f}x |" for name, r in bag["formats"].items()]
+                      f"{bag['bag_length']} ids, V={bag['rows']:,}, d={bag['dim']}, {bag.get('threads', '?')} threads, "
+                      f"median of {bag['rounds']} rounds)", "",
+                  "TorchRec's row-wise quantized EmbeddingBagCollection (FBGEMM int8 / int4 / int2, fp16 scale and "
+                  "bias per row, rows padded to 16 bytes) pools the same ids over nn.EmbeddingBag's own table.", "",
+                  "| format | bytes per row | compression | speed vs nn.EmbeddingBag |", "|---|---:|---:|---:|"]
+        dense_row = 4 * bag["dim"]
+        lines += [f"| {name} | {r['bytes_per_row']:.1f} | {dense_row / r['bytes_per_row']:.0f}x | {r['ratio']:.2f}x |"
+                  if "bytes_per_row" in r else f"| {name} | - | - | {r['ratio']:.2f}x |"
+                  for name, r in bag["formats"].items()]
+        if not bag.get("torchrec_installed", False):
+            lines += ["", "TorchRec is not installed: its quantized bags were not run."]
     tr = report.get("training")
     if tr:
         mem = report.get("memory", {})

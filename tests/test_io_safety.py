@@ -113,6 +113,19 @@ def test_the_command_line_never_writes_over_its_input(tmp_path, capsys):
     assert main([*args, str(out), "--force"]) == 0
 
 
+def test_the_command_line_never_writes_over_a_model_folders_files(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"embeddings.word_embeddings.weight": torch.randn(30, 8)}, str(folder / "model.safetensors"))
+    (folder / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(30)))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in before:
+        args = ["compress", str(folder), "--spec", "scalar:bits=8", "--no-eval", "-o", str(folder / name), "--force"]
+        assert main(args) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_long_legal_name_stays_legal(tmp_path):
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
     path = tmp_path / ("x" * (name_max - 4) + ".emb")
@@ -144,6 +157,50 @@ embcompress.save(embcompress.build("hash:buckets=4", 10, 4), {str(tmp_path / "ou
     assert list(tmp_path.iterdir()) == []
 
 
+def pretrained_model():
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+    embcompress.compress_(model, "scalar:bits=8")
+    return model
+
+
+def test_a_failed_folder_save_leaves_the_previous_pair_and_no_orphan(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    embcompress.save_pretrained(pretrained_model(), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*_args, **_kwargs):  # the tensors were written; the JSON pointing at them fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        embcompress.save_pretrained(pretrained_model(), folder, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_sigterm_between_a_folders_two_writes_leaves_nothing(tmp_path):
+    script = f"""
+import time, pathlib, torch, embcompress
+def slow(self, *args, **kwargs):
+    print("between", flush=True)
+    time.sleep(60)
+pathlib.Path.write_text = slow
+model = torch.nn.Sequential(torch.nn.Embedding(20, 4))
+embcompress.compress_(model, "scalar:bits=8")
+embcompress.save_pretrained(model, {str(tmp_path / "m")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(SRC), "EMBCOMPRESS_QUIET": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout.readline().strip() == "between"
+        assert any(p.name.startswith("tables-") for p in (tmp_path / "m").iterdir())  # the tensors are written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list((tmp_path / "m").iterdir()) == []
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_tensors_are_never_written(tmp_path, bad):
     table = frozen("scalar:bits=8")
@@ -163,6 +220,15 @@ def flip_in_file(path, old: bytes, new: bytes):
     raw = path.read_bytes()
     assert raw.count(old) == 1 and len(old) == len(new)
     path.write_bytes(raw.replace(old, new))
+
+
+def test_a_resealed_file_with_nan_is_refused_at_load(tmp_path):
+    path = tmp_path / "t.emb"
+    embcompress.save(frozen("scalar:bits=8"), path)
+    forge(path, change_tensors=lambda t: t.update(scale=t["scale"].clone().index_fill_(0, torch.tensor([3]),
+                                                                                       float("nan"))))
+    with pytest.raises(ArtifactError, match="'scale' holds 1 NaN or infinite values, which embcompress never writes"):
+        embcompress.load(path)
 
 
 def test_one_flipped_byte_in_padding_idx_is_refused(tmp_path):

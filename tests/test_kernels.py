@@ -269,6 +269,8 @@ def test_codebook_sum_gradients_match_torch_path():
 
 
 @pytest.mark.parametrize("name", ["codebook-K4-M6-concat", "codebook-K5-M8-sum", "codebook-K16-M4-concat-shared",
+                                  # byte slots, concat: added straight into the bags (widths 24, 6, fp16 12)
+                                  "codebook-K2-M8-concat", "codebook-K200-M4-concat", "codebook-fp16",
                                   "hashed-scale-bias", "hashed-mod"])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -291,6 +293,26 @@ def test_c_bags_match_pooling_the_rows(name, mode, weighted):
     finally:
         kernels.set_enabled(previous)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("books,width", [(4, 4), (8, 4), (8, 8), (2, 32)])  # slot widths 8, 8, 16, 64 floats
+def test_c_concat_bags_with_padding_equal_pooling_the_rows(books, width):
+    """DPQ-shaped tables (4-bit codes, two to a byte): the direct bag path skips padding ids, counts
+    only the others in the mean, and adds exactly the rows the row lookup returns."""
+    g = torch.Generator().manual_seed(books * width)
+    module = CodebookEmbedding.from_codes(torch.randint(0, 16, (500, books), generator=g),
+                                          torch.randn(books, 16, width, generator=g), "concat", padding_idx=3)
+    assert module._fast_mode == "bytes" and module._slot_bits == 8
+    lengths = torch.randint(0, 40, (30,), generator=g)
+    ids = torch.randint(0, 500, (int(lengths.sum()),), generator=g)
+    ids[::5] = 3
+    offsets = torch.cumsum(lengths, 0) - lengths
+    rows = module(ids)
+    bags = torch.repeat_interleave(torch.arange(30), lengths)
+    want_sum = torch.zeros(30, module.embedding_dim).index_add_(0, bags, rows)
+    kept = torch.zeros(30).index_add_(0, bags, (ids != 3).float()).clamp_min(1).unsqueeze(1)
+    torch.testing.assert_close(module.bag(ids, offsets, mode="sum"), want_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.bag(ids, offsets, mode="mean"), want_sum / kept, rtol=1e-5, atol=1e-5)
 
 
 def test_c_bags_refuse_bad_offsets():

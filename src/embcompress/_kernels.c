@@ -301,10 +301,13 @@ static row_worker codebook_worker(const codebook_job *j) {
 }
 
 typedef void (*decode_rows)(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
-static PyObject *run_bags(decode_rows decode, const void *format_job, const int64_t *ids, int64_t n,
-                          const int64_t *offsets, int64_t bags, const float *weights, int64_t width,
-                          int64_t padding_idx, int mean, float *out, int threads);
+typedef int64_t (*accumulate_rows)(const void *format_job, const int64_t *ids, int64_t count, int64_t ahead,
+                                   const float *weights, int64_t padding_idx, float *acc, int *error);
+static PyObject *run_bags(decode_rows decode, accumulate_rows accumulate, const void *format_job,
+                          const int64_t *ids, int64_t n, const int64_t *offsets, int64_t bags, const float *weights,
+                          int64_t width, int64_t padding_idx, int mean, float *out, int threads);
 static void decode_codebook(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
+static accumulate_rows codebook_accumulator(const codebook_job *j);
 static void decode_hashed(const void *format_job, const int64_t *ids, int64_t count, float *out, int *error);
 
 /* The lookup entry points take optional bag arguments (offsets, bags, weights, padding_idx, mean):
@@ -336,8 +339,9 @@ static PyObject *codebook_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
         if (first < 0 || last >= table_rows) job.check_codes = 1;
     }
     if (bag_offsets) {
-        return run_bags(decode_codebook, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
-                        (const float *)weights, sum ? width : slots * width, padding_idx, mean, job.out, threads);
+        return run_bags(decode_codebook, codebook_accumulator(&job), &job, job.ids, n, (const int64_t *)bag_offsets,
+                        bags, (const float *)weights, sum ? width : slots * width, padding_idx, mean, job.out,
+                        threads);
     }
     return call_parallel(codebook_worker(&job), &job, n, threads, MIN_ROWS_PER_THREAD);
 }
@@ -456,7 +460,7 @@ static PyObject *hashed_lookup(PyObject *Py_UNUSED(self), PyObject *args) {
                          (uint64_t)a <= MERSENNE_31 && (uint64_t)b <= MERSENNE_31 &&
                          (uint64_t)buckets <= UINT32_MAX;
     if (bag_offsets) {
-        return run_bags(decode_hashed, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
+        return run_bags(decode_hashed, NULL, &job, job.ids, n, (const int64_t *)bag_offsets, bags,
                         (const float *)weights, width, padding_idx, mean, job.out, threads);
     }
     return call_parallel(hashed_rows, &job, n, threads, MIN_ROWS_PER_THREAD);
@@ -482,10 +486,83 @@ static void decode_hashed(const void *format_job, const int64_t *ids, int64_t co
     hashed_rows(&j, 0, count, error);
 }
 
+/* Concatenated codebook rows whose slots are whole bytes (DPQ, PQ): each slot's table row is added
+ * straight into its part of the bag's output row, with no decoded copy of the row in between; the
+ * additions per output float are the ones the decode-then-add path makes, in the same order, so
+ * the result is the same to the bit. Code rows are prefetched PREFETCH_AHEAD ids ahead, across
+ * bag boundaries (`ahead` ids follow ids[0] in the caller's array). */
+static inline __attribute__((always_inline)) int64_t
+concat_accumulate_impl(const codebook_job *j, const int64_t *ids, int64_t count, int64_t ahead,
+                       const float *weights, int64_t padding_idx, float *restrict acc, int *error,
+                       const int64_t width) {
+    const int64_t rows = j->rows, slots = j->slots, row_bytes = j->row_bits >> 3, table_rows = j->table_rows;
+    const int check_codes = j->check_codes;
+    const uint8_t *packed = j->packed;
+    const int32_t *offsets = j->offsets;
+    const float *table = j->table;
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; i++) {
+        if (i + PREFETCH_AHEAD < ahead) {
+            const int64_t next = ids[i + PREFETCH_AHEAD];
+            if (next >= 0 && next < rows) __builtin_prefetch(packed + next * row_bytes);
+        }
+        const int64_t id = ids[i];
+        if (id < 0 || id >= rows) {
+            *error = BAD_ID;
+            return kept;
+        }
+        if (id == padding_idx) continue;
+        kept++;
+        const uint8_t *row = packed + id * row_bytes;
+        for (int64_t s = 0; s < slots; s++) {
+            const int64_t index = (int64_t)row[s] + offsets[s];
+            if (check_codes && (index < 0 || index >= table_rows)) {
+                *error = BAD_CODE;
+                return kept;
+            }
+            const float *restrict src = table + index * width;
+            float *restrict dst = acc + s * width;
+            if (weights) {
+                const float w = weights[i];
+                for (int64_t k = 0; k < width; k++) dst[k] += src[k] * w;
+            } else {
+                for (int64_t k = 0; k < width; k++) dst[k] += src[k];
+            }
+        }
+    }
+    return kept;
+}
+
+#define SPECIALIZE_ACCUMULATE(name, W)                                                                 \
+    HOT static int64_t name(const void *job, const int64_t *ids, int64_t count, int64_t ahead,        \
+                            const float *weights, int64_t padding_idx, float *acc, int *error) {      \
+        const codebook_job *j = (const codebook_job *)job;                                            \
+        return concat_accumulate_impl(j, ids, count, ahead, weights, padding_idx, acc, error,         \
+                                      (W) ? (W) : j->width);                                          \
+    }
+SPECIALIZE_ACCUMULATE(concat_accumulate_w4, 4)
+SPECIALIZE_ACCUMULATE(concat_accumulate_w8, 8)
+SPECIALIZE_ACCUMULATE(concat_accumulate_w16, 16)
+SPECIALIZE_ACCUMULATE(concat_accumulate, 0)
+
+/* The direct bag path of a codebook job, or NULL (sums decode each row first: a row's slots are added
+ * before the row joins the bag, as in the row lookup, so bags and rows round alike). */
+static accumulate_rows codebook_accumulator(const codebook_job *j) {
+    if (j->sum || j->slot_bits != 8) return NULL;
+    switch (j->width) {
+    case 4: return concat_accumulate_w4;
+    case 8: return concat_accumulate_w8;
+    case 16: return concat_accumulate_w16;
+    default: return concat_accumulate;
+    }
+}
+
 typedef struct {
     decode_rows decode;
+    accumulate_rows accumulate;   /* rows added straight into the bag, or NULL: decode into a scratch */
     const void *format_job;
     const int64_t *ids, *offsets; /* offsets (bags + 1): bag b holds ids[offsets[b]:offsets[b + 1]] */
+    int64_t n;                    /* ids in all */
     const float *weights;         /* per id, or NULL */
     int64_t width, padding_idx;   /* padding_idx < 0: none; padding ids take no part, as in nn.EmbeddingBag */
     int mean;
@@ -495,6 +572,20 @@ typedef struct {
 HOT static void bag_rows(void *job, int64_t start, int64_t stop, int *error) {
     const bag_job *j = (const bag_job *)job;
     const int64_t width = j->width;
+    if (j->accumulate) {
+        for (int64_t b = start; b < stop && *error == OK; b++) {
+            float *restrict acc = j->out + b * width;
+            memset(acc, 0, (size_t)width * sizeof(float));
+            const int64_t first = j->offsets[b];
+            const int64_t kept = j->accumulate(j->format_job, j->ids + first, j->offsets[b + 1] - first,
+                                               j->n - first, j->weights ? j->weights + first : NULL,
+                                               j->padding_idx, acc, error);
+            if (j->mean && kept > 0) {
+                for (int64_t k = 0; k < width; k++) acc[k] /= (float)kept;
+            }
+        }
+        return;
+    }
     float *scratch = aligned_alloc(64, (size_t)(BAG_CHUNK * width * (int64_t)sizeof(float) + 63) / 64 * 64);
     if (!scratch) {
         *error = NO_MEMORY;
@@ -527,9 +618,9 @@ HOT static void bag_rows(void *job, int64_t start, int64_t stop, int *error) {
 }
 
 /* Shared by the format-specific entry points: checks the offsets, then pools the bags in parallel. */
-static PyObject *run_bags(decode_rows decode, const void *format_job, const int64_t *ids, int64_t n,
-                          const int64_t *offsets, int64_t bags, const float *weights, int64_t width,
-                          int64_t padding_idx, int mean, float *out, int threads) {
+static PyObject *run_bags(decode_rows decode, accumulate_rows accumulate, const void *format_job,
+                          const int64_t *ids, int64_t n, const int64_t *offsets, int64_t bags, const float *weights,
+                          int64_t width, int64_t padding_idx, int mean, float *out, int threads) {
     if (bags < 0 || width < 1 || (bags > 0 && offsets[0] != 0) || (bags > 0 && offsets[bags] != n)) {
         PyErr_SetString(PyExc_ValueError, "bag: offsets must start at 0 and end at the number of ids");
         return NULL;
@@ -540,7 +631,7 @@ static PyObject *run_bags(decode_rows decode, const void *format_job, const int6
             return NULL;
         }
     }
-    bag_job job = {decode, format_job, ids, offsets, weights, width, padding_idx, mean, out};
+    bag_job job = {decode, accumulate, format_job, ids, offsets, n, weights, width, padding_idx, mean, out};
     return call_parallel(bag_rows, &job, bags, threads, 16);
 }
 

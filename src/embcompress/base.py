@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
+import warnings
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -29,6 +32,46 @@ from .validation import check_ids, check_table_shape, check_weight, normalize_pa
 __all__ = ["CompressedEmbedding"]
 
 log = logging.getLogger(__name__)
+
+# Inputs whose largest value exceeds SAFE_PEAK are fitted scaled down: the fits square values and
+# sum thousands of squares, which overflows float32 (3.4e38) from about 1e16 on. Inputs below
+# TINY_PEAK are fitted scaled up: their squares underflow and fall under the fits' epsilons
+# (a 1e-40 table came back as zeros from scalar, memcom, pq, dpq and codes).
+SAFE_PEAK = 2.0 ** 20
+TINY_PEAK = 2.0 ** -20
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no guard
+        return None
+
+
+def _check_affordable(cls: type, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> None:
+    """Refuse, before allocating, a config whose stored tensors alone exceed this machine's memory
+    (a bucket count or TT rank with a few digits too many would otherwise ask for terabytes)."""
+    if torch.empty(0).device.type == "meta":
+        return  # a dry run on the meta device (io's load check) allocates nothing
+    memory = _physical_memory()
+    try:
+        need = cls.expected_bytes(config, num_embeddings, embedding_dim)
+    except (NotImplementedError, SpecError, ValueError):
+        return  # the constructor reports an invalid config itself
+    if memory is not None and need > memory:
+        raise SpecError(f"{config.to_spec()} would store {need / 1e9:,.1f} GB for a ({num_embeddings}, "
+                        f"{embedding_dim}) table, more than this machine's {memory / 1e9:.1f} GB of memory; "
+                        "choose a smaller setting or a byte budget (bits_per_row, ratio)")
+
+
+def fit_scale(weight: torch.Tensor) -> float:
+    """1.0 for tables in a safe range (or all zeros), else a power of two bringing the RMS near 1
+    (exact to undo)."""
+    peak = float(weight.abs().max())
+    if peak == 0.0 or TINY_PEAK <= peak <= SAFE_PEAK:
+        return 1.0
+    exponent = round(math.log2(float(weight.double().pow(2).mean().sqrt())))
+    return 2.0 ** (max(1, exponent) if peak > SAFE_PEAK else min(-1, exponent))
 
 
 class CompressedEmbedding(nn.Module):
@@ -57,6 +100,7 @@ class CompressedEmbedding(nn.Module):
         if not isinstance(config, self.Config):
             raise SpecError(f"{type(self).__name__} needs a {self.Config.__name__} "
                             f"(method {self.Config.method!r}), got a config for {config.method!r}")
+        _check_affordable(type(self), config, num_embeddings, embedding_dim)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
@@ -174,9 +218,61 @@ class CompressedEmbedding(nn.Module):
         """
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
-        module.fit(weight, **fit_options)
+        scale = fit_scale(weight)
+        if scale != 1.0 and not module.can_rescale_output(scale):
+            size, change = ("large", f"divide the table by {scale:g}") if scale > 1 else \
+                ("small", f"multiply the table by {1 / scale:g}")
+            raise ValueError(f"{module.config.method} cannot fit values this {size} (up to "
+                             f"{float(weight.abs().max()):.3g}); {change} first, or use another method")
+        module.fit(weight / scale if scale != 1.0 else weight, **fit_options)
+        if scale != 1.0:
+            module.rescale_output_(scale)
         module.fit_settings = dict(fit_options)  # artifacts record how the table was made ({} = defaults)
+        module._check_finite_result(weight)
         return module
+
+    # -- large inputs --------------------------------------------------------------------------
+    def can_rescale_output(self, factor: float) -> bool:
+        """True if :meth:`rescale_output_` can scale the output by ``factor`` (from_pretrained then fits
+        huge tables scaled down)."""
+        return type(self).rescale_output_ is not CompressedEmbedding.rescale_output_
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        """Multiply every output row by ``factor`` in place (a power of two, so exactly).
+
+        from_pretrained fits a table with huge values divided by ``factor`` (squares of 1e37 overflow
+        float32) and folds the factor back here; the method scales the tensors its output is linear in.
+        """
+        raise NotImplementedError
+
+    def _check_finite_result(self, weight: torch.Tensor) -> None:
+        """Refuse a fit whose parameters or exported tensors are not finite (never hand back inf/NaN),
+        and warn when the artifact is larger than the fp32 table it replaces."""
+        peaks = {name: [abs(float(v)) for v in torch.aminmax(t.detach())]  # one pass; NaN propagates
+                 for name, t in self.state_dict().items() if t.is_floating_point() and t.numel()}
+        where = [name for name, peak in peaks.items() if not all(math.isfinite(v) for v in peak)]
+        half = ""
+        # Finite float32 parameters export to finite tensors unless float16 storage overflows, so the
+        # export (codes recomputed for every row, for some methods) runs only when values pass fp16's range.
+        if not where and any(max(peak) > torch.finfo(torch.float16).max for peak in peaks.values()):
+            stored = self.export().stored_tensors()
+            where = [f"exported {name}" for name, t in stored.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if any(t.dtype == torch.float16 for t in stored.values()):
+                half = (" (float16 storage tops out at 65504: choose a float32 setting, e.g. "
+                        "codes:codebook_dtype=float32 or scalar:bits=8)")
+        if where:
+            raise ValueError(f"{self.config.method}: the fit produced non-finite values in {', '.join(where[:3])} "
+                             f"(input values up to {float(weight.abs().max()):.3g}){half}; divide the table by a "
+                             "constant first, or use another method")
+        try:
+            size = type(self).expected_bytes(self.config, self.num_embeddings, self.embedding_dim)
+        except NotImplementedError:
+            return
+        if size > self.dense_bytes():
+            warnings.warn(f"{self.spec} stores {size:,} bytes, more than the fp32 table's {self.dense_bytes():,}; "
+                          "choose a smaller setting or a byte budget (bits_per_row, ratio)", stacklevel=3)
 
     def fit_by_gradient(
         self,

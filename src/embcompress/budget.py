@@ -9,6 +9,9 @@ largest candidate of the method that fits, so it is reported and stored like any
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .config import MethodConfig, SpecError, parse_spec
 from .registry import get_method
 
@@ -21,6 +24,10 @@ def budget_bytes(num_embeddings: int, embedding_dim: int, *, bytes: int | None =
              if value is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one budget of bytes, bits_per_row or ratio (got {given or 'none'})")
+    name, value = given[0], {"bytes": bytes, "bits_per_row": bits_per_row, "ratio": ratio}[given[0]]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"the budget {name} must be a positive finite number, got {value!r}; "
+                         "e.g. bits_per_row=80 or ratio=20")
     if bytes is not None:
         total = int(bytes)
     elif bits_per_row is not None:

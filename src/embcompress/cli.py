@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
@@ -59,15 +62,44 @@ def format_table(rows: Sequence[dict[str, Any]], columns=REPORT_COLUMNS) -> str:
     return "\n".join(text)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr naming the problem and where to look, exit code 2."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _budget(args: argparse.Namespace) -> dict[str, Any]:
     return {"bytes": args.bytes, "bits_per_row": args.bits_per_row, "ratio": args.ratio}
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--bits-per-row", type=float, help="total budget in bits per row (codebooks included)")
-    group.add_argument("--ratio", type=float, help="total budget as a compression ratio against fp32")
-    group.add_argument("--bytes", type=int, help="total budget in bytes")
+    group.add_argument("--bits-per-row", type=positive_float, help="total budget in bits per row (codebooks included)")
+    group.add_argument("--ratio", type=positive_float, help="total budget as a compression ratio against fp32")
+    group.add_argument("--bytes", type=positive_int, help="total budget in bytes")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -92,11 +124,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
     check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
+    protect = [args.source, *table.files]  # a model folder's weights and vocabulary, not only the folder
+    check_output_path(args.output, overwrite=args.force, protect=protect)
     fit_options = {"steps": args.steps} if args.steps else {}
     result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
-    save(module, args.output, overwrite=args.force, protect=[args.source])
+    try:
+        save(module, args.output, overwrite=args.force, protect=protect)
+    except OSError as exc:  # name the output, not the temporary file the write went through
+        raise OSError(exc.errno, exc.strerror or str(exc), str(args.output)) from None
     report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -127,6 +164,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if not args.artifact.is_file():
+        raise FileNotFoundError(f"no artifact at {args.artifact}; create one with `embcompress compress`"
+                                if not args.artifact.exists()
+                                else f"{args.artifact} is not a file; give an artifact (.emb) path")
     header, tensors = read_header(args.artifact)
     load(args.artifact)  # refuse what load refuses (metadata, shapes, stored codes), not only a bad header
     info = {**header, "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
@@ -140,7 +181,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{key:16s} {json.dumps(header[key]) if key == 'fit' else header[key]}")
     total = sum(v["bytes"] for v in info["tensors"].values())
     dense = header["num_embeddings"] * header["embedding_dim"] * 4
-    print(f"{'tensor bytes':16s} {total:,} ({dense / max(total, 1):.1f}x smaller than fp32)")
+    versus = f"{dense / total:.1f}x smaller than" if total < dense else f"{total / max(dense, 1):.1f}x the size of"
+    print(f"{'tensor bytes':16s} {total:,} ({versus} fp32)")
     for name, t in info["tensors"].items():
         print(f"  {name:14s} {t['dtype']:8s} {str(tuple(t['shape'])):18s} {t['bytes']:,} bytes")
     return 0
@@ -210,17 +252,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     if args.json:
-        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())  # a results file: replaced
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode(), protect=table.files)  # replaced
         print(f"wrote {args.json}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="embcompress", description="Compress embedding tables 10x-1000x.",
+                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"embcompress {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("methods", help="list the methods and their settings")
     p.add_argument("-v", "--verbose", action="store_true", help="show every config field with its help")
@@ -235,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact path (.emb)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at the output path")
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
-    p.add_argument("--limit", type=int, help="keep only the first N rows")
-    p.add_argument("--steps", type=int, help="override the method's number of fitting steps")
+    p.add_argument("--limit", type=positive_int, help="keep only the first N rows")
+    p.add_argument("--steps", type=positive_int, help="override the method's number of fitting steps")
     p.add_argument("--trainable", action="store_true", help="save the trainable module (for fine-tuning) "
                                                            "instead of the frozen inference artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
@@ -269,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("demo", help="compress GloVe 6B 50d with every method at one budget and compare")
-    p.add_argument("--bits-per-row", type=float, default=80.0)
-    p.add_argument("--rows", type=int, default=None, help="use only the first N rows (default: all 400k)")
+    p.add_argument("--bits-per-row", type=positive_float, default=80.0)
+    p.add_argument("--rows", type=positive_int, default=None, help="use only the first N rows (default: all 400k)")
     p.add_argument("--methods", nargs="+", default=DEMO_METHODS)
     p.add_argument("--full-fit", action="store_true", help="each method's default fit (slower) instead of the "
                                                           "demo's lighter settings")
@@ -279,21 +321,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to try for the file system errors a user can meet (errno -> advice).
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space or write elsewhere with -o",
+    errno.EDQUOT: "free some space or write elsewhere with -o",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENOTDIR: "choose an output inside a folder",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.strerror is None:  # raised with a message of ours (e.g. FileNotFoundError("no table at ..."))
+        return str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    advice = _OS_ADVICE.get(exc.errno)
+    problem = exc.strerror[:1].lower() + exc.strerror[1:]  # "No space left" -> "no space left", paths kept
+    return f"{problem}{where}" + (f"; {advice}" if advice else "")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one line each, without the source line Python would print under them."""
+    print(f"embcompress: warning: {message}", file=sys.stderr)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`embcompress inspect x.emb | head -1`): stop quietly.
+
+    Point stdout at /dev/null so the interpreter's final flush cannot raise again, and exit as a
+    process killed by SIGPIPE would (128 + 13), without a message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         set_progress(False)
+    command = f"embcompress {args.command}"
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         print("interrupted; no partial output was written", file=sys.stderr)
         return 130
-    except (SpecError, ArtifactError, FileNotFoundError, ValueError, KeyError, IndexError, TypeError,
-            ImportError) as exc:
+    except (SpecError, ArtifactError, ValueError, KeyError, IndexError, TypeError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"embcompress {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # file system: missing, a directory, no permission, disk full, read-only
+        print(f"{command}: error: {_os_message(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback on request
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # torch's allocator: RuntimeError
+            print(f"{command}: error: out of memory; use --limit, a smaller setting, or a machine with more memory",
+                  file=sys.stderr)
+            return 2
+        if os.environ.get("EMBCOMPRESS_DEBUG"):
+            raise
+        print(f"{command}: internal error: {type(exc).__name__}: {exc} (rerun with EMBCOMPRESS_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

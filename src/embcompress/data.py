@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,13 @@ _HF_TABLE_SUFFIXES = ("embeddings.word_embeddings.weight", "embed_tokens.weight"
 
 @dataclass
 class Table:
-    """A (V, d) float32 table with its row names when known."""
+    """A (V, d) float32 table with its row names when known, and the files it was read from
+    (an output must never be one of them)."""
 
     weight: torch.Tensor
     words: list[str] | None
     name: str
+    files: list[Path] = field(default_factory=list)
 
     def word_index(self) -> dict[str, int]:
         if self.words is None:
@@ -68,7 +72,10 @@ def _glove_6b_50d() -> Table:
     except ImportError:
         raise ImportError("reading the GloVe word list needs pyarrow: pip install 'embcompress[data]'") from None
     words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
-    return Table(weight, words, "glove-6b-50d")
+    return Table(weight, words, "glove-6b-50d", [root / "glove_6B_50d_emb.npy", root / "glove_6B_index.parquet"])
+
+
+_FIELD_SEPARATOR = re.compile(r"[ \t]+")  # spaces or tabs; not every Unicode space (GloVe words hold some)
 
 
 def _text_vectors(path: Path, limit: int | None) -> Table:
@@ -78,15 +85,16 @@ def _text_vectors(path: Path, limit: int | None) -> Table:
         header = first.split()
         is_header = len(header) == 2 and all(p.isdigit() for p in header)  # word2vec's "rows dim"
         lines = handle if is_header else itertools.chain([first], handle)
-        width = None
-        for number, line in enumerate(lines, start=1):
-            parts = line.rstrip().split(" ")
+        width = int(header[1]) if is_header else None
+        for number, line in enumerate(lines, start=2 if is_header else 1):
+            parts = _FIELD_SEPARATOR.split(line.strip(" \t\r\n"))
             if len(parts) < 2:
                 continue
             if width is None:
                 width = len(parts) - 1
             if len(parts) - 1 != width:
-                raise ValueError(f"{path}: line {number} has {len(parts) - 1} values, expected {width}")
+                said = " (as its word2vec header says)" if is_header else ""
+                raise ValueError(f"{path}: line {number} has {len(parts) - 1} values, expected {width}{said}")
             words.append(parts[0])
             try:
                 rows.append([float(v) for v in parts[1:]])
@@ -95,16 +103,57 @@ def _text_vectors(path: Path, limit: int | None) -> Table:
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
-        raise ValueError(f"{path} holds no vectors; expected 'word v1 v2 ...' lines")
-    return Table(torch.tensor(rows, dtype=torch.float32), words, path.name)
+        raise ValueError(f"{path} holds no vectors; expected 'word v1 v2 ...' lines (spaces or tabs between fields)")
+    if is_header and len(rows) != int(header[0]) and (limit is None or len(rows) < limit):
+        raise ValueError(f"{path}: the word2vec header announces {header[0]} rows but the file holds {len(rows)} "
+                         "(truncated?); fix the first line or the file")
+    # float64 so that a value past float32's range is reported as such by check_weight, not as inf.
+    return Table(torch.tensor(rows, dtype=torch.float64), words, path.name)
+
+
+def _npy(path: Path, limit: int | None) -> torch.Tensor:
+    """A 2-D numeric .npy, mapped rather than read whole when only ``limit`` rows are needed."""
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{path} is not a NumPy .npy file (it does not start with the .npy magic bytes); "
+                         "save a 2-D float array with numpy.save, or name a text file of vectors .txt")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # object arrays (pickles), a damaged header
+        what = "holds pickled Python objects, which are never unpickled here" if "object" in str(exc).lower() \
+            else f"is not a readable .npy array ({exc})"
+        raise ValueError(f"{path} {what}; save a 2-D float array with numpy.save(path, array)") from None
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise
+        raise ValueError(f"{path} is not a readable .npy array (truncated or not NumPy: {exc}); save a 2-D float "
+                         "array with numpy.save(path, array)") from None
+    if array.dtype.kind not in "fiub":
+        raise ValueError(f"{path} holds {array.dtype} values; expected a 2-D float array")
+    if limit is not None and array.ndim == 2:
+        array = array[:limit]
+    # One in-memory copy from the mapped file, in native byte order (big-endian files are
+    # converted, not refused) and C layout, writable as torch wants.
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
 def _safetensors(path: Path, key: str | None) -> torch.Tensor:
     from safetensors import SafetensorError, safe_open
 
+    keys = _safetensors_keys(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
             if key is None:
                 matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
                 if len(matrices) != 1:
@@ -114,44 +163,70 @@ def _safetensors(path: Path, key: str | None) -> torch.Tensor:
             if key not in keys:
                 raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
             return handle.get_tensor(key)
-    except SafetensorError as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    except (SafetensorError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
-def _hf_vocab(folder: Path) -> list[str] | None:
-    if (folder / "vocab.txt").is_file():
-        return (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    if (folder / "tokenizer.json").is_file():
-        vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {}).get("vocab")
-        if isinstance(vocab, dict):
-            words = [""] * (max(vocab.values()) + 1)
-            for word, index in vocab.items():
-                words[index] = word
-            return words
+def _hf_vocab(folder: Path, rows: int) -> list[str] | None:
+    """The model's vocabulary (vocab.txt or tokenizer.json), or None with a warning when it is
+    unreadable or does not match the table: words are optional, so the table loads without them."""
+    for name in ("vocab.txt", "tokenizer.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+            if name == "vocab.txt":
+                words = text.splitlines()
+            else:
+                model = json.loads(text).get("model")
+                vocab = model.get("vocab") if isinstance(model, dict) else None
+                if not isinstance(vocab, dict):
+                    continue  # a tokenizer without a word -> id map (e.g. some BPE layouts)
+                if not all(isinstance(i, int) and 0 <= i < rows for i in vocab.values()):
+                    raise ValueError(f"its ids are not all integers in [0, {rows - 1}]")
+                words = [""] * (max(vocab.values(), default=-1) + 1)
+                for word, index in vocab.items():
+                    words[index] = word
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text"
+        except json.JSONDecodeError as exc:
+            problem = f"is not valid JSON ({exc})"
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            problem = f"cannot be read ({exc})"
+        else:
+            if len(words) == rows:
+                return words
+            problem = f"has {len(words)} entries for {rows} rows"
+        warnings.warn(f"{file} {problem}; loading the table without words (word benchmarks are skipped)",
+                      stacklevel=3)
+        return None
     return None
 
 
 def _hf_folder(folder: Path, key: str | None) -> Table:
     candidates = [folder / "model.safetensors", folder / "model" / "model.safetensors"]
-    files = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    files = [p for p in candidates if p.is_file()] or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         pickled = sorted(folder.glob("*.bin"))
         extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}")
-    from safetensors import safe_open
-
-    with safe_open(str(files[0]), framework="pt") as handle:
-        keys = list(handle.keys())
+        raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}; give a model folder holding "
+                                "model.safetensors, or a table file (.npy, .safetensors, .txt)")
+    keys = _safetensors_keys(files[0])
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
         if not matches:
             raise KeyError(f"no input embedding table found in {files[0]}; pass --key (tensors: {', '.join(keys[:15])})")
         key = matches[0]
     weight = _safetensors(files[0], key)
-    words = _hf_vocab(files[0].parent)
-    if words is not None and len(words) != weight.shape[0]:
-        words = None  # a vocabulary that does not match the rows would mislabel them
-    return Table(weight, words, f"{folder.name}:{key}")
+    words = _hf_vocab(files[0].parent, weight.shape[0]) if weight.dim() == 2 else None
+    vocab = [files[0].parent / name for name in ("vocab.txt", "tokenizer.json")]
+    return Table(weight, words, f"{folder.name}:{key}", [files[0], *(p for p in vocab if p.is_file())])
+
+
+def _check_limit(limit: object) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of rows, got {limit!r}; omit it to keep every row")
 
 
 def load_table(source: "str | Path", *, key: str | None = None, limit: int | None = None) -> Table:
@@ -162,32 +237,46 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
         >>> table.weight.shape
         torch.Size([400000, 50])
     """
+    _check_limit(limit)
     text = str(source)
     if text in KNOWN_TABLES:
+        _refuse_key(key, text, "a packaged table")
         table = _glove_6b_50d()
     else:
         path = Path(text)
         if not path.exists():
             raise FileNotFoundError(f"no table at {path}; give a .npy, .safetensors, word2vec/GloVe text file, "
                                     f"a Hugging Face model folder, or one of: {', '.join(KNOWN_TABLES)}")
+        if not path.is_dir() and not path.is_file():  # reading a FIFO would block forever
+            raise ValueError(f"{path} is a device, FIFO or socket, not a table file; give a .npy, .safetensors "
+                             "or text file of vectors, or a model folder")
         if path.is_dir():
             table = _hf_folder(path, key)
         elif path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            table = Table(torch.from_numpy(np.ascontiguousarray(array)), None, path.name)
+            _refuse_key(key, path.name, "a NumPy array")
+            table = Table(_npy(path, limit), None, path.name)
         elif path.suffix == ".safetensors":
             table = Table(_safetensors(path, key), None, f"{path.name}:{key}" if key else path.name)
         elif path.suffix in (".txt", ".vec", ".w2v"):
+            _refuse_key(key, path.name, "a text file of vectors")
             table = _text_vectors(path, limit)
         else:
             raise ValueError(f"unsupported table file {path.name!r}; use .npy, .safetensors, .txt/.vec text "
                              "vectors or a model folder")
+    if not table.files:
+        table.files = [Path(text)]
     weight = check_weight(table.weight, name=f"table {table.name}")
     if limit is not None:
         weight = weight[:limit].contiguous()
         table.words = None if table.words is None else table.words[:limit]
     table.weight = weight
     return table
+
+
+def _refuse_key(key: str | None, name: str, kind: str) -> None:
+    if key is not None:
+        raise ValueError(f"key {key!r} names a tensor inside a .safetensors file or model folder, but {name} is "
+                         f"{kind} holding one table; drop the key")
 
 
 def _gensim_data() -> Path:

@@ -59,9 +59,18 @@ def load_minilm(path: "str | Path | None" = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of all-MiniLM-L6-v2 from the local package, never from the network."""
     transformers = require_transformers()
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only; never reach for the hub
-    folder = str(path or minilm_path())
-    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    folder = Path(path) if path is not None else minilm_path()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json); give a local Hugging Face "
+                                f"model folder, or omit the path for the packaged one ({INSTALL_MINILM})")
+    from safetensors import SafetensorError
+
+    try:
+        model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged weights, config, tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{folder}: the model could not be loaded ({first}); check or re-download its files") from exc
     model.eval()
     return model, tokenizer
 
@@ -79,6 +88,9 @@ def sentence_embedding(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tor
 def tokenize_batches(tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32,
                      max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Texts -> tokenized batches (dicts of tensors), padded per batch; ready for encode or distill."""
+    for label, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
     batches = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
@@ -96,7 +108,9 @@ def encode(model: nn.Module, tokenizer: Any, texts: "Sequence[str] | Iterable[di
     same texts are encoded by several models).
     """
     texts = list(texts)
-    batches = texts if texts and isinstance(texts[0], dict) else \
+    if not texts:
+        raise ValueError("encode() got no texts; pass at least one sentence or tokenized batch")
+    batches = texts if isinstance(texts[0], dict) else \
         tokenize_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
     was_training = model.training
     model.eval()

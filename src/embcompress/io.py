@@ -4,7 +4,9 @@ A *bundle* is a JSON header plus named tensors. The header always holds ``kind``
 ``trainable``, ``model`` for save_pretrained folders, ``checkpoint`` for distillation), the
 format version, the library and torch versions, and ``sha256``: one digest of the canonical
 JSON of the header (every field but ``sha256``) AND of the tensors (name, dtype, shape, bytes),
-so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. Two containers:
+so one flipped byte anywhere, ``padding_idx`` and the spec included, is refused. The digest has
+no key: it detects damage and edits, not a forger who recomputes it (that needs a signature or a
+hash from a trusted channel). Two containers:
 
 - a single file (``save`` / ``load``): safetensors with the header in its metadata;
 - a folder (``save_pretrained``, checkpoints): a JSON file holding the header, pointing at a
@@ -20,7 +22,7 @@ file only with ``overwrite=True``. Refused always: directories, devices, FIFOs, 
 symbolic links (neither replaced nor written through: write to the link's target instead) and
 the input itself (same inode). Data goes to a short temporary name in the same folder, is
 fsynced and renamed; the temporary file is removed on any error, Ctrl-C, or SIGTERM. No
-non-finite float tensor is ever written.
+non-finite float tensor is ever written, nor accepted when read.
 
 Compatibility: format 1 files (release 0.x, before this module) load as before; their sha256
 covers the tensors only, so their header is validated but not authenticated (save again to
@@ -65,7 +67,7 @@ _DIGEST_DOMAIN = b"embcompress-bundle-2\0"
 
 
 class ArtifactError(ValueError):
-    """A file that is not a valid embcompress artifact (foreign, truncated, tampered, too new)."""
+    """A file that is not a valid embcompress artifact (foreign, truncated, damaged, too new)."""
 
 
 class OutputError(ValueError):
@@ -138,13 +140,28 @@ def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: ob
         raise ArtifactError(f"{source}: {what} checksum mismatch, the file was modified or damaged")
 
 
-def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+def _non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count) of the first float tensor holding NaN or infinite values, else None."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"refusing to write {what}: tensor {name!r} holds {count} NaN or infinite values "
-                             "(the fit diverged or the input overflowed); scale the input down or lower the "
-                             "learning rate, then compress again")
+            return name, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def _check_tensors_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    found = _non_finite(tensors)
+    if found:
+        raise ValueError(f"refusing to write {what}: tensor {found[0]!r} holds {found[1]} NaN or infinite values "
+                         "(the fit diverged or the input overflowed); scale the input down or lower the "
+                         "learning rate, then compress again")
+
+
+def _check_read_finite(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Nothing writes non-finite tensors, so a file holding some was made or re-sealed elsewhere."""
+    found = _non_finite(tensors)
+    if found:
+        raise ArtifactError(f"{source}: tensor {found[0]!r} holds {found[1]} NaN or infinite values, which "
+                            "embcompress never writes; the file was not made by embcompress: compress again")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -272,9 +289,10 @@ def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], object]
     return path
 
 
-def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True) -> Path:
-    """:func:`atomic_write` of a bytes object (result files: replaced by default)."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes, *, overwrite: bool = True,
+                       protect: Iterable["str | os.PathLike[str]"] = ()) -> Path:
+    """:func:`atomic_write` of a bytes object (result files: replaced by default, never an input)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, protect=protect)
 
 
 def _prepare(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -308,9 +326,17 @@ def write_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, tensor
     tensors = _prepare(tensors, str(folder))
     name = tensor_name(tensor_digest(tensors)) if callable(tensor_name) else tensor_name
     header = seal(kind, {**fields, "tensors": name}, tensors)
-    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
     text = json.dumps(header, indent=1, sort_keys=True) + "\n"
-    atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+    tensor_path = folder / name
+    existed = tensor_path.exists()
+    with _terminate_cleanly():  # one span: a SIGTERM between the two writes is handled here too
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
+        try:
+            atomic_write(folder / json_name, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        except BaseException:  # disk full, Ctrl-C, SIGTERM: no tensor file that no JSON points at
+            if not existed:
+                tensor_path.unlink(missing_ok=True)
+            raise
     if sweep:
         for old in folder.glob(sweep):
             if old.name != name and old.is_file() and not old.is_symlink():
@@ -384,6 +410,7 @@ def read_file_bundle(path: "str | os.PathLike[str]", kinds: Iterable[str]) -> tu
     assert header is not None
     _verify(header, tensors, path)
     _check_kind(header, kinds, path)
+    _check_read_finite(tensors, path)
     return header, tensors
 
 
@@ -406,13 +433,14 @@ def read_folder_bundle(folder: "str | os.PathLike[str]", json_name: str, kinds: 
     _verify(header, tensors, json_path)
     if header["format_version"] >= 2:
         _check_kind(header, kinds, json_path)
+    _check_read_finite(tensors, json_path)
     return header, tensors
 
 
 # -- tables: save / load ----------------------------------------------------------------------------
 def _table_fields(module: "CompressedEmbedding | FrozenEmbedding") -> dict[str, Any]:
-    fields = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-              "padding_idx": module.padding_idx}
+    fields: dict[str, Any] = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                              "padding_idx": module.padding_idx}
     # How the table was made; absent (not null) for a format module built by hand, as in format 1.
     if module.spec is not None:
         fields["spec"] = module.spec

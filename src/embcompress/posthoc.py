@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import CompressedEmbedding
+from .base import CompressedEmbedding, fit_scale
 from .budget import config_for_budget
 from .config import MethodConfig, parse_spec
 from .data import Table
@@ -50,7 +50,10 @@ def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True
         "ratio": frozen.compression_ratio(),
         "bits_per_row": 8 * frozen.num_bytes() / frozen.num_embeddings,
     }
-    report.update(quality_report(approx, table.weight, names, sample=1000 if neighbours else 0,
+    # The measures are scale-free; huge or tiny tables are compared rescaled so their squares stay finite
+    # and normal.
+    scale = fit_scale(table.weight)
+    report.update(quality_report(approx / scale, table.weight / scale, names, sample=1000 if neighbours else 0,
                                  analogy=analogy))
     report["eval_seconds"] = time.perf_counter() - start
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["QueryTableMixin"]
@@ -26,6 +27,11 @@ class QueryTableMixin:
     def query(self) -> torch.Tensor:
         # An AttributeError here (no table: codes in the fixed state) reads as "no query", as hasattr expects.
         return self.query_table.weight
+
+    def _query_rows(self, ids: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """Query rows (N, d) of ``ids`` (N,). The one place the methods read Q per id, so an engine
+        that holds Q itself (TorchRec, ``embcompress.integrations.torchrec``) can supply the rows."""
+        return F.embedding(ids, self.query, sparse=sparse)
 
     def _add_query_table(self, num_embeddings: int, embedding_dim: int, sparse: bool) -> None:
         # N(0, 1) like nn.Embedding, drawn exactly as torch.randn(V, d) would be.

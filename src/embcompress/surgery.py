@@ -39,7 +39,7 @@ from .base import CompressedEmbedding
 from .config import MethodConfig, SpecError, parse_spec
 from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
-from .validation import MAX_DIM, MAX_ROWS, json_choice, json_int, json_int_list, json_object
+from .validation import MAX_DIM, MAX_ROWS, check_bag, json_choice, json_int, json_int_list, json_object
 
 __all__ = [
     "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport", "TableReport",
@@ -87,30 +87,18 @@ class CompressedEmbeddingBag(nn.Module):
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """input (B, L), or 1-D with offsets (B,) -> (B, embedding_dim)."""
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D (B, L)")
-            batch, length = input.shape
-            offsets = torch.arange(0, batch * length, length, dtype=torch.long, device=input.device)
-            input = input.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-            include_last = False
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets is required when input is 1-D; pass (B, L) ids or 1-D ids with offsets")
-            include_last = self.include_last_offset
-        else:
-            raise ValueError(f"input must be 1-D (with offsets) or 2-D (B, L), got shape {tuple(input.shape)}")
+        include_last = self.include_last_offset and isinstance(input, torch.Tensor) and input.dim() == 1
+        input, offsets, per_sample_weights = check_bag(input, offsets, per_sample_weights, self.mode,
+                                                       self.num_embeddings, include_last)
         # Decode each distinct id once; the bag then reduces rows of that small table.
-        unique, inverse = torch.unique(input.long(), return_inverse=True)
+        unique, inverse = torch.unique(input, return_inverse=True)
         rows = self.table(unique)
         pad = None
         if self.padding_idx is not None:
             pad = unique.numel()
-            inverse = inverse.masked_fill(input.long() == self.padding_idx, pad)
+            inverse = inverse.masked_fill(input == self.padding_idx, pad)
             rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-        return F.embedding_bag(inverse, rows, offsets.long(), mode=self.mode, per_sample_weights=per_sample_weights,
+        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
                                include_last_offset=include_last, padding_idx=pad)
 
     def extra_repr(self) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, overload
 
 import torch
 
-__all__ = ["check_ids", "check_weight", "check_table_shape", "normalize_padding_idx", "json_int", "json_choice",
-           "json_int_list", "json_object", "MAX_ROWS", "MAX_DIM"]
+__all__ = ["check_ids", "check_bag", "check_weight", "check_table_shape", "normalize_padding_idx", "json_int",
+           "json_choice", "json_int_list", "json_object", "MAX_ROWS", "MAX_DIM"]
 
-_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                   torch.uint16, torch.uint32, torch.uint64)
+# Unsigned types past uint8 have few CPU kernels (no min/max): their range check runs on an int64 copy.
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+_BAG_MODES = ("sum", "mean", "max")
 
 
 def check_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
@@ -26,7 +31,11 @@ def check_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
         # exported graph still reject out-of-range ids at run time.
         return ids
     if ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass over the ids, not two
+        signed = ids.long() if ids.dtype in _WIDE_UNSIGNED else ids
+        lo, hi = (int(v) for v in torch.aminmax(signed))  # one pass over the ids, not two
+        if lo < 0 and ids.dtype == torch.uint64:  # past 2**63: wrapped negative by the int64 copy
+            raise IndexError(f"id {lo + 2 ** 64} is out of range for a table of {num_embeddings} rows; "
+                             f"valid ids are 0..{num_embeddings - 1}")
         if lo < 0:
             raise IndexError(f"negative id {lo}: ids must lie in [0, {num_embeddings - 1}]")
         if hi >= num_embeddings:
@@ -50,6 +59,10 @@ def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
         raise TypeError(f"{name} must be floating point, got {weight.dtype}")
     if weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"{name} is empty: shape {tuple(weight.shape)}")
+    peak = float(weight.detach().abs().max()) if weight.dtype == torch.float64 else 0.0
+    if peak > torch.finfo(torch.float32).max and math.isfinite(peak):
+        raise ValueError(f"{name} has values up to {peak:.3g}, beyond float32's range "
+                         f"(+-{torch.finfo(torch.float32).max:.3g}); divide the table by a constant first")
     weight = weight.detach().to(torch.float32)
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
@@ -73,6 +86,62 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     if not -num_embeddings <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx {padding_idx} must be within [-{num_embeddings}, {num_embeddings - 1}]")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+def check_bag(ids: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None, mode: str,
+              num_embeddings: int, include_last_offset: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``nn.EmbeddingBag``'s argument rules, checked up front for every format and both lookup paths.
+
+    Returns (ids as 1-D int64, offsets as 1-D int64 bag starts, per_sample_weights 1-D float32 or None).
+    Stricter than ``nn.EmbeddingBag`` where it silently returns wrong bags: negative or decreasing
+    offsets are refused too.
+    """
+    if mode not in _BAG_MODES:
+        raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
+    check_ids(ids, num_embeddings)
+    if ids.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when ids is 2-D (B, L); pass 1-D ids to use offsets")
+        batch, length = ids.shape
+        # (B, 0) ids are B empty bags (zeros); nn.EmbeddingBag fails on them with "step must be nonzero".
+        offsets = torch.arange(batch, dtype=torch.long, device=ids.device) * length
+        include_last_offset = False
+    elif ids.dim() != 1 or offsets is None:
+        raise ValueError(f"ids must be 2-D (B, L), or 1-D together with offsets; got shape {tuple(ids.shape)}"
+                         f"{'' if offsets is not None or ids.dim() != 1 else ' without offsets'}")
+    else:
+        if not isinstance(offsets, torch.Tensor) or offsets.is_floating_point() or offsets.is_complex() \
+                or offsets.dtype == torch.bool:
+            kind = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
+            raise TypeError(f"offsets must be an integer tensor of bag starts, got {kind}; "
+                            "use torch.tensor([...], dtype=torch.long)")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets must be 1-D (one start per bag), got shape {tuple(offsets.shape)}")
+        offsets = offsets.long()
+        count = ids.shape[0]
+        if offsets.numel() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            first, last = int(offsets[0]), int(offsets[-1])
+            decreasing = bool((offsets[1:] < offsets[:-1]).any())
+            if first != 0 or decreasing or last > count or (include_last_offset and last != count):
+                end = f"exactly the number of ids ({count}) last" if include_last_offset else \
+                    f"at most the number of ids ({count})"
+                shown = ", ".join(str(v) for v in offsets[:8].tolist())
+                raise ValueError(f"offsets must be the bags' starting positions: 0 first, never decreasing, {end}; "
+                                 f"got [{shown}{', ...' if offsets.numel() > 8 else ''}]")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise ValueError(f"per_sample_weights work with mode='sum' only (as in nn.EmbeddingBag), got "
+                             f"mode={mode!r}")
+        if not isinstance(per_sample_weights, torch.Tensor) or not per_sample_weights.is_floating_point():
+            kind = per_sample_weights.dtype if isinstance(per_sample_weights, torch.Tensor) else \
+                type(per_sample_weights).__name__
+            raise TypeError(f"per_sample_weights must be a floating-point tensor, got {kind}; convert with .float()")
+        if per_sample_weights.shape != ids.shape:
+            raise ValueError(f"per_sample_weights must have the shape of ids {tuple(ids.shape)}, got "
+                             f"{tuple(per_sample_weights.shape)}")
+        per_sample_weights = per_sample_weights.reshape(-1).float()
+    return ids.reshape(-1).long(), offsets, per_sample_weights
 
 
 # -- values read from a stored JSON header -------------------------------------------------------

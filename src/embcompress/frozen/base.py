@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_ids, check_table_shape, normalize_padding_idx
+from ..validation import check_bag, check_ids, check_table_shape, normalize_padding_idx
 from . import kernels
 
 __all__ = ["FrozenEmbedding", "register_format", "get_format", "FORMATS"]
@@ -113,32 +113,20 @@ class FrozenEmbedding(nn.Module):
         mode: str = "mean",
     ) -> torch.Tensor:
         """``nn.EmbeddingBag`` semantics: ids (B, L) or 1-D with offsets -> (B, embedding_dim)."""
-        if mode not in ("sum", "mean", "max"):
-            raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
-        if ids.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when ids is 2-D (B, L)")
-            batch, length = ids.shape
-            offsets = torch.arange(0, batch * length, length, dtype=torch.long)
-            ids = ids.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        elif ids.dim() != 1 or offsets is None:
-            raise ValueError("ids must be 2-D (B, L), or 1-D together with offsets")
-        if mode != "max" and (per_sample_weights is None or mode == "sum"):
-            check_ids(ids, self.num_embeddings)
-            pooled = self.pooled(ids.long(), offsets, per_sample_weights, mode)
+        ids, offsets, per_sample_weights = check_bag(ids, offsets, per_sample_weights, mode, self.num_embeddings)
+        if mode != "max":
+            pooled = self.pooled(ids, offsets, per_sample_weights, mode)
             if pooled is not None:
                 return pooled
         rows = self(ids)
         if self.padding_idx is not None:
-            keep = ids.long() != self.padding_idx
+            keep = ids != self.padding_idx
             ids_for_bag = torch.arange(ids.numel())
             ids_for_bag = ids_for_bag.masked_fill(~keep, ids.numel())  # padding -> a zero row
             rows = torch.cat([rows, rows.new_zeros(1, self.embedding_dim)])
-            return F.embedding_bag(ids_for_bag, rows, offsets.long(), mode=mode,
+            return F.embedding_bag(ids_for_bag, rows, offsets, mode=mode,
                                    per_sample_weights=per_sample_weights, padding_idx=ids.numel())
-        return F.embedding_bag(torch.arange(ids.numel()), rows, offsets.long(), mode=mode,
+        return F.embedding_bag(torch.arange(ids.numel()), rows, offsets, mode=mode,
                                per_sample_weights=per_sample_weights)
 
     def _c_lookup(self, ids: torch.Tensor, bags: "kernels.Bags | None" = None) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ otherwise (tests/test_kernels.py). The wrappers here check every shape the C cod
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -27,7 +28,23 @@ __all__ = ["available", "enabled", "set_enabled", "usable", "Bags", "codebook_lo
            "factors_lookup", "bag_sum_backward", "dpq_supported", "dpq_sx_forward", "dpq_sx_backward", "dpq_vq_stats",
            "dpq_vq_codes"]
 
-_enabled = os.environ.get("EMBCOMPRESS_KERNELS", "1") != "0"
+_OFF_WORDS = ("0", "false", "no", "off")
+_ON_WORDS = ("", "1", "true", "yes", "on")
+
+
+def _enabled_from_environment(value: str | None) -> bool:
+    """EMBCOMPRESS_KERNELS read as a switch: 0/false/no/off turn the C lookups off, 1/true/yes/on
+    (or unset) leave them on; anything else warns and leaves them on."""
+    word = (value or "").strip().lower()
+    if word in _OFF_WORDS:
+        return False
+    if word not in _ON_WORDS:
+        warnings.warn(f"EMBCOMPRESS_KERNELS={value!r} is not a switch; the C kernels stay on "
+                      f"(use one of {', '.join(_OFF_WORDS[:2])} to turn them off, 1 to keep them)", stacklevel=2)
+    return True
+
+
+_enabled = _enabled_from_environment(os.environ.get("EMBCOMPRESS_KERNELS"))
 # Shape limits of the C kernels (read from the extension; past them the torch path runs):
 TT_MAX_ROW = getattr(_kernels, "TT_MAX_ROW", 0)  # floats of a transposed tt row on the kernel's stack
 DPQ_MAX_CODEWORDS = getattr(_kernels, "DPQ_MAX_CODEWORDS", 0)

@@ -48,7 +48,9 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     if bits == 16:
         return weight.half(), None
     qmax = (1 << (bits - 1)) - 1
-    scale = weight.abs().amax(1).clamp_min(1e-12) / qmax
+    peak = weight.abs().amax(1)
+    # Only all-zero rows need a stand-in scale; a floor such as 1e-12 would zero every tiny row.
+    scale = torch.where(peak > 0, peak / qmax, torch.ones_like(peak))
     q = torch.round(weight / scale.unsqueeze(1)).clamp(-qmax, qmax).to(torch.int8)
     if bits == 8:
         return q, scale

@@ -223,7 +223,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
             return decode_codes(self.codes[ids], codebooks, "sum")
         # sparse=True: the (V, d) query gradient holds only the looked-up rows, so the backward pass
         # and the optimizer touch N rows instead of the whole table (nn.Embedding(sparse=True)).
-        log_alpha = self.log_alpha(F.embedding(ids, self.query, sparse=self.config.sparse))
+        log_alpha = self.log_alpha(self._query_rows(ids, sparse=self.config.sparse))
         if not self.training:
             return decode_codes(log_alpha.argmax(-1), codebooks, "sum")
         tau = self.temperature()
@@ -249,6 +249,10 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         if self.state == "learning":
             self._to_fixed(self.current_codes())
         return self
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.codebooks.mul_(factor)  # the codes come from the query alone, so they stay
 
     def export(self) -> CodebookEmbedding:
         codebooks = self.codebooks.detach().to(_DTYPES[self.config.codebook_dtype]).clone()

@@ -239,7 +239,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         n = ids.shape[0]
         # Sparse query gradients (config.sparse, and always in the post hoc fit, which uses SparseAdam):
         # a dense (V, d) gradient and optimizer step per batch cost more than the rest of the step.
-        q = F.embedding(ids, self.query, sparse=self.config.sparse or self._fitting)
+        q = self._query_rows(ids, sparse=self.config.sparse or self._fitting)
         if self.config.variant == "sx":
             qt = self._transposed(q)
             keys, bias = self._affine_scores(qt)
@@ -309,6 +309,22 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
             qt = self._transposed(q)
             return _sx_codes(qt, *self._affine_scores(qt))[0]
         return self._vq_codes(q)
+
+    def can_rescale_output(self, factor: float) -> bool:
+        # VQ's codes compare the scaled query with the values in float32 (squares), and batch norm
+        # keeps the scores' variance (factor^4): beyond 2^24 those overflow.
+        return self.config.variant == "sx" or factor <= 2.0 ** 24
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.values.mul_(factor)
+        if self.config.variant == "vq":
+            # VQ's codes compare the query with the values: scale both, and the batch-norm statistics
+            # of the scores -||q - c||^2 with them (by factor^2, variance by factor^4).
+            self.query.mul_(factor)
+            if self.config.batchnorm:
+                self.running_mean.mul_(factor ** 2)
+                self.running_var.mul_(factor ** 4)
 
     def export(self) -> CodebookEmbedding:
         """Codes of ALL rows recomputed in eval mode (never cached from training batches) + values."""

@@ -91,6 +91,10 @@ class HashEmbedding(CompressedEmbedding):
         self.table.copy_(bucket_means(weight, self.hash(torch.arange(self.num_embeddings)), self.config.buckets))
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.table.mul_(factor)
+
     def export(self) -> HashedEmbedding:
         return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
                                hash=self.hash.to_dict(), table=self.table.detach().clone())

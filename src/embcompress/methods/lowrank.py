@@ -118,6 +118,12 @@ class LowRankEmbedding(CompressedEmbedding):
         self.codes.copy_(weight @ vh[:rank].T)
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.basis.mul_(factor)  # f(U) W + b: the decoder side, whatever the activation f
+        if self.bias is not None:
+            self.bias.mul_(factor)
+
     def export(self) -> FactorizedEmbedding:
         bias = None if self.bias is None else self.bias.detach().clone()
         return FactorizedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,

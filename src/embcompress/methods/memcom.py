@@ -43,10 +43,14 @@ class MEmComEmbedding(HashEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, config, padding_idx, layout)
-        cfg = self.config
+        self._add_entity_scalars(num_embeddings, self.config.bias)
+
+    def _add_entity_scalars(self, num_embeddings: int, bias: bool) -> None:
+        """The per-entity scale (and bias), V floats each: the part that grows with the vocabulary,
+        held elsewhere when an engine shards it (``embcompress.integrations.torchrec``)."""
         # w = 1 makes the untrained table exactly the hashing trick (paper Sec. 3).
         self.scale = nn.Parameter(torch.ones(num_embeddings))
-        self.bias = nn.Parameter(torch.zeros(num_embeddings)) if cfg.bias else None
+        self.bias = nn.Parameter(torch.zeros(num_embeddings)) if bias else None
 
     @classmethod
     def expected_bytes(cls, config: MEmComConfig, num_embeddings: int, embedding_dim: int) -> int:
@@ -113,6 +117,12 @@ class MEmComEmbedding(HashEmbedding):
             self.bias.zero_()
             self.bias[ids] = b
         return self
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.scale.mul_(factor)  # the per-row weights, so the shared table keeps its scale
+        if self.bias is not None:
+            self.bias.mul_(factor)
 
     def export(self) -> HashedEmbedding:
         bias = None if self.bias is None else self.bias.detach().clone()

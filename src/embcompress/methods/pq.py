@@ -87,5 +87,9 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         self.codes.copy_(codes.T)
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.codebooks.mul_(factor)
+
     def export(self) -> CodebookEmbedding:
         return CodebookEmbedding.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)

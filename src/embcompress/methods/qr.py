@@ -131,6 +131,12 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
         self.remainder.copy_(rem)
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.remainder.mul_(factor)
+        if self.config.combine != "mult":  # add / concat: both halves are linear in the output
+            self.quotient.mul_(factor)
+
     def export(self) -> QREmbedding:
         return QREmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
                            quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())

@@ -88,6 +88,10 @@ class ScalarEmbedding(CompressedEmbedding):
         return self
 
     @torch.no_grad()
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.weight.mul_(factor)
+
     def export(self) -> ScalarQuantizedEmbedding:
         cfg = self.config
         return ScalarQuantizedEmbedding.from_weight(self.weight.detach(), cfg.bits, cfg.block, cfg.offset,

@@ -339,6 +339,10 @@ class TensorTrainEmbedding(CompressedEmbedding):
                     param.copy_(core)
         return self
 
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        self.cores[0].mul_(factor)
+
     def export(self) -> TensorTrainCores:
         cores = {f"core{k}": core.detach().clone() for k, core in enumerate(self.cores)}
         return TensorTrainCores(self.num_embeddings, self.embedding_dim, self.padding_idx,

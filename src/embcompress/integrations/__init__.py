@@ -1,0 +1,1 @@
+"""Integrations with other engines, each on top of the core and imported only on request."""
