@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-asan bench bench-quick bench-perf bench-posthoc bench-scale bench-fit bench-tied-lm clean
+.PHONY: setup demo test lint test-asan bench bench-quick bench-perf bench-posthoc bench-scale bench-fit bench-tied-lm clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (pyflakes, pycodestyle, bugbear, ...) and mypy (strict on the public modules); settings in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 
 # The C kernels built with AddressSanitizer and UBSan, under the tests that drive them (gcc or clang).
 ASAN_DIR := build/asan
@@ -69,4 +74,4 @@ bench-scale: $(STAMP)
 	nice -n 10 $(PY) -m benchmarks.scale
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

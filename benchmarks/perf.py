@@ -87,8 +87,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import embcompress  # noqa: E402
-from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding,  # noqa: E402
-                                QREmbedding, ScalarQuantizedEmbedding, TensorTrainCores, kernels)
+from embcompress.frozen import (FrozenCodebook, FrozenFactors, FrozenHashed,  # noqa: E402
+                                FrozenQR, FrozenScalar, FrozenTensorTrain, kernels)
 from embcompress.hashing import HashFunction  # noqa: E402
 from embcompress.methods.codes import CompositionalCodeEmbedding  # noqa: E402
 from embcompress.methods.tt import TTConfig, resolve_shapes  # noqa: E402
@@ -126,11 +126,11 @@ TRAIN_SPECS = {
 # -- building the big frozen tables ------------------------------------------------------------
 
 def _codebook(rows: int, dim: int, books: int, codewords: int, combine: str, gen: torch.Generator,
-              shared: bool = False) -> CodebookEmbedding:
+              shared: bool = False) -> FrozenCodebook:
     width = dim // books if combine == "concat" else dim
     codes = torch.randint(0, codewords, (rows, books), generator=gen)
     codebooks = torch.randn(1 if shared else books, codewords, width, generator=gen)
-    return CodebookEmbedding.from_codes(codes, codebooks, combine)
+    return FrozenCodebook.from_codes(codes, codebooks, combine)
 
 
 def build_formats(rows: int, dim: int, seed: int = 0) -> dict[str, tuple[str, nn.Module]]:
@@ -153,28 +153,27 @@ def build_formats(rows: int, dim: int, seed: int = 0) -> dict[str, tuple[str, nn
         "codes-k16": ("codebook sum, 16 books x 16 codewords (4-bit codes)",
                       _codebook(rows, dim, 16, 16, "sum", gen)),
         "memcom": (f"hashed, {buckets} buckets x d + per-row scale",
-                   HashedEmbedding(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen),
-                                   scale=torch.randn(rows, generator=gen))),
+                   FrozenHashed(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen),
+                                scale=torch.randn(rows, generator=gen))),
         "hash": (f"hashed, {buckets} buckets x d (universal hash)",
-                 HashedEmbedding(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen))),
+                 FrozenHashed(rows, dim, hash=universal, table=torch.randn(buckets, dim, generator=gen))),
         "distilled": ("factors rank 16, tanh",
-                      FactorizedEmbedding(rows, dim, activation="tanh", codes=torch.randn(rows, 16, generator=gen),
-                                          basis=torch.randn(16, dim, generator=gen),
-                                          bias=torch.randn(dim, generator=gen))),
+                      FrozenFactors(rows, dim, activation="tanh", codes=torch.randn(rows, 16, generator=gen),
+                                    basis=torch.randn(16, dim, generator=gen),
+                                    bias=torch.randn(dim, generator=gen))),
         "lowrank": ("factors rank 16, identity",
-                    FactorizedEmbedding(rows, dim, activation="identity",
-                                        codes=torch.randn(rows, 16, generator=gen),
-                                        basis=torch.randn(16, dim, generator=gen))),
+                    FrozenFactors(rows, dim, activation="identity",
+                                  codes=torch.randn(rows, 16, generator=gen),
+                                  basis=torch.randn(16, dim, generator=gen))),
         "tt": (f"tt 3 cores, rank 16, vocab {vocab}, dims {dims}",
-               TensorTrainCores(rows, dim, vocab_shape=vocab, dim_shape=dims, **cores)),
+               FrozenTensorTrain(rows, dim, vocab_shape=vocab, dim_shape=dims, **cores)),
         "qr": ("qr mult, 1000 remainder rows",
-               QREmbedding(rows, dim, combine="mult", quotient=torch.randn(-(-rows // 1000), dim, generator=gen),
-                           remainder=torch.randn(1000, dim, generator=gen))),
+               FrozenQR(rows, dim, combine="mult", quotient=torch.randn(-(-rows // 1000), dim, generator=gen),
+                        remainder=torch.randn(1000, dim, generator=gen))),
         "scalar8": ("scalar int8 + per-row scale",
-                    ScalarQuantizedEmbedding(rows, dim, bits=8,
-                                             values=torch.randint(-127, 128, (rows, dim), generator=gen,
-                                                                  dtype=torch.int8),
-                                             scale=torch.rand(rows, generator=gen))),
+                    FrozenScalar(rows, dim, bits=8,
+                                 values=torch.randint(-127, 128, (rows, dim), generator=gen, dtype=torch.int8),
+                                 scale=torch.rand(rows, generator=gen))),
     }
 
 

@@ -15,7 +15,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes, packed_size, unpack_codes
 from embcompress.distill import _load_checkpoint
-from embcompress.frozen import kernels
+from embcompress import kernels
 from embcompress.io import FORMAT_VERSION, read_header
 from fixtures.make_fixtures import FROZEN, FixtureClassifier, FixtureModel, model_input
 
@@ -79,7 +79,7 @@ def test_header_records_versions_spec_and_fit(artifact):
     header = raw_header(artifact)
     assert header["format_version"] == FORMAT_VERSION == 2 and header["library_version"] == embcompress.__version__
     assert header["kind"] == "frozen" and header["format"] == "scalar"
-    assert header["spec"] == "scalar:bits=4,block=0,offset=false"  # set by export(), no attribute patched on by a caller
+    assert header["spec"] == "scalar:bits=4,block=0,offset=false"  # set by export(), not patched on by a caller
 
 
 def test_post_hoc_artifact_tells_how_it_was_made(tmp_path, capsys):
@@ -90,14 +90,16 @@ def test_post_hoc_artifact_tells_how_it_was_made(tmp_path, capsys):
     result = compress_table(table, "pq:groups=2,codewords=5", fit_options={"iters": 3}, evaluate=False)
     path = embcompress.save(result.frozen, tmp_path / "pq.emb")
     header, _ = read_header(path)
-    assert header["spec"] == "pq:groups=2,codewords=5,iters=25" and header["fit"] == {"iters": 3}
+    # The resolved fit settings: every field of pq's Fit, the drawn seed included.
+    assert header["spec"] == "pq:groups=2,codewords=5" and header["fit"] == result.module.fit_settings
+    assert header["fit"]["iters"] == 3 and set(header["fit"]) == {"steps", "iters", "seed"}
     loaded = embcompress.load(path)
-    assert loaded.spec == header["spec"] and loaded.fit_settings == {"iters": 3}
+    assert loaded.spec == header["spec"] and loaded.fit_settings == header["fit"]
     from embcompress.cli import main
 
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "pq:groups=2,codewords=5" in out and '{"iters": 3}' in out
+    assert "pq:groups=2,codewords=5" in out and '"iters": 3' in out
 
 
 def test_trainable_artifact_keeps_fit_settings(tmp_path):
@@ -258,21 +260,24 @@ def test_bitpack_rejects_codes_that_do_not_fit():
 
 def test_every_post_hoc_entry_records_its_fit_settings(tmp_path):
     table = embcompress.from_pretrained(torch.randn(30, 8), "pq:groups=2,codewords=4", iters=2)
-    assert embcompress.load(embcompress.save(table.export(), tmp_path / "t.emb")).fit_settings == {"iters": 2}
+    assert table.fit_settings["iters"] == 2  # resolved: every field of pq's Fit, the drawn seed included
+    assert embcompress.load(embcompress.save(table.export(), tmp_path / "t.emb")).fit_settings == table.fit_settings
     model = FixtureModel()
     embcompress.compress_(model, {"tok": "pq:groups=2,codewords=4", "bag": "skip"}, fit_options={"iters": 2})
     header = json.loads((embcompress.save_pretrained(model, tmp_path / "m") / "embcompress.json").read_text())
-    assert header["tables"][0]["fit"] == {"iters": 2} and header["tables"][0]["spec"].startswith("pq:")
+    recorded = header["tables"][0]["fit"]
+    assert recorded == model.tok.fit_settings and recorded["iters"] == 2
+    assert header["tables"][0]["spec"].startswith("pq:")
     fresh = FixtureModel()
     embcompress.load_pretrained(fresh, tmp_path / "m")
-    assert fresh.tok.fit_settings == {"iters": 2}
+    assert fresh.tok.fit_settings == recorded
 
 
 def test_a_hand_built_format_module_saves_without_a_spec(tmp_path, capsys):
     from embcompress.cli import main
-    from embcompress.frozen import CodebookEmbedding
+    from embcompress.frozen import FrozenCodebook
 
-    table = CodebookEmbedding.from_codes(torch.randint(0, 4, (24, 2)), torch.randn(2, 4, 4), "concat")
+    table = FrozenCodebook.from_codes(torch.randint(0, 4, (24, 2)), torch.randn(2, 4, 4), "concat")
     path = embcompress.save(table, tmp_path / "hand.emb")
     header, _ = read_header(path)
     assert "spec" not in header and "fit" not in header

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import embcompress
 from embcompress import SpecError
 from embcompress.budget import config_for_budget
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.frozen.codebook import decode_codes
 from embcompress.additive import (beam_encode, best_codes, icm_codes, least_squares_codebooks, local_search_codes,
                                   residual_kmeans)
@@ -102,7 +102,7 @@ def test_export_equals_eval_forward(freeze):
     if freeze:
         table.freeze_codes()
     frozen = table.eval().export()
-    assert isinstance(frozen, CodebookEmbedding) and frozen.combine == "sum" and frozen.bits == 3
+    assert isinstance(frozen, FrozenCodebook) and frozen.combine == "sum" and frozen.bits == 3
     ids = torch.randint(0, 50, (4, 9))
     torch.testing.assert_close(frozen(ids), table(ids), rtol=1e-6, atol=1e-6)
     assert frozen.num_bytes() == CompositionalCodeEmbedding.expected_bytes(table.config, 50, 12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import embcompress
-from embcompress.frozen import FactorizedEmbedding
+from embcompress.frozen import FrozenFactors
 from helpers import relative_mse, synthetic_table
 
 
@@ -49,7 +49,7 @@ def test_relu_start_is_exact_and_bias_off_matches_lowrank():
 def test_export_and_bytes():
     table = embcompress.from_pretrained(synthetic_table(), "distilled:rank=5,activation=gelu", steps=10)
     frozen = table.export()
-    assert isinstance(frozen, FactorizedEmbedding) and frozen.activation == "gelu"
+    assert isinstance(frozen, FrozenFactors) and frozen.activation == "gelu"
     assert frozen.num_bytes() == 4 * (256 * 5 + 5 * 24 + 24)
     no_bias = embcompress.build("distilled:rank=5,bias=false", 256, 24)
     assert no_bias.num_bytes() == 4 * (256 * 5 + 5 * 24) and no_bias.bias is None

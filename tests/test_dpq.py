@@ -6,7 +6,7 @@ import torch
 import embcompress
 from embcompress import SpecError
 from embcompress.budget import config_for_budget
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.frozen.codebook import decode_codes
 from embcompress.methods.dpq import DPQEmbedding
 from helpers import relative_mse, synthetic_table
@@ -117,14 +117,14 @@ def test_shared_artifact_stores_one_codebook():
 def test_shared_codebook_format_round_trips(tmp_path):
     codes = torch.randint(0, 8, (30, 5))
     codebook = torch.randn(1, 8, 2)
-    frozen = CodebookEmbedding.from_codes(codes, codebook, "concat")
+    frozen = FrozenCodebook.from_codes(codes, codebook, "concat")
     expected = codebook[0][codes].reshape(30, 10)  # plain indexing: the numpy-style reference decoder
     torch.testing.assert_close(frozen(torch.arange(30)), expected, rtol=0, atol=0)
     loaded = embcompress.load(embcompress.save(frozen, tmp_path / "s.emb"))
     torch.testing.assert_close(loaded(torch.arange(30)), expected, rtol=0, atol=0)
     assert loaded.num_bytes() == frozen.num_bytes() == (30 * 5 * 3 + 7) // 8 + 8 * 2 * 4
     with pytest.raises(ValueError, match="books=5 does not fit codebooks of shape"):
-        CodebookEmbedding(30, 10, combine="concat", bits=3, packed=frozen.packed, codebooks=torch.randn(2, 8, 2),
+        FrozenCodebook(30, 10, combine="concat", bits=3, packed=frozen.packed, codebooks=torch.randn(2, 8, 2),
                           books=5)
 
 

@@ -28,7 +28,7 @@ import embcompress
 from embcompress import SpecError, cli
 from embcompress.budget import config_for_budget
 from embcompress.data import load_table
-from embcompress.frozen import kernels
+from embcompress.kernels import _extension as kernels  # the switch is read in _extension at import
 from embcompress.io import seal
 from embcompress.surgery import CompressedEmbeddingBag
 from helpers import synthetic_table

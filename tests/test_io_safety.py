@@ -25,7 +25,7 @@ import embcompress
 from embcompress import ArtifactError
 from embcompress.bitpack import pack_codes
 from embcompress.cli import main
-from embcompress.frozen import CodebookEmbedding
+from embcompress.frozen import FrozenCodebook
 from embcompress.io import OutputError, read_header, seal
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -256,14 +256,16 @@ HOSTILE_HEADERS = {
                            "buckets must be an integer"),
     "string hash multiplier": ("memcom:buckets=4,hash=universal", lambda h: h["metadata"]["hash"].update(a="7"),
                                "a must be an integer"),
-    "absurd row count": ("hash:buckets=4", lambda h: h.update(num_embeddings=10 ** 15), "num_embeddings=.* out of range"),
+    "absurd row count": ("hash:buckets=4", lambda h: h.update(num_embeddings=10 ** 15),
+                         "num_embeddings=.* out of range"),
     "absurd tt factor": ("tt:cores=2,rank=2", lambda h: h["metadata"].update(vocab_shape=[10 ** 13, 2]),
                          "vocab_shape=.* out of range"),
     "float tt factor": ("tt:cores=2,rank=2", lambda h: h["metadata"].update(vocab_shape=[2.5, 5]),
                         "vocab_shape must be an integer"),
     "unknown metadata": ("qr:buckets=4", lambda h: h["metadata"].update(extra=1), "exactly 'combine'"),
     "metadata a list": ("qr:buckets=4", lambda h: h.update(metadata=[1]), "metadata must be a JSON object"),
-    "nested metadata": ("factors", lambda h: h["metadata"].update(activation=[[["relu"]]]), "activation=.* is not one of"),
+    "nested metadata": ("factors", lambda h: h["metadata"].update(activation=[[["relu"]]]),
+                        "activation=.* is not one of"),
     "unknown format": ("scalar:bits=8", lambda h: h.update(format="pickle"), "unknown artifact format"),
     "header sizes disagree": ("scalar:bits=8", lambda h: h.update(num_bytes=1), "header says 1 bytes"),
     "fit a list": ("scalar:bits=8", lambda h: h.update(fit=[1]), "fit must be a JSON object"),
@@ -338,7 +340,7 @@ def test_pretrained_and_checkpoint_fields_are_checked(tmp_path):
 # -- 3. stored codes that would decode to the wrong codeword --------------------------------------
 def codebook_artifact(tmp_path, codewords=5, books=3):
     codes = torch.randint(0, codewords, (16, books))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(books, codewords, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(books, codewords, 2), "concat")
     return embcompress.save(table, tmp_path / "c.emb"), codes
 
 
@@ -348,12 +350,12 @@ def test_a_code_at_or_above_k_in_any_slot_is_refused_at_load(tmp_path, slot):
     codes[9, slot] = 7  # fits the 3 bits of K = 5, but there is no codeword 7
     forge(path, change_tensors=lambda t: t.update(packed=pack_codes(codes, 3)))
     for kernels_on in (True, False):
-        previous = embcompress.frozen.kernels.set_enabled(kernels_on)
+        previous = embcompress.kernels.set_enabled(kernels_on)
         try:
             with pytest.raises(ArtifactError, match=f"stored code 7 at row 9, slot {slot} is not below the 5"):
                 embcompress.load(path)
         finally:
-            embcompress.frozen.kernels.set_enabled(previous)
+            embcompress.kernels.set_enabled(previous)
 
 
 def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):
@@ -364,12 +366,12 @@ def test_codes_of_a_power_of_two_k_need_no_check_and_load(tmp_path):
 
 def test_packing_codes_beyond_k_is_refused():
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\)"):
-        CodebookEmbedding.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
+        FrozenCodebook.from_codes(torch.tensor([[5, 0]]), torch.randn(2, 5, 2), "concat")
 
 
 def test_the_code_check_is_cheap(tmp_path):
     codes = torch.randint(0, 5, (200_000, 8))
-    table = CodebookEmbedding.from_codes(codes, torch.randn(8, 5, 2), "concat")
+    table = FrozenCodebook.from_codes(codes, torch.randn(8, 5, 2), "concat")
     started = time.perf_counter()
     table.check_stored()
     assert time.perf_counter() - started < 5.0  # 1.6M codes: well under a second on one core

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from embcompress.frozen import CodebookEmbedding, FactorizedEmbedding, HashedEmbedding, TensorTrainCores, kernels
+from embcompress import kernels
+from embcompress.frozen import FrozenCodebook, FrozenFactors, FrozenHashed, FrozenTensorTrain
 from embcompress.hashing import HashFunction
 from test_perf_paths import DIRECT
 
@@ -74,7 +75,7 @@ def test_corrupt_codes_raise_instead_of_reading_past_the_codebook():
     # K = 3 needs 2 bits: the code value 3 names no codeword. The torch path would index past the
     # codebook too; the kernel must say so, not read neighbouring memory.
     codes = torch.tensor([[0, 1], [2, 0]])
-    module = CodebookEmbedding.from_codes(codes, torch.randn(2, 3, 4), "concat")
+    module = FrozenCodebook.from_codes(codes, torch.randn(2, 3, 4), "concat")
     module.packed.fill_(0xFF)
     with pytest.raises(ValueError, match="corrupt"):
         module.lookup(torch.tensor([0, 1]))
@@ -84,7 +85,7 @@ def test_universal_hash_matches_torch_for_ids_past_two_to_the_32():
     # a * id overflows int64 here: both paths must wrap the same way and take the same remainder.
     rows = (1 << 34) + 10
     hash = HashFunction("universal", 17, a=2_000_000_011, b=12345)
-    module = HashedEmbedding.__new__(HashedEmbedding)  # a 2^34-row table holds no per-row tensors
+    module = FrozenHashed.__new__(FrozenHashed)  # a 2^34-row table holds no per-row tensors
     torch.nn.Module.__init__(module)
     module.num_embeddings, module.embedding_dim, module.padding_idx, module.hash = rows, 6, None, hash
     module.register_buffer("table", torch.randn(17, 6))
@@ -103,7 +104,7 @@ def test_graph_capture_keeps_torch_ops():
 
 
 def test_converted_dtypes_fall_back_to_torch():
-    module = HashedEmbedding(10, 4, hash={"kind": "mod", "buckets": 3}, table=torch.randn(3, 4)).double()
+    module = FrozenHashed(10, 4, hash={"kind": "mod", "buckets": 3}, table=torch.randn(3, 4)).double()
     ids = torch.tensor([1, 2, 9])
     assert module.lookup(ids).dtype == torch.float64
 
@@ -114,7 +115,7 @@ def test_large_outputs_take_streaming_stores_with_the_same_rows(combine):
     g = torch.Generator().manual_seed(3)
     books = 8 if combine == "concat" else 4
     codebooks = torch.randn(books, 16, 64 // books if combine == "concat" else 64, generator=g)
-    module = CodebookEmbedding.from_codes(torch.randint(0, 16, (1000, books), generator=g), codebooks, combine)
+    module = FrozenCodebook.from_codes(torch.randint(0, 16, (1000, books), generator=g), codebooks, combine)
     ids = torch.randint(0, 1000, (40_000,), generator=g)
     fast, reference = module.lookup(ids), torch_path(module, ids)
     torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
@@ -124,7 +125,7 @@ def test_large_outputs_take_streaming_stores_with_the_same_rows(combine):
 
 def test_large_hashed_outputs_take_streaming_stores_with_the_same_rows():
     g = torch.Generator().manual_seed(4)
-    module = HashedEmbedding(5000, 64, hash=HashFunction.create("universal", 300, g).to_dict(),
+    module = FrozenHashed(5000, 64, hash=HashFunction.create("universal", 300, g).to_dict(),
                              table=torch.randn(300, 64, generator=g), scale=torch.randn(5000, generator=g),
                              bias=torch.randn(5000, generator=g))
     ids = torch.randint(0, 5000, (40_000,), generator=g)
@@ -137,7 +138,7 @@ def test_factors_kernel_matches_torch_path(activation, rank):
     g = torch.Generator().manual_seed(rank)
     codes = torch.randn(300, rank, generator=g)
     codes[7, 0] = float("nan")  # relu keeps NaN, as torch.relu does
-    module = FactorizedEmbedding(300, 72, activation=activation, codes=codes,
+    module = FrozenFactors(300, 72, activation=activation, codes=codes,
                                  basis=torch.randn(rank, 72, generator=g), bias=torch.randn(72, generator=g))
     ids = torch.randint(0, 300, (2500,), generator=g)
     ids[0] = 7
@@ -152,7 +153,7 @@ def test_tt_kernel_matches_torch_path(dim_shape):
     cores = {f"core{k}": torch.randn(ranks[k], vocab[k], dim_shape[k], ranks[k + 1], generator=g)
              for k in range(len(dim_shape))}
     rows = 7 * 5 * 3 // (1 if len(dim_shape) == 3 else 3) - 2
-    module = TensorTrainCores(rows, math.prod(dim_shape), vocab_shape=vocab[: len(dim_shape)], dim_shape=dim_shape,
+    module = FrozenTensorTrain(rows, math.prod(dim_shape), vocab_shape=vocab[: len(dim_shape)], dim_shape=dim_shape,
                               **cores)
     assert module._left_table is not None and module._right_table is not None
     assert module._transposed == (dim_shape != [4, 6])
@@ -230,7 +231,7 @@ def test_dpq_sx_kernel_codes_first_maximum_and_nan():
 
 def test_factors_kernel_tanh_is_accurate_across_its_range():
     values = torch.tensor([0.0, -0.0, 1e-7, -1e-4, 3e-3, 0.5, -1.0, 3.0, -9.0, 20.0, -100.0, float("inf")])
-    module = FactorizedEmbedding(len(values), 1, activation="tanh", codes=values.view(-1, 1), basis=torch.ones(1, 1))
+    module = FrozenFactors(len(values), 1, activation="tanh", codes=values.view(-1, 1), basis=torch.ones(1, 1))
     got = module.lookup(torch.arange(len(values))).view(-1)
     torch.testing.assert_close(got, torch.tanh(values), rtol=0, atol=2e-7)
 
@@ -300,8 +301,8 @@ def test_c_concat_bags_with_padding_equal_pooling_the_rows(books, width):
     """DPQ-shaped tables (4-bit codes, two to a byte): the direct bag path skips padding ids, counts
     only the others in the mean, and adds exactly the rows the row lookup returns."""
     g = torch.Generator().manual_seed(books * width)
-    module = CodebookEmbedding.from_codes(torch.randint(0, 16, (500, books), generator=g),
-                                          torch.randn(books, 16, width, generator=g), "concat", padding_idx=3)
+    module = FrozenCodebook.from_codes(torch.randint(0, 16, (500, books), generator=g),
+                                       torch.randn(books, 16, width, generator=g), "concat", padding_idx=3)
     assert module._fast_mode == "bytes" and module._slot_bits == 8
     lengths = torch.randint(0, 40, (30,), generator=g)
     ids = torch.randint(0, 500, (int(lengths.sum()),), generator=g)

@@ -5,7 +5,7 @@ import torch
 
 import embcompress
 from embcompress.budget import config_for_budget
-from embcompress.frozen import HashedEmbedding
+from embcompress.frozen import FrozenHashed
 from helpers import relative_mse, synthetic_table
 
 
@@ -68,7 +68,7 @@ def test_padding_row_does_not_pull_its_bucket():
 def test_export_is_hashed_with_scale_and_bias():
     table = embcompress.from_pretrained(synthetic_table(), "memcom:buckets=48,bias=true,hash=universal")
     frozen = table.export()
-    assert isinstance(frozen, HashedEmbedding) and frozen.hash == table.hash
+    assert isinstance(frozen, FrozenHashed) and frozen.hash == table.hash
     assert set(frozen.stored_tensors()) == {"table", "scale", "bias"}
     assert frozen.num_bytes() == 4 * (48 * 24 + 2 * 256)
     torch.testing.assert_close(frozen.materialize(), table.materialize())

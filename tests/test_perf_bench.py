@@ -11,7 +11,8 @@ def test_perf_benchmark_writes_ratios_and_memory_facts(tmp_path):
     threads = torch.get_num_threads()
     try:
         perf.main(["--rows", "4096", "--batch", "512", "--rounds", "1", "--train-rounds", "1", "--threads", "1",
-                   "--bags", "8", "--bag-length", "4", "--bag-count", "16", "--skip-memory", "--skip-plain", "--methods", "dpq,codes,tt,memcom",
+                   "--bags", "8", "--bag-length", "4", "--bag-count", "16", "--skip-memory", "--skip-plain",
+                   "--methods", "dpq,codes,tt,memcom",
                    "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import embcompress
-from embcompress.frozen import (CodebookEmbedding, FactorizedEmbedding, HashedEmbedding, QREmbedding,
-                                ScalarQuantizedEmbedding, TensorTrainCores)
+from embcompress.frozen import (FrozenCodebook, FrozenFactors, FrozenHashed, FrozenQR,
+                                FrozenScalar, FrozenTensorTrain)
 from embcompress.hashing import PRIME, HashFunction
 from method_cases import CASES
 
@@ -104,39 +104,40 @@ def direct_formats():
         dim_books = books if combine == "concat" else 1
         codes = torch.randint(0, bits_k, (V, books), generator=g)
         cb = torch.randn(1 if shared else books, bits_k, width, generator=g)
-        m = CodebookEmbedding.from_codes(codes, cb, combine)
+        m = FrozenCodebook.from_codes(codes, cb, combine)
         assert m.embedding_dim == width * dim_books
         out[f"codebook-K{bits_k}-M{books}-{combine}{'-shared' if shared else ''}"] = m
-    out["codebook-fp16"] = CodebookEmbedding.from_codes(torch.randint(0, 16, (V, 4), generator=g),
-                                                        torch.randn(4, 16, 6, generator=g).half(), "concat")
-    small = CodebookEmbedding.from_codes(torch.randint(0, 16, (V, 8), generator=g), torch.randn(8, 16, D, generator=g),
-                                         "sum")
+    out["codebook-fp16"] = FrozenCodebook.from_codes(torch.randint(0, 16, (V, 4), generator=g),
+                                                     torch.randn(4, 16, 6, generator=g).half(), "concat")
+    small = FrozenCodebook.from_codes(torch.randint(0, 16, (V, 8), generator=g), torch.randn(8, 16, D, generator=g),
+                                      "sum")
     small.byte_table_floats = 0  # force the fallback (byte windows) path on the same data
     small._build_fast_path()
     out["codebook-window-fallback"] = small
     universal = HashFunction.create("universal", 13, g).to_dict()
-    out["hashed-scale-bias"] = HashedEmbedding(V, D, 5, hash=universal, table=torch.randn(13, D, generator=g),
+    out["hashed-scale-bias"] = FrozenHashed(V, D, 5, hash=universal, table=torch.randn(13, D, generator=g),
                                                scale=torch.randn(V, generator=g), bias=torch.randn(V, generator=g))
-    out["hashed-mod"] = HashedEmbedding(V, D, hash={"kind": "mod", "buckets": 11},
+    out["hashed-mod"] = FrozenHashed(V, D, hash={"kind": "mod", "buckets": 11},
                                         table=torch.randn(11, D, generator=g))
     for act in ("identity", "relu", "tanh", "gelu"):
-        out[f"factors-{act}"] = FactorizedEmbedding(V, D, activation=act, codes=torch.randn(V, 5, generator=g),
+        out[f"factors-{act}"] = FrozenFactors(V, D, activation=act, codes=torch.randn(V, 5, generator=g),
                                                     basis=torch.randn(5, D, generator=g),
                                                     bias=torch.randn(D, generator=g) if act != "identity" else None)
     weight = torch.randn(V, D, generator=g)
     for bits in (16, 8, 4):
         from embcompress.frozen.scalar import quantize_rows
         values, scale = quantize_rows(weight, bits)
-        out[f"scalar-{bits}"] = ScalarQuantizedEmbedding(V, D, bits=bits, values=values, scale=scale)
+        out[f"scalar-{bits}"] = FrozenScalar(V, D, bits=bits, values=values, scale=scale)
     for bits, block, offset in [(8, 32, False), (4, 7, True), (3, 0, False), (2, 5, True), (3, 16, True)]:
-        out[f"scalar-{bits}-block{block}{'-offset' if offset else ''}"] = ScalarQuantizedEmbedding.from_weight(
+        out[f"scalar-{bits}-block{block}{'-offset' if offset else ''}"] = FrozenScalar.from_weight(
             weight, bits, block, offset)
     for combine in ("mult", "add", "concat"):
         w = D // 2 if combine == "concat" else D
-        out[f"qr-{combine}"] = QREmbedding(V, D, combine=combine, quotient=torch.randn(-(-V // 10), w, generator=g),
+        out[f"qr-{combine}"] = FrozenQR(V, D, combine=combine, quotient=torch.randn(-(-V // 10), w, generator=g),
                                            remainder=torch.randn(10, w, generator=g))
-    out["tt"] = TensorTrainCores(V, D, vocab_shape=[10, 10], dim_shape=[4, 6],
-                                 core0=torch.randn(1, 10, 4, 3, generator=g), core1=torch.randn(3, 10, 6, 1, generator=g))
+    out["tt"] = FrozenTensorTrain(V, D, vocab_shape=[10, 10], dim_shape=[4, 6],
+                                 core0=torch.randn(1, 10, 4, 3, generator=g),
+                                 core1=torch.randn(3, 10, 6, 1, generator=g))
     return out
 
 
@@ -166,7 +167,7 @@ def test_exported_methods_match_numpy_decoder(spec):
 
 def test_byte_table_is_rebuilt_when_a_state_dict_is_loaded():
     a = DIRECT["codebook-K4-M8-sum-shared"]
-    b = CodebookEmbedding.from_codes(torch.zeros(V, 8, dtype=torch.long), torch.zeros(1, 4, D), "sum")
+    b = FrozenCodebook.from_codes(torch.zeros(V, 8, dtype=torch.long), torch.zeros(1, 4, D), "sum")
     b.load_state_dict(a.state_dict())
     ids = torch.arange(V)
     torch.testing.assert_close(b(ids), a(ids))
@@ -257,6 +258,6 @@ def test_fast_lookups_are_bit_exact_where_no_sum_is_reordered(name):
 @pytest.mark.skipif(os.environ.get("EMBCOMPRESS_KERNELS") == "0", reason="C kernels turned off for this run")
 def test_extension_is_built_by_the_dev_install():
     # CI installs with a C compiler; a silent build failure would leave every lookup on the slow path.
-    from embcompress.frozen import kernels
+    from embcompress import kernels
 
     assert kernels.available(), "embcompress._kernels did not build: check the compiler output of `pip install -e .`"

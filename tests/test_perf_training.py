@@ -91,7 +91,8 @@ def test_sparse_query_gradient_equals_the_dense_one(spec):
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adagrad])
-@pytest.mark.parametrize("spec", ["dpq:variant=sx,groups=3,codewords=4,sparse=true", "codes:books=3,codewords=4,sparse=true"])
+@pytest.mark.parametrize("spec", ["dpq:variant=sx,groups=3,codewords=4,sparse=true",
+                                  "codes:books=3,codewords=4,sparse=true"])
 def test_sparse_tables_train_with_optimizers_that_take_sparse_gradients(spec, optimizer):
     torch.manual_seed(0)
     table = embcompress.build(spec, V, D).train()

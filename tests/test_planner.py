@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import embcompress
+from embcompress.config import SpecError
 from embcompress.planner import (Candidate, allocate, pareto_front, parse_budget, plan_budget,
                                  weighted_relative_error)
 
@@ -126,3 +127,18 @@ def test_compress_passes_row_weights_to_fits_that_take_them():
         embcompress.compress_(model, "lowrank:rank=2", row_weights={"0": counts} if weighted else None)
         errors[weighted] = float((model[0].materialize() - weight)[:30].pow(2).mean())
     assert errors[True] < 0.9 * errors[False]
+
+
+def test_row_weights_are_checked_and_never_recorded_as_fit_settings():
+    weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(5))
+    counts = torch.ones(50)
+    table = embcompress.from_pretrained(weight, "pq:groups=2,codewords=4", row_weights=counts)
+    assert "row_weights" not in table.fit_settings and "row_weights" not in table.export().fit_settings
+    with pytest.raises(ValueError, match="scalar takes no row_weights; methods whose fit does: lowrank, pq"):
+        embcompress.from_pretrained(weight, "scalar:bits=8", row_weights=counts)
+    with pytest.raises(ValueError, match=r"row_weights must be a \(50,\) tensor"):
+        embcompress.from_pretrained(weight, "lowrank:rank=2", row_weights=torch.ones(49))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        embcompress.from_pretrained(weight, "lowrank:rank=2", row_weights=-counts)
+    with pytest.raises(SpecError, match="row_weights"):  # a tensor, not a setting: not accepted as a fit option
+        embcompress.from_pretrained(weight, "pq:groups=2,codewords=4", fit={"row_weights": 1})

@@ -7,7 +7,7 @@ import torch
 
 import embcompress
 from embcompress.budget import config_for_budget
-from embcompress.frozen import QREmbedding
+from embcompress.frozen import FrozenQR
 from helpers import relative_mse, synthetic_table
 
 
@@ -64,14 +64,14 @@ def test_concat_fit_is_the_closed_form_and_rounds_only_help():
 def test_export_format_and_validation():
     table = embcompress.from_pretrained(synthetic_table(), "qr:buckets=16,combine=add", padding_idx=0)
     frozen = table.export()
-    assert isinstance(frozen, QREmbedding) and frozen.format == "qr"
+    assert isinstance(frozen, FrozenQR) and frozen.format == "qr"
     assert frozen.metadata() == {"combine": "add"} and set(frozen.stored_tensors()) == {"quotient", "remainder"}
     torch.testing.assert_close(frozen.materialize(), table.materialize())
     assert torch.all(frozen.materialize()[0] == 0)
     with pytest.raises(ValueError, match=r"expected \(16, 24\) and \(16, 24\)"):
-        QREmbedding(256, 24, combine="add", quotient=torch.zeros(15, 24), remainder=torch.zeros(16, 24))
+        FrozenQR(256, 24, combine="add", quotient=torch.zeros(15, 24), remainder=torch.zeros(16, 24))
     with pytest.raises(ValueError, match="combine must be one of mult, add, concat"):
-        QREmbedding(256, 24, combine="sum", quotient=torch.zeros(16, 24), remainder=torch.zeros(16, 24))
+        FrozenQR(256, 24, combine="sum", quotient=torch.zeros(16, 24), remainder=torch.zeros(16, 24))
 
 
 def test_budget_uses_a_small_remainder_table():

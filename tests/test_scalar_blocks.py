@@ -5,7 +5,7 @@ import torch
 
 import embcompress
 from embcompress.budget import config_for_budget
-from embcompress.frozen.scalar import ScalarQuantizedEmbedding, block_codes, block_decode
+from embcompress.frozen.scalar import FrozenScalar, block_codes, block_decode
 from embcompress.methods.scalar import ScalarEmbedding
 
 from helpers import relative_mse
@@ -57,7 +57,7 @@ def test_zero_rows_and_old_artifacts(tmp_path):
     weight = torch.zeros(4, 8)
     frozen = embcompress.from_pretrained(weight, "scalar:bits=2,block=4").export()
     assert frozen.materialize().abs().max() == 0
-    per_row = ScalarQuantizedEmbedding.from_weight(torch.randn(4, 8), 4)
+    per_row = FrozenScalar.from_weight(torch.randn(4, 8), 4)
     assert per_row.metadata() == {"bits": 4}  # the original per-row header is unchanged
     loaded = embcompress.load(embcompress.save(frozen, tmp_path / "z.emb"))
     assert loaded.metadata() == {"bits": 2, "block": 4}

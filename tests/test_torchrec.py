@@ -134,7 +134,8 @@ def test_ranks_with_different_tables_are_named():
     from embcompress.integrations.torchrec.sharding import first_difference
 
     mine = {"sparse": CompressedEmbeddingBagCollection(bag_tables(), SPECS).describe()}
-    theirs = {"sparse": CompressedEmbeddingBagCollection(bag_tables(), {**SPECS, "user": "memcom:buckets=8"}).describe()}
+    other = CompressedEmbeddingBagCollection(bag_tables(), {**SPECS, "user": "memcom:buckets=8"})
+    theirs = {"sparse": other.describe()}
     assert first_difference(mine, mine) == ""
     assert "table 'user'" in first_difference(mine, theirs) and "buckets=8" in first_difference(mine, theirs)
 
@@ -165,7 +166,8 @@ def worker(rank, world, port, out_dir):
         # Query tables row- and column-wise (the planner would keep small tables whole), the scalars
         # table-wise: every sharding offered to per-row parts runs in the test.
         pins = {"item": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"]),
-                "page": ParameterConstraints(sharding_types=["column_wise"], compute_kernels=["fused"], min_partition=4),
+                "page": ParameterConstraints(sharding_types=["column_wise"], compute_kernels=["fused"],
+                                             min_partition=4),
                 "user": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])}
         plan = sharding_plan(model, ddr_cap=1 << 30, constraints=pins)
         model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan)

@@ -7,7 +7,7 @@ import torch
 
 import embcompress
 from embcompress import SpecError
-from embcompress.frozen import TensorTrainCores
+from embcompress.frozen import FrozenTensorTrain
 from embcompress.methods.tt import TensorTrainEmbedding, TTConfig, auto_vocab_shape, best_factorization, tt_svd
 
 
@@ -120,7 +120,7 @@ def test_frozen_without_cache_matches_cached(monkeypatch):
     table = embcompress.build("tt:cores=3,rank=4", 500, 24).eval()
     cached = table.export()
     assert cached._left_table is not None and cached._right_table is not None
-    monkeypatch.setattr(TensorTrainCores, "cache_floats", 0)
+    monkeypatch.setattr(FrozenTensorTrain, "cache_floats", 0)
     chained = table.export()
     assert chained._left_table is None and chained._right_table is None
     ids = torch.randint(0, 500, (200,))
@@ -135,11 +135,11 @@ def test_frozen_stores_exactly_the_cores_and_checks_shapes():
     cores = {f"core{k}": c.detach() for k, c in enumerate(table.cores)}
     meta = frozen.metadata()
     with pytest.raises(ValueError, match=r"core1 must have shape .* leading dims \(4, 4, 2\), got \(4, 3, 2, 4\)"):
-        TensorTrainCores(97, 24, **meta, **{**cores, "core1": cores["core1"][:, :3]})
+        FrozenTensorTrain(97, 24, **meta, **{**cores, "core1": cores["core1"][:, :3]})
     with pytest.raises(ValueError, match=r"needs tensors \['core0', 'core1', 'core2'\]"):
-        TensorTrainCores(97, 24, **meta, core0=cores["core0"], core1=cores["core1"])
+        FrozenTensorTrain(97, 24, **meta, core0=cores["core0"], core1=cores["core1"])
     with pytest.raises(ValueError, match="fewer than num_embeddings=101"):
-        TensorTrainCores(101, 24, **meta, **cores)
+        FrozenTensorTrain(101, 24, **meta, **cores)
 
 
 def test_paper_imdb_byte_counts():
@@ -177,7 +177,7 @@ def test_cached_lookup_equals_the_core_chain_in_both_orientations(dim_shape, tra
     g = torch.Generator().manual_seed(3)
     vocab, ranks = [5, 6, 7], [1, 3, 4, 1]
     cores = {f"core{k}": torch.randn(ranks[k], vocab[k], dim_shape[k], ranks[k + 1], generator=g) for k in range(3)}
-    frozen = TensorTrainCores(200, math.prod(dim_shape), vocab_shape=vocab, dim_shape=dim_shape, **cores)
+    frozen = FrozenTensorTrain(200, math.prod(dim_shape), vocab_shape=vocab, dim_shape=dim_shape, **cores)
     assert frozen._transposed is transposed
     assert frozen.num_bytes() == 4 * sum(c.numel() for c in cores.values())  # the cache is not the artifact
     assert frozen.cache_bytes() > 0

@@ -7,6 +7,7 @@ Example:
     torch.Size([1, 3, 64])
     >>> frozen = table.export()          # bit-packed codes + codebooks
     >>> frozen.num_bytes(), round(frozen.compression_ratio())
+    (44096, 58)
 """
 
 from __future__ import annotations
@@ -16,32 +17,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import budget
 from ._version import __version__
 from .base import CompressedEmbedding
-from .config import MethodConfig, SpecError, parse_spec, to_spec
+from .budget import config_for_budget
+from .config import Config, FitConfig, FitLike, MethodConfig, SpecError, parse_spec, to_spec
+from .distill import DistillConfig, DistillResult, distill
 from .frozen import FrozenEmbedding
 from .io import ArtifactError, load, save
 from .registry import build, get_method, list_methods
 from .surgery import CompressionReport, compress_, decompress_, load_pretrained, save_pretrained
-from .distill import DistillResult, distill
 
 __all__ = [
-    "__version__", "CompressedEmbedding", "FrozenEmbedding", "MethodConfig", "SpecError", "ArtifactError",
-    "build", "from_pretrained", "list_methods", "get_method", "parse_spec", "to_spec", "aux_loss",
-    "save", "load", "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport",
-    "distill", "DistillResult",
+    "__version__", "CompressedEmbedding", "FrozenEmbedding", "Config", "MethodConfig", "FitConfig",
+    "SpecError", "ArtifactError", "build", "from_pretrained", "list_methods", "get_method", "parse_spec", "to_spec",
+    "aux_loss", "config_for_budget", "save", "load", "compress_", "decompress_", "save_pretrained",
+    "load_pretrained", "CompressionReport", "distill", "DistillConfig", "DistillResult", "budget",
 ]
 
 
 def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | None = None,
+                    fit: FitLike = None, *, progress: bool | None = None, row_weights: torch.Tensor | None = None,
                     **fit_options: Any) -> CompressedEmbedding:
     """Compress a pretrained (V, d) matrix post hoc with the method the spec names.
 
+    ``fit`` sets how the method fits (its ``Fit`` config, a ``"key=value,..."`` string or a dict);
+    keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
+    ``row_weights`` (V,) weighs each row's error (e.g. token counts) in the fits that take it (pq, lowrank).
+
     Example:
-        >>> table = embcompress.from_pretrained(glove, "codes:books=16,codewords=32")
+        >>> import embcompress, torch
+        >>> table = embcompress.from_pretrained(torch.randn(300, 16), "pq:groups=4,codewords=8", fit="iters=30")
+        >>> table.fit_settings["iters"]
+        30
     """
     config = parse_spec(spec)
-    return get_method(config.method).from_pretrained(weight, config, padding_idx=padding_idx, **fit_options)
+    return get_method(config.method).from_pretrained(weight, config, padding_idx, fit, progress=progress,
+                                                     row_weights=row_weights, **fit_options)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -7,7 +7,10 @@
 - ``materialize()``: the dense table the module decodes to in eval mode;
 - ``export()``: a frozen inference module holding only what is deployed, and ``num_bytes()``.
 
-A subclass implements :meth:`lookup`, :meth:`export`, and usually :meth:`fit`. Values a method
+A subclass implements :meth:`lookup`, :meth:`export`, and usually :meth:`_fit` with its own
+:class:`~embcompress.config.FitConfig` (``Fit``): :meth:`fit` validates the settings, runs
+``_fit`` and keeps the resolved settings in ``fit_settings``, which :meth:`export` hands to the
+frozen module so artifacts record how they were made. Values a method
 resolves from the table shape (a tensor-train factorization, hash parameters) go in
 :meth:`layout` and are passed back on load, so they are never recomputed.
 """
@@ -19,19 +22,27 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, cast
+
+from typing_extensions import TypeVar
 
 import torch
 from torch import nn
 
-from .config import MethodConfig, SpecError, parse_spec
+from .config import FitConfig, FitLike, MethodConfig, SpecError, parse_spec
 from .frozen.base import FrozenEmbedding
-from .progress import progress_bar
+from .training import StepFn, adam_steps
 from .validation import check_ids, check_table_shape, check_weight, normalize_padding_idx
 
-__all__ = ["CompressedEmbedding"]
+__all__ = ["CompressedEmbedding", "GradientFit", "fit_scale", "row_weighted_methods"]
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound="CompressedEmbedding[Any]")
+# The default keeps a bare ``CompressedEmbedding`` meaning "any method's table" (PEP 696).
+C = TypeVar("C", bound=MethodConfig, default=MethodConfig)
 
 # Inputs whose largest value exceeds SAFE_PEAK are fitted scaled down: the fits square values and
 # sum thousands of squares, which overflows float32 (3.4e38) from about 1e16 on. Inputs below
@@ -48,7 +59,8 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _check_affordable(cls: type, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> None:
+def _check_affordable(cls: "type[CompressedEmbedding[Any]]", config: MethodConfig, num_embeddings: int,
+                      embedding_dim: int) -> None:
     """Refuse, before allocating, a config whose stored tensors alone exceed this machine's memory
     (a bucket count or TT rank with a few digits too many would otherwise ask for terabytes)."""
     if torch.empty(0).device.type == "meta":
@@ -74,17 +86,31 @@ def fit_scale(weight: torch.Tensor) -> float:
     return 2.0 ** (max(1, exponent) if peak > SAFE_PEAK else min(-1, exponent))
 
 
-class CompressedEmbedding(nn.Module):
-    """Base class of every trainable compressed table."""
+
+@dataclass(frozen=True)
+class GradientFit(FitConfig):
+    """Fit settings of the default fit: Adam on the reconstruction MSE over random row batches."""
+
+    steps: int = field(default=500, metadata={"help": "Adam steps", "min": 0})
+    batch_size: int = field(default=4096, metadata={"help": "rows per step", "min": 1})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
+    seed: int = field(default=0, metadata={"help": "seed of the row sampling"})
+
+
+class CompressedEmbedding(nn.Module, Generic[C]):
+    """Base class of every trainable compressed table; ``C`` is the method's config type."""
 
     Config: ClassVar[type[MethodConfig]]
-    #: the fit settings this table was made with (recorded in artifacts); None when not known
+    config: C
+    #: The method's post hoc fit settings; :meth:`fit` validates every option against it.
+    Fit: ClassVar[type[FitConfig]] = GradientFit
+    #: The settings of the last :meth:`fit` (canonical values, resolved seeds), None if never fitted.
     fit_settings: dict[str, Any] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "export" in cls.__dict__:
-            cls.export = _declaring_spec(cls.__dict__["export"])  # type: ignore[method-assign]
+            cls.export = _declaring_spec(cls.__dict__["export"])  # type: ignore[method-assign,assignment]
 
     def __init__(
         self,
@@ -104,7 +130,7 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
-        self.config = config
+        self.config = cast(C, config)
 
     # -- what each method implements ---------------------------------------------------------
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -123,12 +149,12 @@ class CompressedEmbedding(nn.Module):
         return {}
 
     @classmethod
-    def expected_bytes(cls, config: MethodConfig, num_embeddings: int, embedding_dim: int) -> int:
+    def expected_bytes(cls, config: C, num_embeddings: int, embedding_dim: int) -> int:
         """Exact artifact bytes for this config and table shape, without building anything."""
         raise NotImplementedError
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> list[MethodConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: C) -> list[C]:
         """Configs to consider for a byte budget, best-quality-first among equal sizes.
 
         ``base`` carries the fields the user fixed; vary the size knobs. ``embcompress.budget``
@@ -137,7 +163,7 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: MethodConfig) -> str:
+    def budget_note(cls, num_embeddings: int, embedding_dim: int, base: C) -> str:
         """Why a budget may be out of reach, added to the error when nothing fits ('' = nothing to add)."""
         return ""
 
@@ -147,15 +173,58 @@ class CompressedEmbedding(nn.Module):
     @classmethod
     def quick_fit_options(cls) -> dict[str, Any]:
         """Options for ``from_pretrained`` that trade a little quality for a much faster fit."""
-        return dict(cls.QUICK_FIT)
+        return cls.Fit.parse(cls.QUICK_FIT).to_dict()
 
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last training forward (DPQ-VQ's centroid term), else None."""
         return None
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None) -> "CompressedEmbedding":
-        """Fit the parameters to ``weight`` (V, d). Default: Adam on the reconstruction MSE."""
-        return self.fit_by_gradient(weight, steps=steps or 500, progress=progress)
+    def fit(self: E, weight: torch.Tensor, settings: FitLike = None, *,
+            progress: bool | None = None, row_weights: torch.Tensor | None = None, **options: Any) -> E:
+        """Fit the parameters to ``weight`` (V, d) post hoc.
+
+        ``settings`` (a ``Fit`` config, ``"key=value,..."`` or a dict) and keyword ``options`` are
+        checked against the method's ``Fit`` (a misspelt name is an error naming the valid ones);
+        the resolved settings are kept in :attr:`fit_settings`. ``row_weights`` (V,) weighs each
+        row's error (token counts) for the methods that take it (:func:`row_weighted_methods`);
+        a tensor, not a setting, so it is not recorded.
+        """
+        resolved = self.Fit.parse(settings, **options)
+        if getattr(resolved, "seed", 0) is None:  # drawn now, so the table records a seed that reproduces it
+            resolved = resolved.replace(seed=int(torch.randint(0, 2**31 - 1, ())))
+        if row_weights is None:
+            used = self._fit(weight, resolved, progress)
+        else:
+            used = self._fit_weighted(weight, resolved, progress, self._check_row_weights(row_weights))
+        self.fit_settings = used.to_dict()
+        return self
+
+    #: True for methods whose fit takes ``row_weights`` (they override :meth:`_fit_weighted`).
+    TAKES_ROW_WEIGHTS: ClassVar[bool] = False
+
+    def _fit_weighted(self, weight: torch.Tensor, settings: Any, progress: bool | None,
+                      row_weights: torch.Tensor) -> FitConfig:
+        """Fit minimizing sum_i w_i ||e_i||^2 (w = ``row_weights``, checked); methods that support it override."""
+        raise NotImplementedError
+
+    def _check_row_weights(self, row_weights: torch.Tensor) -> torch.Tensor:
+        if not self.TAKES_ROW_WEIGHTS:
+            raise ValueError(f"{self.config.method} takes no row_weights; methods whose fit does: "
+                             f"{', '.join(row_weighted_methods())}")
+        if not isinstance(row_weights, torch.Tensor) or tuple(row_weights.shape) != (self.num_embeddings,):
+            got = tuple(row_weights.shape) if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__
+            raise ValueError(f"row_weights must be a ({self.num_embeddings},) tensor (one weight per row), got {got}")
+        weights = row_weights.detach().float().cpu()
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool((weights > 0).any()):
+            raise ValueError("row_weights must be finite and >= 0, with at least one row above 0")
+        return weights
+
+    def _fit(self, weight: torch.Tensor, settings: Any, progress: bool | None) -> FitConfig:
+        """Fit with validated settings (this method's ``Fit``); return them as used. Default: Adam on the MSE."""
+        gradient = cast(GradientFit, settings)
+        self.fit_by_gradient(weight, steps=gradient.steps, batch_size=gradient.batch_size, lr=gradient.lr,
+                             seed=gradient.seed, progress=progress)
+        return gradient
 
     # -- shared behaviour --------------------------------------------------------------------
     @property
@@ -205,16 +274,23 @@ class CompressedEmbedding(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[E],
         weight: torch.Tensor,
         config: MethodConfig | str | None = None,
         padding_idx: int | None = None,
+        fit: FitLike = None,
+        *,
+        progress: bool | None = None,
+        row_weights: torch.Tensor | None = None,
         **fit_options: Any,
-    ) -> "CompressedEmbedding":
-        """Compress a given (V, d) matrix post hoc.
+    ) -> E:
+        """Compress a given (V, d) matrix post hoc; ``fit``, ``row_weights`` and ``fit_options`` as in :meth:`fit`.
 
         Example:
-            >>> table = TensorTrainEmbedding.from_pretrained(glove, "tt:cores=3,rank=16")
+            >>> from embcompress.methods.lowrank import LowRankEmbedding
+            >>> table = LowRankEmbedding.from_pretrained(torch.randn(100, 8), "lowrank:rank=4")
+            >>> table.compression_ratio() > 1
+            True
         """
         weight = check_weight(weight)
         module = cls(weight.shape[0], weight.shape[1], config, padding_idx=padding_idx)
@@ -224,10 +300,10 @@ class CompressedEmbedding(nn.Module):
                 ("small", f"multiply the table by {1 / scale:g}")
             raise ValueError(f"{module.config.method} cannot fit values this {size} (up to "
                              f"{float(weight.abs().max()):.3g}); {change} first, or use another method")
-        module.fit(weight / scale if scale != 1.0 else weight, **fit_options)
+        module.fit(weight / scale if scale != 1.0 else weight, fit, progress=progress, row_weights=row_weights,
+                   **fit_options)
         if scale != 1.0:
             module.rescale_output_(scale)
-        module.fit_settings = dict(fit_options)  # artifacts record how the table was made ({} = defaults)
         module._check_finite_result(weight)
         return module
 
@@ -284,31 +360,33 @@ class CompressedEmbedding(nn.Module):
         progress: bool | None = None,
         parameters: list[nn.Parameter] | None = None,
         seed: int = 0,
-    ) -> "CompressedEmbedding":
+    ) -> "CompressedEmbedding[C]":
         """Minimize the reconstruction MSE to ``weight`` over random row batches with Adam."""
         weight = self._check_fit_weight(weight)
         params = [p for p in (parameters or list(self.parameters())) if p.requires_grad]
         if not params or steps <= 0:
             return self
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed))
         was_training = self.training
         self.train()
-        bar = progress_bar(range(steps), desc=f"fit {self.config.method}", enabled=progress)
-        for _ in bar:
-            rows = torch.randint(0, self.num_embeddings, (min(batch_size, self.num_embeddings),), generator=generator)
+        try:
+            adam_steps(step, params, steps=steps, lr=lr, desc=f"fit {self.config.method}", progress=progress)
+        finally:
+            self.train(was_training)
+        return self
+
+    def _reconstruction_step(self, weight: torch.Tensor, batch_size: int, generator: torch.Generator) -> StepFn:
+        """One gradient step's loss for :func:`adam_steps`: the MSE to ``weight`` (V, d) on random rows,
+        plus the method's auxiliary loss."""
+        batch = min(batch_size, self.num_embeddings)
+
+        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
             loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
             aux = self.aux_loss()
-            total = loss if aux is None else loss + aux
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            schedule.step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
-        self.train(was_training)
-        return self
+            return (loss if aux is None else loss + aux), {"mse": loss}
+
+        return step
 
     def _check_fit_weight(self, weight: torch.Tensor) -> torch.Tensor:
         weight = check_weight(weight)
@@ -319,7 +397,8 @@ class CompressedEmbedding(nn.Module):
         return weight
 
 
-def _declaring_spec(export: Callable[[CompressedEmbedding], FrozenEmbedding]) -> Callable[[CompressedEmbedding], FrozenEmbedding]:
+def _declaring_spec(
+        export: Callable[[CompressedEmbedding], FrozenEmbedding]) -> Callable[[CompressedEmbedding], FrozenEmbedding]:
     """Wrap a method's ``export`` so the frozen module declares the spec and fit settings it came from."""
     @functools.wraps(export)
     def wrapper(self: CompressedEmbedding) -> FrozenEmbedding:
@@ -328,3 +407,10 @@ def _declaring_spec(export: Callable[[CompressedEmbedding], FrozenEmbedding]) ->
         frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
         return frozen
     return wrapper
+
+
+def row_weighted_methods() -> list[str]:
+    """Names of the registered methods whose fit takes ``row_weights``."""
+    from .registry import get_method, list_methods
+
+    return [name for name in list_methods() if get_method(name).TAKES_ROW_WEIGHTS]

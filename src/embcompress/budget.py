@@ -4,7 +4,8 @@ A budget is given as total bytes, bits per row, or a compression ratio against f
 every byte the artifact holds (codes, codebooks, cores, scalars). The chosen config is the
 largest candidate of the method that fits, so it is reported and stored like any other spec.
 
-    >>> config_for_budget("codes", 400_000, 50, bits_per_row=80)
+    >>> config_for_budget("dpq", 400_000, 50, bits_per_row=80).to_spec()
+    'dpq:variant=sx,groups=25,codewords=8,shared=false,batchnorm=true,tau=1.0,sparse=false'
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .config import MethodConfig, SpecError, parse_spec
+from .config import MethodConfig, SpecError, parse_spec, split_spec
 from .registry import get_method
 
 __all__ = ["budget_bytes", "config_for_budget"]
@@ -32,7 +33,7 @@ def budget_bytes(num_embeddings: int, embedding_dim: int, *, bytes: int | None =
         total = int(bytes)
     elif bits_per_row is not None:
         total = int(num_embeddings * bits_per_row // 8)
-    else:
+    elif ratio is not None:
         total = int(num_embeddings * embedding_dim * 4 / ratio)
     if total <= 0:
         raise ValueError(f"the budget must be positive, got {total} bytes")
@@ -47,7 +48,8 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
     fixed = _explicit_keys(spec)
     cls = get_method(base.method)
     limit = budget_bytes(num_embeddings, embedding_dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
-    best, best_bytes, smallest = None, -1, None
+    best: MethodConfig | None = None
+    best_bytes, smallest = -1, None
     for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base):
         if any(getattr(candidate, key) != getattr(base, key) for key in fixed):
             continue  # the user fixed this field in the spec
@@ -70,7 +72,4 @@ def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding
 
 def _explicit_keys(spec: "str | MethodConfig") -> set[str]:
     """Fields a spec string sets explicitly (a config object fixes none)."""
-    if not isinstance(spec, str):
-        return set()
-    _, _, rest = spec.partition(":")
-    return {item.partition("=")[0].strip() for item in rest.split(",") if item.strip()}
+    return set(split_spec(spec)[1]) if isinstance(spec, str) else set()

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Sequence
 import torch
 
 from . import __version__
-from .config import SpecError
+from .config import SpecError, parse_spec
 from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
@@ -110,6 +110,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if args.verbose:
             for f in dataclasses.fields(cls.Config):
                 print(f"    {f.name}={f.default!r}: {f.metadata.get('help', '')}")
+            for f in dataclasses.fields(cls.Fit):
+                print(f"    fit {f.name}={f.default!r}: {f.metadata.get('help', '')}")
     return 0
 
 
@@ -120,14 +122,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     spec = args.spec or args.method
     if not spec:
         raise SpecError("give a method with -m (see `embcompress methods`) or a full --spec")
-    if args.spec and args.method and not args.spec.startswith(args.method):
+    method = parse_spec(spec).method
+    if args.spec and args.method and method != args.method:
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
+    fit = get_method(method).Fit.parse(args.fit, steps=args.steps)  # typos fail before the table loads
     check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
     table = load_table(args.source, key=args.key, limit=args.limit)
     protect = [args.source, *table.files]  # a model folder's weights and vocabulary, not only the folder
     check_output_path(args.output, overwrite=args.force, protect=protect)
-    fit_options = {"steps": args.steps} if args.steps else {}
-    result = compress_table(table, spec, fit_options=fit_options, evaluate=not args.no_eval,
+    result = compress_table(table, spec, fit_options=fit, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
     try:
@@ -152,11 +155,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     frozen = module.export() if isinstance(module, CompressedEmbedding) else module
     table = load_table(args.against, key=args.key, limit=frozen.num_embeddings if args.limit else None)
     if tuple(table.weight.shape) != (frozen.num_embeddings, frozen.embedding_dim):
-        hint = " (the artifact was made with --limit: add --limit)" if frozen.num_embeddings < table.weight.shape[0] else ""
+        limited = frozen.num_embeddings < table.weight.shape[0]
+        hint = " (the artifact was made with --limit: add --limit)" if limited else ""
         raise ValueError(f"{args.artifact} is ({frozen.num_embeddings}, {frozen.embedding_dim}) but {args.against} "
                          f"is {tuple(table.weight.shape)}{hint}")
     header, _ = read_header(args.artifact)
-    report = {"method": header.get("method") or header.get("spec", "").partition(":")[0] or header["format"],
+    spec = header.get("spec")
+    report = {"method": header.get("method") or (parse_spec(spec).method if spec else header["format"]),
               "spec": header.get("spec"), "artifact": str(args.artifact),
               **evaluate_module(frozen, table, analogy=not args.no_analogy)}
     print(json.dumps(report, indent=2) if args.json else format_table([report], REPORT_COLUMNS[:-1]))
@@ -232,13 +237,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"GloVe 6B 50d: {rows:,} x {dim} fp32 = {rows * dim * 4 / 1e6:.1f} MB; budget {args.bits_per_row:g} "
           f"bits per row = {rows * args.bits_per_row / 8 / 1e6:.2f} MB, everything counted", flush=True)
     full = {"method": "full fp32", "bytes": rows * dim * 4, "ratio": 1.0, "bits_per_row": dim * 32.0,
-            "rel_mse": 0.0, "mean_cosine": 1.0, **word_metrics(table.weight, table.words, analogy=False)}
+            "rel_mse": 0.0, "mean_cosine": 1.0, **word_metrics(table.weight, table.words or [], analogy=False)}
     results = [full]
     for spec in args.methods:
         started = time.perf_counter()
         try:
             # Each method's quick fit keeps the demo to a few minutes; bench-posthoc runs the full fits.
-            fit_options = {} if args.full_fit else get_method(spec.partition(":")[0]).quick_fit_options()
+            fit_options = {} if args.full_fit else get_method(parse_spec(spec).method).quick_fit_options()
             result = compress_table(table, spec, bits_per_row=args.bits_per_row, fit_options=fit_options,
                                     neighbours=False, analogy=False)
         except SpecError as exc:  # e.g. a baseline that cannot go this small
@@ -279,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="tensor name inside a .safetensors file or model folder")
     p.add_argument("--limit", type=positive_int, help="keep only the first N rows")
     p.add_argument("--steps", type=positive_int, help="override the method's number of fitting steps")
+    p.add_argument("--fit", help='the method\'s fit settings, e.g. "iters=30,seed=0" '
+                                 "(`embcompress methods -v` lists them)")
     p.add_argument("--trainable", action="store_true", help="save the trainable module (for fine-tuning) "
                                                            "instead of the frozen inference artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
@@ -339,7 +346,7 @@ def _os_message(exc: OSError) -> str:
     if exc.strerror is None:  # raised with a message of ours (e.g. FileNotFoundError("no table at ..."))
         return str(exc)
     where = f" ({exc.filename})" if exc.filename else ""
-    advice = _OS_ADVICE.get(exc.errno)
+    advice = _OS_ADVICE.get(exc.errno) if exc.errno is not None else None
     problem = exc.strerror[:1].lower() + exc.strerror[1:]  # "No space left" -> "no space left", paths kept
     return f"{problem}{where}" + (f"; {advice}" if advice else "")
 

@@ -209,14 +209,16 @@ def _hf_folder(folder: Path, key: str | None) -> Table:
     files = [p for p in candidates if p.is_file()] or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         pickled = sorted(folder.glob("*.bin"))
-        extra = " (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)" if pickled else ""
+        extra = (" (only pickled .bin checkpoints, which are never unpickled here; convert to safetensors)"
+                 if pickled else "")
         raise FileNotFoundError(f"no .safetensors weights in {folder}{extra}; give a model folder holding "
                                 "model.safetensors, or a table file (.npy, .safetensors, .txt)")
     keys = _safetensors_keys(files[0])
     if key is None:
         matches = [k for k in keys if k.endswith(_HF_TABLE_SUFFIXES)]
         if not matches:
-            raise KeyError(f"no input embedding table found in {files[0]}; pass --key (tensors: {', '.join(keys[:15])})")
+            raise KeyError(f"no input embedding table found in {files[0]}; pass --key "
+                           f"(tensors: {', '.join(keys[:15])})")
         key = matches[0]
     weight = _safetensors(files[0], key)
     words = _hf_vocab(files[0].parent, weight.shape[0]) if weight.dim() == 2 else None
@@ -233,9 +235,9 @@ def load_table(source: "str | Path", *, key: str | None = None, limit: int | Non
     """Load a table by short name or path; see the module docstring for the formats.
 
     Example:
-        >>> table = load_table("glove-6b-50d")
-        >>> table.weight.shape
-        torch.Size([400000, 50])
+        >>> table = load_table("glove-6b-50d", limit=1000)   # the packaged GloVe, first 1,000 words
+        >>> table.weight.shape, table.words[:3]
+        (torch.Size([1000, 50]), ['the', ',', '.'])
     """
     _check_limit(limit)
     text = str(source)
@@ -301,4 +303,5 @@ def word_similarity_sets() -> dict[str, list[tuple[str, str, float]]]:
 def analogy_questions() -> list[tuple[str, str, str, str]]:
     """The Google analogy set (a : b :: c : d), lower-cased, section headers dropped."""
     lines = (_gensim_data() / "questions-words.txt").read_text(encoding="utf-8").splitlines()
-    return [tuple(line.lower().split()) for line in lines if line and not line.startswith(":")]
+    words = (line.lower().split() for line in lines if line and not line.startswith(":"))
+    return [(a, b, c, d) for a, b, c, d in words]

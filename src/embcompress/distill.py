@@ -16,8 +16,15 @@ pickle; ``resume=True`` continues an interrupted run from the last checkpoint, b
 when the batches come in the same order.
 
 Example:
-    >>> result = embcompress.distill(student, teacher, batches, steps=500, temperature=2.0,
+    >>> import copy, embcompress
+    >>> teacher = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 4))   # logits (*, 4)
+    >>> student = copy.deepcopy(teacher)
+    >>> report = embcompress.compress_(student, "lowrank:rank=4")
+    >>> batches = [torch.randint(0, 100, (8, 5)) for _ in range(4)]
+    >>> result = embcompress.distill(student, teacher, batches, steps=8, temperature=2.0,
     ...                              checkpoint="runs/kd", table_weight=1.0)
+    >>> len(result.losses)
+    8
 """
 
 from __future__ import annotations
@@ -27,18 +34,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import CompressedEmbedding
+from .config import Config, SpecError
 from .io import ArtifactError, json_ready, read_folder_bundle, write_folder_bundle
 from .validation import json_int, json_object
 from .progress import progress_bar
 
-__all__ = ["distill", "DistillResult", "distillation_loss", "mean_pool"]
+__all__ = ["distill", "DistillConfig", "DistillResult", "distillation_loss", "mean_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -158,46 +166,72 @@ def _batch_stream(batches: Iterable[Any], epoch: int, position: int) -> Iterator
         epoch, position = epoch + 1, 0
 
 
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """The settings of one :func:`distill` run (keywords of ``distill`` are these fields).
+
+        >>> config = DistillConfig.parse("temperature=4,alpha=0.9")
+        >>> config.temperature, DistillConfig.parse(config.to_spec()) == config
+        (4.0, True)
+    """
+
+    mode: Literal["logits", "outputs"] = field(default="logits", metadata={
+        "help": "logits: T^2-scaled KL on softmax(logits / temperature), mixed with the cross-entropy on labels "
+                "as alpha * KD + (1 - alpha) * CE when a batch has labels; "
+                "outputs: output_loss between pooled outputs"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of the logit loss"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the distillation term against the task loss",
+                                                "min": 0.0, "max": 1.0})
+    table_weight: float = field(default=0.0, metadata={
+        "help": "weight of the MSE between each compressed table and the teacher's table at the same name",
+        "min": 0.0})
+    output_loss: Literal["cosine", "mse"] = field(default="cosine", metadata={
+        "help": "outputs mode: 1 - cosine, or MSE, between pooled outputs"})
+    steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps; none = epochs * len(batches)", "min": 1})
+    epochs: int = field(default=1, metadata={"help": "passes over the batches when steps is none", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate", "min": 0.0})
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    max_grad_norm: float | None = field(default=1.0, metadata={
+        "help": "gradient-norm clipping; none = no clipping", "min": 0.0})
+    train: Literal["tables", "all"] = field(default="tables", metadata={
+        "help": "tables: only the compressed tables (the rest stays in eval mode); all: the whole student"})
+    table_rows: int = field(default=4096, metadata={"help": "random rows per step of the table loss", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the run's random draws"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints", "min": 1})
+    resume: bool = field(default=True, metadata={"help": "continue from an existing checkpoint"})
+
+    @classmethod
+    def describe(cls) -> str:
+        return "distill settings"
+
+    def validate(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise SpecError(f"distill settings: temperature must be > 0, got {self.temperature}")
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
     batches: Iterable[Any],
+    config: "DistillConfig | str | Mapping[str, Any] | None" = None,
     *,
-    mode: Literal["logits", "outputs"] = "logits",
-    temperature: float = 2.0,
-    alpha: float = 0.5,
-    table_weight: float = 0.0,
-    output_loss: Literal["cosine", "mse"] = "cosine",
     forward_fn: ForwardFn | None = None,
-    steps: int | None = None,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    schedule: Literal["cosine", "constant"] = "cosine",
-    max_grad_norm: float | None = 1.0,
-    train: "Literal['tables', 'all'] | Sequence[nn.Parameter]" = "tables",
-    table_rows: int = 4096,
-    seed: int = 0,
     checkpoint: "str | Path | None" = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
     progress: bool | None = None,
+    **options: Any,
 ) -> DistillResult:
     """Fine-tune ``student`` (compressed) to match ``teacher`` (uncompressed), in place.
 
     Args:
         student, teacher: the compressed model and the original; the teacher is not changed.
         batches: re-iterable batches (see the module docstring); re-iterated for several epochs.
-        mode: ``"logits"``: T^2-scaled KL on softmax(logits / temperature), mixed with the
-            cross-entropy on labels as ``alpha * KD + (1 - alpha) * CE`` when a batch has labels;
-            ``"outputs"``: ``output_loss`` (1 - cosine, or MSE) between pooled outputs.
-        table_weight: weight of the MSE between each compressed table and the teacher's table
-            at the same module name, on ``table_rows`` random rows per step.
+        config: a :class:`DistillConfig`, ``"key=value,..."`` or a dict; keyword ``options`` set
+            the same fields (``mode``, ``temperature``, ``alpha``, ``table_weight``, ``steps``, ``lr``,
+            ...; see :class:`DistillConfig`) and a misspelt name is an error naming the valid ones.
+            ``train`` may also be an explicit list of parameters.
         forward_fn: ``forward_fn(model, inputs) -> tensor`` (logits, or pooled embeddings);
             default: call the model, take ``.logits`` or mean-pool ``last_hidden_state``.
-        steps / epochs: number of optimizer steps (default: ``epochs * len(batches)``).
-        train: ``"tables"`` trains only the compressed tables (the rest of the model stays in
-            eval mode and unchanged, so ``save_pretrained`` captures everything that changed),
-            ``"all"`` the whole student, or an explicit list of parameters.
         checkpoint: folder for safetensors + JSON checkpoints every ``checkpoint_every`` steps
             and at the end; with ``resume=True`` an existing checkpoint is continued.
 
@@ -207,22 +241,22 @@ def distill(
     """
     from . import aux_loss
 
-    if mode not in ("logits", "outputs"):
-        raise ValueError(f"mode must be 'logits' or 'outputs', got {mode!r}")
-    if output_loss not in ("cosine", "mse"):
-        raise ValueError(f"output_loss must be 'cosine' or 'mse', got {output_loss!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if table_weight < 0:
-        raise ValueError(f"table_weight must be >= 0, got {table_weight}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    explicit = options.get("train")
+    train: "str | list[nn.Parameter]"
+    if explicit is not None and not isinstance(explicit, str):
+        options = {k: v for k, v in options.items() if k != "train"}
+        train = list(explicit)
+    cfg = DistillConfig.parse(config, **options)
+    if explicit is None or isinstance(explicit, str):
+        train = cfg.train
+    mode, temperature, alpha, table_weight = cfg.mode, cfg.temperature, cfg.alpha, cfg.table_weight
+    output_loss, steps, lr, schedule = cfg.output_loss, cfg.steps, cfg.lr, cfg.schedule
+    max_grad_norm, table_rows, seed = cfg.max_grad_norm, cfg.table_rows, cfg.seed
+    checkpoint_every, resume = cfg.checkpoint_every, cfg.resume
     if steps is None:
         if not hasattr(batches, "__len__"):
             raise ValueError("batches has no length: pass steps=N")
-        steps = epochs * len(batches)  # type: ignore[arg-type]
+        steps = cfg.epochs * len(batches)  # type: ignore[arg-type]
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps} (are the batches empty?)")
 
@@ -235,8 +269,6 @@ def distill(
             params = list({id(p): p for t in tables for p in t.parameters() if p.requires_grad}.values())
         elif train == "all":
             params = [p for p in student.parameters() if p.requires_grad]
-        else:
-            raise ValueError(f"train must be 'tables', 'all' or a list of parameters, got {train!r}")
     else:
         params = list(train)
     if not params:
@@ -255,7 +287,8 @@ def distill(
                 "output_loss": output_loss, "steps": steps, "lr": lr, "schedule": schedule,
                 "max_grad_norm": max_grad_norm, "table_rows": table_rows, "seed": seed, "params": param_names}
     folder = Path(checkpoint) if checkpoint is not None else None
-    start, epoch, position, losses = 0, 0, 0, []
+    start, epoch, position = 0, 0, 0
+    losses: list[float] = []
 
     was_training = student.training
     teacher_was_training = teacher.training

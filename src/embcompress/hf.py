@@ -7,9 +7,11 @@ Sentence embeddings follow sentence-transformers: mean pooling over real tokens,
 normalization.
 
 Example:
+    >>> import embcompress
     >>> model, tokenizer = load_minilm()
-    >>> embcompress.compress_(model, {WORD_EMBEDDINGS: "distilled:rank=32", "default": "skip"})
-    >>> vectors = encode(model, tokenizer, ["a sentence", "another one"])   # (2, 384)
+    >>> report = embcompress.compress_(model, {WORD_EMBEDDINGS: "lowrank:rank=32", "default": "skip"})
+    >>> encode(model, tokenizer, ["a sentence", "another one"]).shape
+    torch.Size([2, 384])
 """
 
 from __future__ import annotations
@@ -107,11 +109,11 @@ def encode(model: nn.Module, tokenizer: Any, texts: "Sequence[str] | Iterable[di
     ``texts`` may also be pre-tokenized batches from :func:`tokenize_batches` (faster when the
     same texts are encoded by several models).
     """
-    texts = list(texts)
-    if not texts:
+    items: list[Any] = list(texts)
+    if not items:
         raise ValueError("encode() got no texts; pass at least one sentence or tokenized batch")
-    batches = texts if isinstance(texts[0], dict) else \
-        tokenize_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    batches = items if isinstance(items[0], dict) else \
+        tokenize_batches(tokenizer, items, batch_size=batch_size, max_length=max_length)
     was_training = model.training
     model.eval()
     try:

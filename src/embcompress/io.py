@@ -57,7 +57,7 @@ from .validation import MAX_DIM, MAX_ROWS, json_int, json_object
 __all__ = ["save", "load", "read_header", "ArtifactError", "OutputError", "FORMAT_VERSION", "atomic_write",
            "atomic_write_bytes", "check_output_path", "seal", "bundle_digest", "tensor_digest",
            "write_file_bundle", "read_file_bundle", "write_folder_bundle", "read_folder_bundle", "json_ready",
-           "build_trainable"]
+           "build_trainable", "check_table_header"]
 
 FORMAT_VERSION = 2  # 2: the digest covers the header too; kinds "model" and "checkpoint" share the format
 HEADER_KEY = "embcompress"
@@ -123,9 +123,9 @@ def seal(kind: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     """The header of a bundle: ``fields`` plus kind, versions and the digest over header and tensors."""
     header = {**fields, "kind": kind, "format_version": FORMAT_VERSION, "library_version": __version__,
               "torch_version": torch.__version__}
-    header = json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
-    header["sha256"] = bundle_digest(header, tensors)
-    return header
+    sealed: dict[str, Any] = json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
+    sealed["sha256"] = bundle_digest(sealed, tensors)
+    return sealed
 
 
 def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: object) -> None:
@@ -386,7 +386,7 @@ def _open_safetensors(path: Path, header_key: str | None) -> tuple[dict[str, Any
                                         "embcompress header); create one with embcompress.save or "
                                         "`embcompress compress`")
                 header = _parse_json(meta[header_key], path, MAX_HEADER_CHARS)
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         if isinstance(exc, ArtifactError):
             raise
@@ -400,10 +400,11 @@ def _check_kind(header: dict[str, Any], kinds: Iterable[str], source: object) ->
     kind = header.get("kind")
     if kind not in kinds:
         raise ArtifactError(f"{source} holds kind {kind!r}, expected {' or '.join(map(repr, kinds))}")
-    return kind
+    return str(kind)
 
 
-def read_file_bundle(path: "str | os.PathLike[str]", kinds: Iterable[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_file_bundle(path: "str | os.PathLike[str]",
+                     kinds: Iterable[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(header, tensors) of a single-file bundle, digest verified."""
     path = Path(path)
     header, tensors = _open_safetensors(path, HEADER_KEY)
@@ -458,7 +459,11 @@ def save(module: "CompressedEmbedding | FrozenEmbedding", path: "str | os.PathLi
     output must not be (see :func:`check_output_path`).
 
     Example:
-        >>> embcompress.save(table.export(), "glove.emb")
+        >>> import embcompress
+        >>> table = embcompress.from_pretrained(torch.randn(100, 8), "scalar:bits=8")
+        >>> path = embcompress.save(table.export(), "table.emb")
+        >>> embcompress.load(path).num_bytes()
+        1200
     """
     if isinstance(module, FrozenEmbedding):
         tensors = module.stored_tensors()

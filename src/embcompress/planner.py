@@ -13,14 +13,15 @@ of each other (the sample fit uses the same hyperparameters the full table will 
 count in the total error by their dense size.
 
 Example:
-    >>> plan = plan_budget({"tok": weight, "pos": pos_weight}, ratio=10, methods=["scalar", "pq", "dpq"])
-    >>> print(plan)                   # choice, bytes and error per table, and why others lost
-    >>> plan.specs["tok"]             # 'dpq:...'
+    >>> import torch
+    >>> tables = {"tok": torch.randn(500, 16) @ torch.randn(16, 32), "pos": torch.randn(64, 32)}
+    >>> plan = plan_budget(tables, ratio=8, methods=["scalar", "pq"])
+    >>> sorted(plan.specs)            # a spec per table; print(plan) also says why the others lost
+    ['pos', 'tok']
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -188,23 +189,11 @@ def _measure(method: str, config: MethodConfig, weight: torch.Tensor, weights: t
              fit_options: Mapping[str, Any], full_shape: tuple[int, int]) -> Candidate:
     cls = get_method(method)
     start = time.perf_counter()
-    module = cls.from_pretrained(weight, config, **_fit_kwargs(cls, fit_options, weights))
+    module = cls.from_pretrained(weight, config, row_weights=weights if cls.TAKES_ROW_WEIGHTS else None,
+                                 **fit_options)
     seconds = time.perf_counter() - start
     error = weighted_relative_error(module.materialize(), weight, weights)
     return Candidate(method, config.to_spec(), cls.expected_bytes(config, *full_shape), error, seconds)
-
-
-def _fit_kwargs(cls: Any, fit_options: Mapping[str, Any], weights: torch.Tensor | None) -> dict[str, Any]:
-    """Fit options, plus row weights for the methods whose fit takes them."""
-    options = dict(fit_options)
-    if weights is not None and takes_row_weights(cls):
-        options["row_weights"] = weights
-    return options
-
-
-def takes_row_weights(cls: Any) -> bool:
-    """True if the method's ``fit`` accepts ``row_weights`` (k-means PQ and low-rank so far)."""
-    return "row_weights" in inspect.signature(cls.fit).parameters
 
 
 def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str], *,

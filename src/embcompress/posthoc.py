@@ -1,9 +1,10 @@
 """Post hoc compression of a pretrained table, with the report people compare.
 
     >>> from embcompress.data import load_table
-    >>> table = load_table("glove-6b-50d")
-    >>> result = compress_table(table, "codes", bits_per_row=80)
-    >>> result.report["rel_mse"], result.report["ratio"]
+    >>> table = load_table("glove-6b-50d", limit=2000)
+    >>> result = compress_table(table, "pq", bits_per_row=80, fit_options="iters=5", neighbours=False, analogy=False)
+    >>> result.report["spec"], round(result.report["ratio"], 1), 0 < result.report["rel_mse"] < 1
+    ('pq:groups=2,codewords=64', 25.3, True)
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from typing import Any
 
 from .base import CompressedEmbedding, fit_scale
 from .budget import config_for_budget
-from .config import MethodConfig, parse_spec
+from .config import FitLike, MethodConfig, parse_spec
 from .data import Table
 from .evaluate import quality_report
 from .frozen import FrozenEmbedding
 from .registry import get_method
 
-__all__ = ["CompressionResult", "compress_table", "evaluate_module"]
+__all__ = ["CompressionResult", "compress_table", "evaluate_module", "resolve_config"]
 
 
 @dataclass
@@ -61,17 +62,24 @@ def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True
 
 def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | None = None,
                    bits_per_row: float | None = None, ratio: float | None = None,
-                   evaluate: bool = True, fit_options: dict[str, Any] | None = None,
+                   evaluate: bool = True, fit_options: FitLike = None, progress: bool | None = None,
                    **eval_options: bool) -> CompressionResult:
-    """Fit a method to ``table`` (hyperparameters from the spec or a budget), export, and report."""
+    """Fit a method to ``table`` (hyperparameters from the spec or a budget), export, and report.
+
+    ``fit_options``: the method's fit settings (its ``Fit`` config, ``"key=value,..."`` or a dict,
+    checked by name); the report's ``"fit"`` holds them as resolved.
+    """
     rows, dim = table.weight.shape
     config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
+    if isinstance(fit_options, dict) and "progress" in fit_options:  # accepted among the options, as before
+        fit_options = dict(fit_options)
+        progress = fit_options.pop("progress")
     start = time.perf_counter()
-    module = get_method(config.method).from_pretrained(table.weight, config, **(fit_options or {}))
+    module = get_method(config.method).from_pretrained(table.weight, config, None, fit_options, progress=progress)
     frozen = module.export()
     seconds = time.perf_counter() - start
-    report: dict[str, Any] = {"method": config.method, "spec": module.spec, "table": table.name,
-                              "rows": rows, "dim": dim, "seconds": seconds}
+    report: dict[str, Any] = {"method": config.method, "spec": module.spec, "fit": module.fit_settings,
+                              "table": table.name, "rows": rows, "dim": dim, "seconds": seconds}
     if evaluate:
         report.update(evaluate_module(frozen, table, **eval_options))
     else:

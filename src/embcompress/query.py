@@ -8,7 +8,7 @@ In state dicts and artifacts it keeps its plain name, ``query``, as before it be
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,9 @@ class QueryTableMixin:
         # N(0, 1) like nn.Embedding, drawn exactly as torch.randn(V, d) would be.
         self.query_table = nn.Embedding(num_embeddings, embedding_dim, sparse=sparse)
         if not getattr(self, "_query_hooks", False):
-            self.register_state_dict_post_hook(_save_as_query)
-            self.register_load_state_dict_pre_hook(_load_from_query)
+            module = cast(nn.Module, self)  # the mixin sits on an nn.Module subclass
+            module.register_state_dict_post_hook(_save_as_query)
+            module.register_load_state_dict_pre_hook(_load_from_query)
             self._query_hooks = True
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import MethodConfig, SpecError, parse_spec
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "get_method", "list_methods", "build"]
 
 _METHODS: dict[str, type["CompressedEmbedding"]] = {}
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound="type[CompressedEmbedding[Any]]")
 
 
 def register(cls: T) -> T:
@@ -53,6 +53,7 @@ def build(
     """A randomly initialized compressed table, ready for end-to-end training.
 
     Example:
+        >>> import torch
         >>> table = build("memcom:buckets=1000", 50_000, 64)
         >>> table(torch.tensor([[1, 2], [3, 4]])).shape
         torch.Size([2, 2, 64])

@@ -16,9 +16,13 @@ each ``nn.Embedding`` / ``nn.EmbeddingBag`` and returns a report. Ties are found
 tables' tensors and tied heads' biases) as safetensors + JSON, no pickle.
 
 Example:
-    >>> report = embcompress.compress_(model, {"encoder.tok": "dpq:groups=16", r".*pos.*": "skip",
+    >>> import embcompress
+    >>> model = nn.ModuleDict({"tok": nn.Embedding(1000, 32), "pos": nn.Embedding(64, 32),
+    ...                        "tags": nn.Embedding(500, 32)})
+    >>> report = embcompress.compress_(model, {"tok": "dpq:groups=8,codewords=16", r".*pos.*": "skip",
     ...                                        "default": "lowrank:rank=16"})
-    >>> print(report)
+    >>> report.specs["tok"], type(model["pos"]).__name__
+    ('dpq:variant=sx,groups=8,codewords=16,shared=false,batchnorm=true,tau=1.0,sparse=false', 'Embedding')
 """
 
 from __future__ import annotations
@@ -29,21 +33,21 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import CompressedEmbedding
-from .config import MethodConfig, SpecError, parse_spec
+from .config import FitConfig, MethodConfig, SpecError, parse_spec
 from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
 from .validation import MAX_DIM, MAX_ROWS, check_bag, json_choice, json_int, json_int_list, json_object
 
 __all__ = [
     "compress_", "decompress_", "save_pretrained", "load_pretrained", "CompressionReport", "TableReport",
-    "CompressedEmbeddingBag", "TiedOutput", "compressed_tables",
+    "CompressedEmbeddingBag", "TiedOutput", "compressed_tables", "iter_tables",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,7 @@ class TiedOutput(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (*, d) -> logits (*, V)."""
         output_logits = getattr(self.table, "output_logits", None)
+        logits: torch.Tensor
         if callable(output_logits):
             logits = output_logits(hidden)
             pad = self.table.padding_idx
@@ -210,7 +215,10 @@ class CompressionReport:
                 for t in self.tables]
         rows.append(("total", "", "", _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1f}x", ""))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+
+        def line(r: Sequence[object]) -> str:
+            return "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
+
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
         out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         if self.plan is not None:
@@ -284,14 +292,23 @@ def _resolve_spec(name: str, spec_or_mapping: "SpecLike | SpecMapping", used: se
     return parse_spec(choice)
 
 
-def _split_fit_options(fit_options: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
-    """Flat options apply to every table; a method name key holds options for that method only."""
-    if not fit_options:
-        return {}
+def _split_fit_options(fit_options: Mapping[str, Any] | None, method: str) -> tuple[FitConfig, bool | None]:
+    """The fit settings of one method's tables, and the progress choice.
+
+    Flat options apply to every table; a method name key holds options for that method only.
+    Every setting is checked against the method's ``Fit`` (per-method ones even when no table
+    uses that method), so a misspelt name is an error naming the valid ones.
+    """
+    options = dict(fit_options or {})
+    progress = options.pop("progress", None)
     methods = set(list_methods())
-    common = {k: v for k, v in fit_options.items() if not (k in methods and isinstance(v, Mapping))}
-    specific = fit_options.get(method) if isinstance(fit_options.get(method), Mapping) else {}
-    return {**common, **dict(specific)}
+    specific: dict[str, Any] = {}
+    for name in [k for k in options if k in methods and isinstance(options[k], Mapping)]:
+        per_method = dict(options.pop(name))
+        get_method(name).Fit.parse(per_method)
+        if name == method:
+            specific = per_method
+    return get_method(method).Fit.parse({**options, **specific}), progress
 
 
 def compressed_tables(model: nn.Module) -> list[tuple[list[str], CompressedEmbedding]]:
@@ -326,8 +343,9 @@ def compress_(
         init: ``"pretrained"`` fits each table to its current weights (post hoc compression);
             ``"random"`` builds a fresh table for end-to-end training.
         filter_fn: ``filter_fn(module, name) -> bool``; tables it rejects are skipped.
-        fit_options: keyword options for every fit (``{"steps": 300}``), or per method under
-            the method's name (``{"dpq": {"steps": 300}}``).
+        fit_options: fit settings for every fit (``{"steps": 300}``), or per method under the
+            method's name (``{"dpq": {"steps": 300}}``), checked against each method's ``Fit``;
+            ``"progress"`` turns the fits' progress bars on or off.
         untie: give output layers tied to a replaced table an independent copy of the weight
             instead of computing their logits from the compressed table.
         budget: one byte budget for all tables together (``"10x"``, ``"4MB"``, ``"80bpr"``, an int
@@ -341,8 +359,10 @@ def compress_(
         A :class:`CompressionReport`; ``print(report)`` shows a table.
 
     Example:
-        >>> report = embcompress.compress_(model, "lowrank:rank=32")
-        >>> report.ratio
+        >>> import embcompress
+        >>> model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 2))
+        >>> round(embcompress.compress_(model, "lowrank:rank=8").ratio, 1)
+        7.5
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
@@ -353,7 +373,7 @@ def compress_(
         # Every table the mapping does not skip resolves to a placeholder the planner then replaces.
         spec_or_mapping = {"default": "scalar", **(spec_or_mapping or {})}
     if isinstance(spec_or_mapping, Mapping):
-        for key, value in spec_or_mapping.items():  # fail early on a bad spec, before any fitting
+        for value in spec_or_mapping.values():  # fail early on a bad spec, before any fitting
             if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
                 parse_spec(value)
     names_of = _names_by_module(model)
@@ -366,7 +386,7 @@ def compress_(
     groups: dict[int, list[tuple[str, nn.Module]]] = {}
     visited = {id(part) for table in model.modules() if isinstance(table, CompressedEmbedding)
                for part in table.modules() if part is not table}
-    for name, module in model.named_modules():
+    for _, module in model.named_modules():
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module) in visited:
             continue
         visited.add(id(module))
@@ -397,9 +417,10 @@ def compress_(
             continue
         paddings = {m.padding_idx for _, m in members}
         if len(paddings) > 1:
-            raise ValueError(f"modules {names} share a weight but have different padding_idx {sorted(map(str, paddings))}")
-        options = _with_row_weights(fit_options, names, config, row_weights) if init == "pretrained" else fit_options
-        report.tables.append(_replace_group(model, members, config, init, options, untie, holders))
+            raise ValueError(f"modules {names} share a weight but have different padding_idx "
+                             f"{sorted(map(str, paddings))}")
+        weights = _table_row_weights(names, config, row_weights) if init == "pretrained" else None
+        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders, weights))
 
     if isinstance(spec_or_mapping, Mapping):
         unused = [k for k in spec_or_mapping if k not in used_keys and k != "default"]
@@ -410,15 +431,11 @@ def compress_(
     return report
 
 
-def _with_row_weights(fit_options: Mapping[str, Any] | None, names: list[str], config: MethodConfig,
-                      row_weights: Mapping[str, torch.Tensor] | None) -> Mapping[str, Any] | None:
-    """Fit options plus the table's row weights, for methods whose fit takes them."""
-    from .planner import takes_row_weights
-
+def _table_row_weights(names: list[str], config: MethodConfig,
+                       row_weights: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The table's row weights (under any of its names) if its method's fit takes them."""
     weights = next((row_weights[n] for n in names if n in row_weights), None) if row_weights else None
-    if weights is None or not takes_row_weights(get_method(config.method)):
-        return fit_options
-    return {**(fit_options or {}), "row_weights": weights}
+    return weights if weights is not None and get_method(config.method).TAKES_ROW_WEIGHTS else None
 
 
 def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
@@ -426,7 +443,8 @@ def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
         raise SpecError("budget= measures fits to the current weights; it needs init='pretrained'")
     values = spec_or_mapping.values() if isinstance(spec_or_mapping, Mapping) else [spec_or_mapping]
     for value in values:
-        if spec_or_mapping is not None and not (value is None or (isinstance(value, str) and value.strip().lower() == SKIP)):
+        skips = value is None or (isinstance(value, str) and value.strip().lower() == SKIP)
+        if spec_or_mapping is not None and not skips:
             raise SpecError(f"with budget=, the mapping may only skip tables (None or 'skip'), got {value!r}; "
                             "name the candidate methods with methods=[...]")
 
@@ -456,9 +474,10 @@ def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
 
 def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
                    fit_options: Mapping[str, Any] | None, untie: bool,
-                   holders: dict[int, list[tuple[str, nn.Module, str]]]) -> TableReport:
-    first = members[0][1]
-    weight: nn.Parameter = first.weight
+                   holders: dict[int, list[tuple[str, nn.Module, str]]],
+                   row_weights: torch.Tensor | None = None) -> TableReport:
+    first = cast(Union[nn.Embedding, nn.EmbeddingBag], members[0][1])
+    weight = first.weight
     padding_idx = first.padding_idx
     member_ids = {id(m) for _, m in members}
 
@@ -484,9 +503,9 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
     num_embeddings, embedding_dim = weight.shape
     device = weight.device
     if init == "pretrained":
-        options = _split_fit_options(fit_options, config.method)
-        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config,
-                                                          padding_idx=padding_idx, **options)
+        settings, progress = _split_fit_options(fit_options, config.method)
+        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config, padding_idx,
+                                                          settings, progress=progress, row_weights=row_weights)
     else:
         table = get_method(config.method)(num_embeddings, embedding_dim, config, padding_idx=padding_idx)
     table = table.to(device)
@@ -540,6 +559,7 @@ def decompress_(model: nn.Module) -> list[str]:
         return weights[id(table)]
 
     new_modules: dict[int, nn.Module] = {}
+    new: nn.Module
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if any(name.startswith(p + ".") for p in replaced):
             continue  # the table inside a bag wrapper or tied head replaced already
@@ -574,7 +594,7 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     tables = compressed_tables(model)
     index = {id(t): k for k, (_, t) in enumerate(tables)}
     entries: list[dict[str, Any]] = []
-    for key, (names, table) in enumerate(tables):
+    for key, (_, table) in enumerate(tables):
         fit = None if table.fit_settings is None else json_ready(dict(table.fit_settings))
         entries.append({"key": f"tables.{key}", "method": table.config.method, "spec": table.spec,
                         "layout": table.layout(), "shape": [table.num_embeddings, table.embedding_dim],
@@ -596,7 +616,7 @@ def _surgery_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             entry = entries[index[id(module.table)]]
             has_bias = module.bias is not None
             entry["tied_heads"].append({"name": name, "bias": has_bias})
-            if has_bias and id(module) not in seen:
+            if module.bias is not None and id(module) not in seen:
                 tensors[f"heads.{name}.bias"] = module.bias
         seen.add(id(module))
     for key, (_, table) in enumerate(tables):
@@ -688,13 +708,15 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
             raise ArtifactError(f"{folder}: tensors of {entry['key']} do not fit a {entry['spec']} table: "
                                 f"{reason}") from None
         table.fit_settings = entry.get("fit")
-        originals: list[nn.Parameter] = []
+        originals: list[torch.Tensor] = []
         device = torch.device("cpu")
-        expected = [(n, nn.Embedding) for n in entry["embeddings"]] + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]]
+        expected = ([(n, nn.Embedding) for n in entry["embeddings"]]
+                    + [(b["name"], nn.EmbeddingBag) for b in entry["bags"]])
         for name, kind in expected:
-            module = _existing(model, name, kind, folder)
+            module = cast(Union[nn.Embedding, nn.EmbeddingBag], _existing(model, name, kind, folder))
             if tuple(module.weight.shape) != shape:
-                raise ArtifactError(f"{name} in the model is {tuple(module.weight.shape)} but the saved table is {shape}")
+                raise ArtifactError(f"{name} in the model is {tuple(module.weight.shape)} but the saved table "
+                                    f"is {shape}")
             originals.append(module.weight)
             device = module.weight.device
         table = table.to(device)
@@ -705,10 +727,10 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
         heads: dict[int, nn.Module] = {}
         tied_names = []
         for head in entry["tied_heads"]:
-            linear = _existing(model, head["name"], nn.Linear, folder)
+            linear = cast(nn.Linear, _existing(model, head["name"], nn.Linear, folder))
             bias = None
             if head["bias"]:
-                saved = tensors[f"heads.{head['name']}.bias"] if f"heads.{head['name']}.bias" in tensors else None
+                saved = tensors.get(f"heads.{head['name']}.bias")
                 if linear.bias is None or saved is None or saved.shape != linear.bias.shape:
                     raise ArtifactError(f"{head['name']}: bias mismatch between the model and the saved head")
                 with torch.no_grad():
@@ -719,7 +741,7 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
             tied_names.append(head["name"])
         # Holders of the old weight that the save did not record as tied would be cut off silently.
         for original in {id(p): p for p in originals}.values():
-            for holder_name, holder, attr in holders.get(id(original), []):
+            for holder_name, _, attr in holders.get(id(original), []):
                 if holder_name in tied_names or holder_name in entry["embeddings"] or \
                         holder_name in [b["name"] for b in entry["bags"]]:
                     continue
@@ -728,7 +750,8 @@ def load_pretrained(model: nn.Module, folder: "str | Path") -> CompressionReport
                               stacklevel=2)
         report.tables.append(TableReport(
             names=list(entry["embeddings"]) + [b["name"] for b in entry["bags"]],
-            kind="+".join((["embedding"] if entry["embeddings"] else []) + (["embedding_bag"] if entry["bags"] else [])),
+            kind="+".join((["embedding"] if entry["embeddings"] else [])
+                          + (["embedding_bag"] if entry["bags"] else [])),
             shape=shape, spec=table.spec, bytes_before=shape[0] * shape[1] * 4, bytes_after=table.num_bytes(),
             padding_idx=entry["padding_idx"], tied_heads=tied_names))
     return report

@@ -17,13 +17,18 @@ the metric A = a I + b S / (tr S / d) that blends input and output error, and
 weight a layer's quantization error by its inputs' second moment in the same way).
 
 Example:
-    >>> head = CompressedLogits(model.get_input_embeddings().export())
-    >>> logits = head(hidden)        # (*, V), equal to hidden @ frozen.materialize().T
+    >>> import embcompress, torch
+    >>> frozen = embcompress.from_pretrained(torch.randn(300, 16), "pq:groups=4,codewords=8").export()
+    >>> head = CompressedLogits(frozen)
+    >>> hidden = torch.randn(5, 16)
+    >>> head.path, tuple(head(hidden).shape)
+    ('codebook-scores', (5, 300))
+    >>> torch.allclose(head(hidden), hidden @ frozen.materialize().T, atol=1e-4)
+    True
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Iterable
 
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import MethodConfig, parse_spec
-from .frozen import CodebookEmbedding, FactorizedEmbedding, FrozenEmbedding
+from .frozen import FrozenCodebook, FrozenFactors, FrozenEmbedding
 from .frozen.factors import ACTIVATIONS
 from .registry import get_method
 
@@ -56,9 +61,9 @@ class CompressedLogits(nn.Module):
     @property
     def path(self) -> str:
         """Which computation the head uses: 'codebook-scores', 'factors' or 'decode'."""
-        if isinstance(self.frozen, CodebookEmbedding):
+        if isinstance(self.frozen, FrozenCodebook):
             return "codebook-scores"
-        if isinstance(self.frozen, FactorizedEmbedding):
+        if isinstance(self.frozen, FrozenFactors):
             return "factors"
         return "decode"
 
@@ -154,12 +159,12 @@ def _block_diagonal(metric: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
 
 def _map_back(frozen: FrozenEmbedding, inverse: torch.Tensor) -> FrozenEmbedding:
     """The frozen table whose rows are ``rows @ inverse`` (exact for codebooks and factors)."""
-    if isinstance(frozen, FactorizedEmbedding):
+    if isinstance(frozen, FrozenFactors):
         bias = None if frozen.bias is None else frozen.bias @ inverse
-        return FactorizedEmbedding(frozen.num_embeddings, frozen.embedding_dim, frozen.padding_idx,
+        return FrozenFactors(frozen.num_embeddings, frozen.embedding_dim, frozen.padding_idx,
                                    activation=frozen.activation, codes=frozen.codes, basis=frozen.basis @ inverse,
                                    bias=bias)
-    if isinstance(frozen, CodebookEmbedding):
+    if isinstance(frozen, FrozenCodebook):
         books = frozen.codebooks.float()
         if frozen.combine == "concat":
             width = books.shape[-1]
@@ -169,7 +174,7 @@ def _map_back(frozen: FrozenEmbedding, inverse: torch.Tensor) -> FrozenEmbedding
         else:
             mapped = books @ inverse
         codes = frozen.codes(torch.arange(frozen.num_embeddings))
-        return CodebookEmbedding.from_codes(codes, mapped.to(frozen.codebooks.dtype), frozen.combine,
+        return FrozenCodebook.from_codes(codes, mapped.to(frozen.codebooks.dtype), frozen.combine,
                                             frozen.padding_idx)
     raise ValueError(f"format {frozen.format!r} has no exact change of space; output-aware fits take "
                      "pq, dpq, codes, lowrank or distilled:activation=identity")
@@ -190,7 +195,7 @@ def fit_output_aware(weight: torch.Tensor, spec: "str | MethodConfig", metric: t
         forward, inverse = _block_diagonal(metric, getattr(config, _CONCAT_METHODS[config.method]))
     else:
         forward, inverse = metric_factor(metric)
-    if row_weights is not None and "row_weights" in inspect.signature(cls.fit).parameters:
-        fit_options = {**fit_options, "row_weights": row_weights}
-    module = cls.from_pretrained(weight.float() @ forward, config, padding_idx=padding_idx, **fit_options)
+    weights = row_weights if cls.TAKES_ROW_WEIGHTS else None
+    module = cls.from_pretrained(weight.float() @ forward, config, padding_idx=padding_idx, row_weights=weights,
+                                 **fit_options)
     return _map_back(module.export(), inverse)

@@ -187,7 +187,7 @@ def json_int_list(mapping: dict, key: str, lo: int, hi: int, *, min_len: int = 1
     value = mapping.get(key)
     if not isinstance(value, list) or not min_len <= len(value) <= max_len:
         raise ValueError(f"{key} must be a list of {min_len} to {max_len} integers, got {value!r}")
-    return [json_int({key: v}, key, lo, hi) for v in value]  # type: ignore[misc]
+    return [json_int({key: v}, key, lo, hi) for v in value]
 
 
 def json_object(mapping: dict, key: str, *, optional: bool = False) -> dict | None:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..validation import check_bag, check_ids, check_table_shape, normalize_padding_idx
-from . import kernels
 
 __all__ = ["FrozenEmbedding", "register_format", "get_format", "FORMATS"]
 

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from ..bitpack import MAX_BITS, bits_for, pack_codes, packed_size, unpack_codes
 from ..validation import json_choice, json_int
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["CodebookEmbedding", "decode_codes", "straight_through"]
+__all__ = ["FrozenCodebook", "decode_codes", "straight_through"]
 
 
 def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> torch.Tensor:
@@ -44,20 +45,18 @@ def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor, combine: str) -> 
         table = table.float()
     if combine == "sum":  # a bag sum never holds the (N, books, width) parts: wide tables x many books
         return _BagSum.apply(codes, table) if table.requires_grad else F.embedding_bag(codes, table, mode="sum")
-    # index_select, not F.embedding: the same gather, and its backward is an index_add (3 ms for
-    # 16k rows x 32 books on 2 cores) where embedding's dense backward took 30 ms.
+    # index_select, not F.embedding: the same gather, and its backward is an index_add, about ten
+    # times cheaper than embedding's dense backward at training batch sizes.
     return table.index_select(0, codes.reshape(-1)).view(codes.shape[0], books * width)
 
 
 class _BagSum(torch.autograd.Function):
     """``F.embedding_bag(codes, table, mode="sum")`` with a cheaper table gradient.
 
-    embedding_bag's own backward sorts the N * books indices: 12 ms at 16k rows x 16 books x 128
-    dims on 2 busy cores (~290 ms once, under load), more than the whole forward. Here the C kernel
-    adds each thread's rows into its own cached copy of the table (~11 ms of CPU -> ~1 ms a step in
-    the codes-fixed benchmark); without it, one index_add of the upstream rows per code position
-    (9 ms, where a one-hot matmul took 15 ms). With a shared codebook two positions may pick the same
-    row; both ways add up.
+    embedding_bag's own backward sorts the N * books indices, which costs more than the whole
+    forward. Here the C kernel adds each thread's rows into its own cached copy of the table;
+    without it, one index_add of the upstream rows per code position (cheaper than a one-hot
+    matmul). With a shared codebook two positions may pick the same row; both ways add up.
     """
 
     @staticmethod
@@ -118,12 +117,12 @@ def straight_through(hard: torch.Tensor, probs: torch.Tensor, codebooks: torch.T
     return _SoftPathGradient.apply(hard, probs, codebooks, combine)
 
 
-def _rebuild_fast_path(module: "CodebookEmbedding", _incompatible_keys: Any) -> None:
+def _rebuild_fast_path(module: "FrozenCodebook", _incompatible_keys: Any) -> None:
     module._build_fast_path()
 
 
 @register_format
-class CodebookEmbedding(FrozenEmbedding):
+class FrozenCodebook(FrozenEmbedding):
     """Bit-packed codes plus fp32 (or fp16) codebooks.
 
     ``books`` is the number of codes per row; it defaults to ``codebooks.shape[0]``. Passing a
@@ -132,6 +131,16 @@ class CodebookEmbedding(FrozenEmbedding):
     """
 
     format = "codebook"
+    packed: torch.Tensor  # registered buffers, declared for the type checker
+    codebooks: torch.Tensor
+    _table: torch.Tensor
+    _slot_offsets: torch.Tensor
+    _window_cols: torch.Tensor
+    _window_div: torch.Tensor
+    _code_bits: torch.Tensor
+    _pow2: torch.Tensor
+    _group_weights: torch.Tensor
+    _group_shifts: torch.Tensor
     c_bags = True
     #: byte-indexed lookup tables (see ``_build_fast_path``) are built up to this many floats (8 MB)
     byte_table_floats: int = 1 << 21
@@ -182,7 +191,7 @@ class CodebookEmbedding(FrozenEmbedding):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, combine: str,
-                   padding_idx: int | None = None) -> "CodebookEmbedding":
+                   padding_idx: int | None = None) -> "FrozenCodebook":
         """Pack integer codes (V, books) with their codebooks ((books or 1), K, width)."""
         books = codes.shape[1]
         _, codewords, width = codebooks.shape
@@ -297,8 +306,8 @@ class CodebookEmbedding(FrozenEmbedding):
             codes = rows[:, 0::2].int() + rows[:, 1::2].int() * 256
         elif self._group and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             # Eager only (graph capture keeps the +, *, //, % path below; the same codes): one exact
-            # float64 dot product per group, then int64 shift and mask. 16 five-bit codes a row at
-            # 65,536 rows: 1.5 ms where the byte-window arithmetic below took 14 ms.
+            # float64 dot product per group, then int64 shift and mask: a few passes over the codes
+            # where the byte-window arithmetic below makes one per code position.
             n = rows.shape[0]
             value = (rows.view(n, self._row_bytes // self._group, self._group).double()
                      @ self._group_weights.double()).long()
@@ -364,3 +373,6 @@ class CodebookEmbedding(FrozenEmbedding):
                 row, slot = (int(v) for v in bad.nonzero()[0])
                 raise ValueError(f"stored code {int(codes[row, slot])} at row {start + row}, slot {slot} is not "
                                  f"below the {self.codewords} codewords; the codes are damaged")
+
+
+__getattr__ = renamed_names(__name__, {"CodebookEmbedding": "FrozenCodebook"})  # deprecated names

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import json_choice
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["FactorizedEmbedding", "ACTIVATIONS"]
+__all__ = ["FrozenFactors", "ACTIVATIONS"]
 
 ACTIVATIONS = {
     "identity": lambda x: x,
@@ -29,8 +30,11 @@ ACTIVATIONS = {
 
 
 @register_format
-class FactorizedEmbedding(FrozenEmbedding):
+class FrozenFactors(FrozenEmbedding):
     format = "factors"
+    codes: torch.Tensor  # registered buffers, declared for the type checker
+    basis: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -94,3 +98,6 @@ class FactorizedEmbedding(FrozenEmbedding):
         if set(metadata) != {"activation"}:
             raise ValueError(f"factors metadata holds exactly 'activation', got {sorted(metadata)}")
         json_choice(metadata, "activation", tuple(ACTIVATIONS))
+
+
+__getattr__ = renamed_names(__name__, {"FactorizedEmbedding": "FrozenFactors"})  # deprecated names

@@ -16,15 +16,19 @@ import torch.nn.functional as F
 
 from ..hashing import PRIME, HashFunction
 from ..validation import MAX_ROWS, json_choice, json_int, json_object
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["HashedEmbedding"]
+__all__ = ["FrozenHashed"]
 
 
 @register_format
-class HashedEmbedding(FrozenEmbedding):
+class FrozenHashed(FrozenEmbedding):
     format = "hashed"
+    table: torch.Tensor  # registered buffers, declared for the type checker
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
     c_bags = True
 
     def __init__(
@@ -63,9 +67,9 @@ class HashedEmbedding(FrozenEmbedding):
         buckets = self.hash(ids)
         capture = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not capture:
-            # Eager: int32 indices and offsets take embedding_bag's fbgemm kernel, which gathered
-            # 65,536 rows of 128 floats in 3.9 ms where F.embedding (index_select) took 6.1 ms and
-            # int64 embedding_bag 6.0 ms (2 cores). Graph capture keeps int64, as exporters expect.
+            # Eager: int32 indices and offsets take embedding_bag's fbgemm kernel, a faster gather than
+            # F.embedding (index_select) or int64 embedding_bag (benchmarks/perf.py). Graph capture
+            # keeps int64, as exporters expect.
             buckets = buckets.int()
         offsets = torch.arange(ids.shape[0], dtype=buckets.dtype)
         if self.scale is None:
@@ -109,3 +113,6 @@ class HashedEmbedding(FrozenEmbedding):
         # (a * id + b) must not overflow int64 in either path: the universal hash is defined for ids < 2^31.
         if self.hash.kind == "universal" and self.num_embeddings > 1 << 31:
             raise ValueError(f"a universal hash serves at most 2^31 rows, the header says {self.num_embeddings}")
+
+
+__getattr__ = renamed_names(__name__, {"HashedEmbedding": "FrozenHashed"})  # deprecated names

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import json_choice
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["QREmbedding", "COMBINES", "combine_parts", "qr_width"]
+__all__ = ["FrozenQR", "COMBINES", "combine_parts", "qr_width"]
 
 COMBINES = ("mult", "add", "concat")
 
@@ -45,8 +46,10 @@ def combine_parts(quotient_rows: torch.Tensor, remainder_rows: torch.Tensor, com
 
 
 @register_format
-class QREmbedding(FrozenEmbedding):
+class FrozenQR(FrozenEmbedding):
     format = "qr"
+    quotient: torch.Tensor  # registered buffers, declared for the type checker
+    remainder: torch.Tensor
 
     def __init__(
         self,
@@ -94,3 +97,6 @@ class QREmbedding(FrozenEmbedding):
         if set(metadata) != {"combine"}:
             raise ValueError(f"qr metadata holds exactly 'combine', got {sorted(metadata)}")
         json_choice(metadata, "combine", COMBINES)
+
+
+__getattr__ = renamed_names(__name__, {"QREmbedding": "FrozenQR"})  # deprecated names

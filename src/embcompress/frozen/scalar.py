@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_names
 from ..bitpack import pack_codes, packed_size, unpack_codes
 from ..validation import json_choice, json_int
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["ScalarQuantizedEmbedding", "quantize_rows", "block_codes", "block_decode", "is_blockwise",
-           "num_blocks", "BLOCK_BITS"]
+__all__ = ["FrozenScalar", "quantize_rows", "block_codes", "block_decode", "is_blockwise", "num_blocks",
+           "BLOCK_BITS"]
 
 BLOCK_BITS = (8, 4, 3, 2)
 
@@ -69,6 +70,7 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor | None, bits: int, dim:
         high = (values >> 4).to(torch.int8)
         q = torch.stack([low, high], -1).reshape(values.shape[0], 2 * values.shape[1])[:, :dim]
         values = torch.where(q > 7, q - 16, q)  # sign-extend the nibbles
+    assert scale is not None, "int8 / int4 rows carry a scale"
     return values.float() * scale.unsqueeze(1)
 
 
@@ -145,8 +147,11 @@ def block_decode(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
 
 
 @register_format
-class ScalarQuantizedEmbedding(FrozenEmbedding):
+class FrozenScalar(FrozenEmbedding):
     format = "scalar"
+    values: torch.Tensor  # registered buffers, declared for the type checker
+    scale: torch.Tensor | None
+    minimum: torch.Tensor | None
 
     def __init__(
         self,
@@ -192,7 +197,7 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int, block: int = 0, offset: bool = False,
-                    padding_idx: int | None = None) -> "ScalarQuantizedEmbedding":
+                    padding_idx: int | None = None) -> "FrozenScalar":
         """Quantize a (V, d) matrix into this format."""
         rows, dim = weight.shape
         if is_blockwise(bits, block, offset):
@@ -208,7 +213,7 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
             minimum = None if self.minimum is None else self.minimum.index_select(0, ids)
             return block_decode(codes, self.scale.index_select(0, ids), minimum, self.bits, self.block)
         values = self.values.index_select(0, ids)
-        if self.bits == 8:  # scale in place on the fresh float copy: one (N, d) float tensor
+        if self.bits == 8 and self.scale is not None:  # scale in place on the fresh float copy: one (N, d) tensor
             return values.float().mul_(self.scale.index_select(0, ids).unsqueeze(1))
         scale = None if self.scale is None else self.scale.index_select(0, ids)
         return dequantize(values, scale, self.bits, self.embedding_dim)
@@ -238,3 +243,6 @@ class ScalarQuantizedEmbedding(FrozenEmbedding):
         json_choice(metadata, "bits", (16, *BLOCK_BITS))
         json_int(metadata, "block", 1, 1 << 20, optional=True)
         json_choice(metadata, "offset", (True,), optional=True)
+
+
+__getattr__ = renamed_names(__name__, {"ScalarQuantizedEmbedding": "FrozenScalar"})  # deprecated names

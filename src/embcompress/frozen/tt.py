@@ -24,10 +24,12 @@ from typing import Any, Sequence
 import torch
 
 from ..validation import MAX_DIM, MAX_ROWS, json_int_list
-from . import kernels
+from .. import kernels
+from .._deprecation import renamed_names
 from .base import FrozenEmbedding, register_format
 
-__all__ = ["TensorTrainCores", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split", "check_tt_shapes", "row_digits"]
+__all__ = ["FrozenTensorTrain", "tt_half", "tt_half_table", "tt_rows", "tt_rows_cached", "choose_split",
+           "check_tt_shapes", "row_digits"]
 
 
 def check_tt_shapes(num_embeddings: int, embedding_dim: int, vocab_shape: Sequence[int],
@@ -174,8 +176,8 @@ def tt_rows_cached(left_table: torch.Tensor, right_table: torch.Tensor, ids: tor
     ``transposed=False``: left_table (V_l, D_l, r), right_table (V_r, r, D_r); row = L @ R.
     ``transposed=True``: the tables hold L^T (V_l, r, D_l) and R^T (V_r, D_r, r); the matmul is
     R^T @ L^T = row^T, copied transposed into the output. MKL's batched matmul runs faster when
-    the result's rows are the wider side: at rank 16, D_l = 16, D_r = 8 (V = 10^6, d = 128) the
-    transposed form plus the copy took 32 ms per 65,536 rows where L @ R took 42 ms (2 cores).
+    the result's rows are the wider side (D_l > D_r, e.g. 16 > 8 at V = 10^6, d = 128), enough
+    to pay for the copy.
     Chunks of 4096 rows keep the gathered halves (r (D_l + D_r) floats a row, 3x the output)
     cache-sized; a few dozen ops per call. No dedupe: sorting the ids costs more than it saves.
     """
@@ -197,16 +199,19 @@ def tt_rows_cached(left_table: torch.Tensor, right_table: torch.Tensor, ids: tor
 
 
 @register_format
-class TensorTrainCores(FrozenEmbedding):
+class FrozenTensorTrain(FrozenEmbedding):
     """The TT cores and nothing else; half tables are a non-persistent lookup cache.
 
     Example:
-        >>> frozen = table.export()           # from a TensorTrainEmbedding
+        >>> import embcompress
+        >>> frozen = embcompress.build("tt:cores=3,rank=8", 1000, 128).export()
         >>> frozen(torch.tensor([3, 5])).shape
         torch.Size([2, 128])
     """
 
     format = "tt"
+    _left_table: torch.Tensor | None  # the lookup cache (non-persistent buffers)
+    _right_table: torch.Tensor | None
     #: a half's full product is cached when it has at most this many floats (16 MB)
     cache_floats: int = 1 << 22
 
@@ -254,7 +259,7 @@ class TensorTrainCores(FrozenEmbedding):
         # Both halves cached: store them in the orientation whose per-row matmul result is wider
         # (see tt_rows_cached). A lone cached half stays as tt_rows reads it.
         d_left, d_right = math.prod(self.dim_shape[:m]), math.prod(self.dim_shape[m:])
-        tables = {}
+        tables: dict[str, torch.Tensor | None] = {}
         for side, part in (("left", slice(0, m)), ("right", slice(m, None))):
             shape = self.vocab_shape[part]
             floats = math.prod(shape) * math.prod(self.dim_shape[part]) * self.ranks[m]
@@ -298,3 +303,6 @@ class TensorTrainCores(FrozenEmbedding):
             raise ValueError(f"tt metadata holds exactly 'vocab_shape' and 'dim_shape', got {sorted(metadata)}")
         json_int_list(metadata, "vocab_shape", 1, MAX_ROWS, min_len=2, max_len=16)
         json_int_list(metadata, "dim_shape", 1, MAX_DIM, min_len=2, max_len=16)
+
+
+__getattr__ = renamed_names(__name__, {"TensorTrainCores": "FrozenTensorTrain"})  # deprecated names

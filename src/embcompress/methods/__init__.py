@@ -1,5 +1,5 @@
 """Every method registers itself on import; add one line per new method file."""
 
-from . import codes, dpq, hashing, lowrank, pq, scalar  # noqa: F401
+from . import codes, dpq, hash, lowrank, pq, scalar  # noqa: F401
 from . import distilled, memcom, qr  # noqa: F401
 from . import tt  # noqa: F401

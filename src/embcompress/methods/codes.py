@@ -35,14 +35,15 @@ from ..additive import (additive_refine, beam_encode, improve_codes, least_squar
                         relative_error, residual_kmeans, row_errors)
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
-from ..frozen import CodebookEmbedding
+from ..config import FitConfig, MethodConfig, SpecError
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes, straight_through
 from ..progress import progress_bar
 from ..query import QueryTableMixin
 from ..registry import register
+from ..training import adam_steps
 
-__all__ = ["CodesConfig", "CompositionalCodeEmbedding", "preferred_codewords", "max_books"]
+__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books"]
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,47 @@ class CodesConfig(MethodConfig):
         return self.hidden or max(1, self.books * self.codewords // 2)
 
 
+@dataclass(frozen=True)
+class CodesFit(FitConfig):
+    """The post hoc fit's stages (see :meth:`CompositionalCodeEmbedding._fit`)."""
+
+    method: ClassVar[str] = "codes"
+    steps: int = field(default=0, metadata={
+        "help": "Gumbel autoencoder steps of the paper's encoder (0 = skip the stage, the post hoc default)",
+        "min": 0})
+    rounds: int = field(default=2, metadata={"help": "least-squares + code-update rounds on the sample", "min": 0})
+    beam: int = field(default=8, metadata={"help": "partial codes kept per row by the beam searches", "min": 0})
+    sample: int = field(default=65536, metadata={"help": "rows the start and the autoencoder train on", "min": 1})
+    polish: int = field(default=4, metadata={"help": "LSQ++ local-search rounds on all rows", "min": 0})
+    search: int = field(default=4, metadata={"help": "perturb-and-ICM trials per row in each polish", "min": 0})
+    batch_size: int = field(default=1024, metadata={"help": "rows per autoencoder step", "min": 1})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate of the autoencoder", "min": 0.0})
+    seed: int | None = field(default=None, metadata={"help": "seed of every random draw; none = drawn"})
+
+
 def _gumbel(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
     uniform = torch.rand(shape, generator=generator).clamp_(1e-10, 1 - 1e-7)
     return -torch.log(-torch.log(uniform))
 
 
 @register
-class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
+class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfig]):
     """Additive compositional codes, trainable end to end or fitted post hoc to a matrix.
 
     Example:
-        >>> table = CompositionalCodeEmbedding.from_pretrained(glove, "codes:books=20,codewords=16")
+        >>> table = CompositionalCodeEmbedding.from_pretrained(torch.randn(500, 16), "codes:books=4,codewords=16",
+        ...                                                    fit="polish=1")
         >>> table.layout()
         {'state': 'fixed'}
         >>> frozen = table.export()   # bit-packed codes + codebooks, combine="sum"
+        >>> frozen.num_bytes()        # 500 rows x 4 books x 4 bits + 4 x 16 x 16 fp32
+        5096
     """
 
     Config = CodesConfig
+    Fit = CodesFit
+    codes: torch.Tensor  # registered buffers (fixed state; step: learning state), declared for the type checker
+    step: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -254,19 +279,18 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
     def rescale_output_(self, factor: float) -> None:
         self.codebooks.mul_(factor)  # the codes come from the query alone, so they stay
 
-    def export(self) -> CodebookEmbedding:
+    def export(self) -> FrozenCodebook:
         codebooks = self.codebooks.detach().to(_DTYPES[self.config.codebook_dtype]).clone()
-        return CodebookEmbedding.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)
+        return FrozenCodebook.from_codes(self.current_codes(), codebooks, "sum", self.padding_idx)
 
     # -- post hoc fit --------------------------------------------------------------------------
-    #: Fit options of :meth:`quick_fit_options` (the demo's preset). GloVe 400k x 50, 11x128 fp16:
-    #: relative MSE 0.128 in 16.8 s on 2 cores (the demo, 2026-11-30; default fit: 0.109).
-    QUICK_FIT: ClassVar[dict[str, int]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
+    #: Fit options of :meth:`quick_fit_options` (the demo's preset): about a sixth of the default
+    #: fit's time for a little more error (GloVe 400k x 50, 11x128 fp16: relative MSE 0.128 vs 0.109;
+    #: timings in the README's demo table).
+    QUICK_FIT: ClassVar[dict[str, Any]] = {"steps": 0, "rounds": 1, "beam": 2, "sample": 16384, "polish": 1,
                                            "search": 2}
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            rounds: int = 2, beam: int = 8, sample: int = 65536, polish: int = 4, search: int = 4,
-            batch_size: int = 1024, lr: float = 3e-3, seed: int | None = None) -> "CompositionalCodeEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: CodesFit, progress: bool | None) -> CodesFit:
         """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
 
         1. Strong start, on at most ``sample`` rows: residual k-means with a beam of ``beam`` partial
@@ -276,8 +300,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
            samples, tau = 1, loss 0.5 ||recon - e||^2, Adam) for ``steps`` steps from the refined
            codebooks; per row the better of its argmax codes and the refined codes is kept. Measured on
            GloVe 400k x 50 (11x128) it adds nothing: after 50 steps its argmax codes alone reach relative
-           MSE 0.79 (maxp 0.19) and win on 0.00% of rows, at tens of CPU seconds (a 704-wide hidden
-           layer). So post hoc the default is ``steps=0``; pass ``steps`` > 0 to run the paper's stage.
+           MSE 0.79 (maxp 0.19) and win on 0.00% of rows, at a high cost (a 704-wide hidden layer).
+           So post hoc the default is ``steps=0``; pass ``steps`` > 0 to run the paper's stage.
         3. All rows: per row the best of three encodings (beam search over the refined codebooks in
            energy order and in stored order, and the residual k-means chain of the start, the only
            sane one when many small books make least-squares codebooks cancel), then ICM, then
@@ -288,13 +312,15 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         The autoencoder's mean max probability ("maxp") is logged and kept in ``last_maxp``.
 
         Measured on GloVe 400k x 50, 11x128 fp16 (3.99 MB, 80 bits/row): defaults -> relative MSE
-        0.110 in 102 s on 2 quiet cores (the single-encoding stage 3 gave 0.115 in 116 s);
-        :meth:`quick_fit_options` -> 0.128 in 16.8 s.
+        0.110 (the single-encoding stage 3 gave 0.115, and took longer); :meth:`quick_fit_options`
+        -> 0.128 (timings: the README and benchmarks/results/posthoc_glove.md).
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
-        steps = 0 if steps is None else int(steps)
-        seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+        steps, rounds, beam, sample, polish, search = (settings.steps, settings.rounds, settings.beam, settings.sample,
+                                                        settings.polish, settings.search)
+        batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
+        assert seed is not None  # fit() draws it
         generator = torch.Generator().manual_seed(seed)
         rows = weight.shape[0]
         stages = ["start", "refine", "autoencoder", "all rows"] + [f"polish {i + 1}" for i in range(polish)]
@@ -326,7 +352,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         with torch.no_grad():
             self._to_fixed(codes)
             self.codebooks.data = codebooks.to(self.codebooks.device)
-        return self
+        return settings
 
     def _autoencoder_codes(self, weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, steps: int,
                            batch_size: int, lr: float, generator: torch.Generator,
@@ -358,34 +384,32 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
         mean, std = weight.mean(0), weight.std(0).clamp_min(1e-6)
         net = nn.Sequential(_Standardize(mean, std), encoder)
         pre_steps = max(1, steps // 2)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        for _ in progress_bar(range(pre_steps), desc="codes: encoder pre-training", enabled=progress):
+
+        def pretraining_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             idx = torch.randint(0, rows, (batch,), generator=generator)
             log_alpha = _log_alpha(net, weight[idx], cfg)
-            loss = F.cross_entropy(log_alpha.reshape(-1, cfg.codewords), codes[idx].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            return F.cross_entropy(log_alpha.reshape(-1, cfg.codewords), codes[idx].reshape(-1)), {}
+
+        adam_steps(pretraining_step, net.parameters(), steps=pre_steps, lr=lr, schedule="constant",
+                   desc="codes: encoder pre-training", progress=progress)
         books = nn.Parameter(codebooks.clone())
-        optimizer = torch.optim.Adam([{"params": net.parameters(), "lr": lr},
-                                      {"params": [books], "lr": lr * 0.1}])
         maxp = float("nan")
-        bar = progress_bar(range(steps), desc="codes: gumbel autoencoder", enabled=progress)
-        for _ in bar:
+
+        def autoencoder_step() -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+            nonlocal maxp
             idx = torch.randint(0, rows, (batch,), generator=generator)
             target = weight[idx]
             log_alpha = _log_alpha(net, target, cfg)
             # Section 3.2: soft Gumbel-softmax sample at tau = 1, no straight-through.
-            sample = F.softmax(log_alpha + _gumbel(log_alpha.shape, generator), dim=-1)
-            recon = torch.einsum("nmk,mkd->nd", sample, books)
+            soft = F.softmax(log_alpha + _gumbel(log_alpha.shape, generator), dim=-1)
+            recon = torch.einsum("nmk,mkd->nd", soft, books)
             loss = 0.5 * (recon - target).pow(2).sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             with torch.no_grad():
                 maxp = float(F.softmax(log_alpha, -1).amax(-1).mean())
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4g}", maxp=f"{maxp:.3f}", refresh=False)
+            return loss, {"loss": loss, "maxp": maxp}
+
+        adam_steps(autoencoder_step, [{"params": net.parameters(), "lr": lr}, {"params": [books], "lr": lr * 0.1}],
+                   steps=steps, lr=lr, schedule="constant", desc="codes: gumbel autoencoder", progress=progress)
         log.info("codes: gumbel autoencoder %d steps, maxp %.3f", steps, maxp)
         self.last_maxp = maxp
         return net, books.detach()
@@ -393,8 +417,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding):
 
 def _first_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (the first maximum on ties) for a last dim of at most 255: the first index
-    attaining the maximum is the largest of (K - k) over the k that attain it. 2.5 ms where argmax
-    took 7.5 ms at 16k rows x 16 books x 32 codewords (2 cores); larger K falls back to argmax."""
+    attaining the maximum is the largest of (K - k) over the k that attain it; argmax is a few
+    times slower at training sizes. Larger K falls back to argmax."""
     size = x.shape[-1]
     if size > 255:
         return x.argmax(-1)
@@ -405,6 +429,9 @@ def _first_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Standardize(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)

@@ -15,21 +15,21 @@ Row i = f(U_i) W + b. Ratio = V*d / (V*r + r*d [+ d]). Exported to the ``factors
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from ..config import SpecError
+from ..config import FitConfig, SpecError
 from ..frozen.factors import ACTIVATIONS
-from ..progress import progress_bar
 from ..registry import register
-from .lowrank import LowRankConfig, LowRankEmbedding
+from ..training import adam_steps
+from .shared import FactorsConfig, FactorsTable
 
-__all__ = ["DistilledConfig", "DistilledEmbedding"]
+__all__ = ["DistilledConfig", "DistilledFit", "DistilledEmbedding"]
 
 
 @dataclass(frozen=True)
-class DistilledConfig(LowRankConfig):
+class DistilledConfig(FactorsConfig):
     method: ClassVar[str] = "distilled"
     activation: Literal["relu", "tanh", "gelu", "identity"] = field(
         default="relu", metadata={"help": "non-linearity f on the r-dim codes (paper: ReLU)"})
@@ -37,15 +37,24 @@ class DistilledConfig(LowRankConfig):
         "help": "decoder bias b (d floats); with it the fit starts exactly at the centered SVD for any f"})
 
 
+@dataclass(frozen=True)
+class DistilledFit(FitConfig):
+    method: ClassVar[str] = "distilled"
+    steps: int = field(default=500, metadata={"help": "Adam steps of the stage-1 autoencoder", "min": 0})
+    batch_size: int = field(default=4096, metadata={"help": "rows per step", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
+    seed: int | None = field(default=None, metadata={"help": "seed of the row sampling; none = drawn"})
+
+
 @register
-class DistilledEmbedding(LowRankEmbedding):
+class DistilledEmbedding(FactorsTable[DistilledConfig]):
     """E = f(U) W + b with U the encoder pre-activations of the stage-1 autoencoder."""
 
     Config = DistilledConfig
+    Fit = DistilledFit
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            batch_size: int = 4096, lr: float = 1e-3, **_: Any) -> "DistilledEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: DistilledFit, progress: bool | None) -> DistilledFit:
         """Stage 1: an autoencoder on the rows (encoder d -> r then f, decoder r -> d, MSE, Adam).
 
         It starts from the truncated SVD (centered when there is a bias) placed in a near-linear
@@ -71,22 +80,18 @@ class DistilledEmbedding(LowRankEmbedding):
             return sum(float((decode(c, p) - c).pow(2).sum()) for c in x.split(65536)) / x.numel()
 
         best, best_mse = {k: v.detach().clone() for k, v in params.items()}, full_mse(params)
-        steps = 500 if steps is None else steps
-        if steps > 0:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-            optimizer = torch.optim.Adam(params.values(), lr=lr)
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-            bar = progress_bar(range(steps), desc="fit distilled", enabled=progress)
-            for _ in bar:
-                rows = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=generator)]
-                with torch.enable_grad():
-                    loss = (decode(rows, params) - rows).pow(2).mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimizer.step()
-                schedule.step()
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
+        if settings.steps > 0:
+            assert settings.seed is not None  # fit() draws it
+            generator = torch.Generator().manual_seed(settings.seed)
+            batch = min(settings.batch_size, len(x))
+
+            def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                rows = x[torch.randint(0, len(x), (batch,), generator=generator)]
+                loss = (decode(rows, params) - rows).pow(2).mean()
+                return loss, {"mse": loss}
+
+            adam_steps(step, params.values(), steps=settings.steps, lr=settings.lr, desc="fit distilled",
+                       progress=progress)
             trained = full_mse(params)
             if trained < best_mse:
                 best, best_mse = {k: v.detach() for k, v in params.items()}, trained
@@ -96,7 +101,7 @@ class DistilledEmbedding(LowRankEmbedding):
         self.basis.copy_(best["decoder"] / (start.slope * start.scale).unsqueeze(1))
         if self.bias is not None:
             self.bias.copy_(best["decoder_bias"])
-        return self
+        return settings
 
 
 @dataclass

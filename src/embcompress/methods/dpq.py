@@ -37,16 +37,17 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
-from ..frozen import CodebookEmbedding, kernels
+from ..config import FitConfig, MethodConfig, SpecError
+from .. import kernels
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
-from ..progress import progress_bar
 from ..query import QueryTableMixin
 from ..registry import register
-from .pq import check_groups, divisors
+from ..training import adam_steps
+from .shared import check_groups, divisors
 
-__all__ = ["DPQConfig", "DPQEmbedding"]
+__all__ = ["DPQConfig", "DPQFit", "DPQEmbedding"]
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +91,34 @@ def check_shape(config: DPQConfig, embedding_dim: int) -> None:
                         f"their {config.codewords} codewords; use {hint}variant=vq")
 
 
+@dataclass(frozen=True)
+class DPQFit(FitConfig):
+    method: ClassVar[str] = "dpq"
+    steps: int = field(default=200, metadata={"help": "gradient refinement steps after the k-means start", "min": 0})
+    iters: int = field(default=25, metadata={"help": "k-means iterations of the start", "min": 0})
+    batch_size: int = field(default=4096, metadata={"help": "rows per refinement step", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
+    seed: int | None = field(default=None, metadata={"help": "seed of k-means and the row sampling; none = drawn"})
+
+
 @register
-class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
+class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
     """Differentiable product quantization, a drop-in for ``nn.Embedding``.
 
     Example:
-        >>> table = embcompress.build("dpq:variant=sx,groups=8,codewords=16", 10_000, 64)
-        >>> loss = task_loss(table(ids)) + embcompress.aux_loss(model)   # aux is VQ's centroid term
+        >>> import embcompress
+        >>> table = embcompress.build("dpq:variant=vq,groups=8,codewords=16", 10_000, 64)
+        >>> out = table(torch.randint(0, 10_000, (4, 7)))                # (4, 7, 64)
+        >>> loss = out.pow(2).mean() + embcompress.aux_loss(table)       # aux is VQ's centroid term
         >>> frozen = table.export()                                      # codes + values only
+        >>> frozen.num_bytes()                                           # 10,000 x 8 x 4 bits + 16 x 64 fp32
+        44096
     """
 
     Config = DPQConfig
+    Fit = DPQFit
+    running_mean: torch.Tensor  # registered buffers (batchnorm=true), declared for the type checker
+    running_var: torch.Tensor
     QUICK_FIT = {"steps": 50}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -229,9 +247,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         return keys * inv_std.unsqueeze(-1), mu * inv_std
 
     def _transposed(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (D, w, N) contiguous: one 2-d transpose (0.9 ms at 16k x 128, where permuting
-        (N, D, w) to (D, w, N) took 2.5 ms). SX works in this layout: each group's rows are one
-        contiguous (w, N) matrix, which the batched products read 2-4x faster than strided views."""
+        """(N, d) -> (D, w, N) contiguous: one 2-d transpose (cheaper than permuting (N, D, w) to
+        (D, w, N)). SX works in this layout: each group's rows are one contiguous (w, N) matrix,
+        which the batched products read several times faster than strided views."""
         return _Transpose.apply(q).view(self.groups, self.width, q.shape[0])
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -255,7 +273,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
             codes = self._vq_codes(q)
         if self.config.variant == "vq" and self.training and torch.is_grad_enabled():
             # The aux loss's gradient to the centroids by one scatter along K (index_select's
-            # backward, an index_add of N * D rows of w floats, took ~8 ms of CPU at 16k x 32 x 16).
+            # backward would be an index_add of N * D rows of w floats, see _values_grad).
             hard = _HardRows.apply(codes, self.values.expand(self.groups, -1, -1))
         else:
             hard = decode_codes(codes, self.values, "concat")
@@ -271,8 +289,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         if self.padding_idx is None:
             if unique.shape[0] == ids.shape[0]:  # no repeats: the same rows, in the caller's order
                 return self._rows(ids)
-            # index_select: its backward is an index_add (2 ms at 16k x 128) where [inverse]'s
-            # accumulating index_put took 23 ms.
+            # index_select: its backward is an index_add, an order of magnitude cheaper than the
+            # accumulating index_put of [inverse].
             return self._rows(unique).index_select(0, inverse)
         keep = unique != self.padding_idx  # padding takes no part in the batch statistics
         out = self.query.new_zeros(unique.shape[0], self.embedding_dim)
@@ -326,14 +344,12 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
                 self.running_mean.mul_(factor ** 2)
                 self.running_var.mul_(factor ** 4)
 
-    def export(self) -> CodebookEmbedding:
+    def export(self) -> FrozenCodebook:
         """Codes of ALL rows recomputed in eval mode (never cached from training batches) + values."""
-        return CodebookEmbedding.from_codes(self.codes(), self.values.detach().clone(), "concat",
-                                            self.padding_idx)
+        return FrozenCodebook.from_codes(self.codes(), self.values.detach().clone(), "concat", self.padding_idx)
 
     # -- post hoc ----------------------------------------------------------------------------
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            batch_size: int = 4096, lr: float = 1e-3, iters: int = 25) -> "DPQEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: DPQFit, progress: bool | None) -> DPQFit:
         """Compress ``weight`` (V, d): k-means start, then gradient refinement of the reconstruction.
 
         Start (exact: the eval-mode codes are the k-means codes):
@@ -354,14 +370,14 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
         refined table reconstructs worse than the start, the start is kept.
         """
         weight = self._check_fit_weight(weight)
-        steps = 200 if steps is None else steps
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        self._start_from_kmeans(weight, iters, seed)
+        steps, seed = settings.steps, settings.seed
+        assert seed is not None  # fit() draws it
+        self._start_from_kmeans(weight, settings.iters, seed)
         if steps <= 0:
-            return self
+            return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
         start_error = self._error(weight)
-        self._refine(weight, steps, batch_size, lr, seed, progress)
+        self._refine(weight, steps, settings.batch_size, settings.lr, seed, progress)
         if self.config.variant == "sx":
             self._refit_values(weight)
         error = self._error(weight)
@@ -369,7 +385,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
             log.info("dpq fit: refinement raised the MSE from %.4g to %.4g; keeping the k-means start",
                      start_error, error)
             self.load_state_dict(start_state)
-        return self
+        return settings
 
     @torch.no_grad()
     def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int) -> None:
@@ -400,31 +416,14 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
 
     def _refine(self, weight: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
                 progress: bool | None) -> None:
-        generator = torch.Generator().manual_seed(seed + 1)
+        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed + 1))
         dense = [p for p in self.parameters() if p.requires_grad and p is not self.query]
-        optimizers = [torch.optim.Adam(dense, lr=lr)]
-        if self.query.requires_grad:
-            optimizers.append(torch.optim.SparseAdam([self.query], lr=lr))
-        schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
+        sparse = [self.query] if self.query.requires_grad else []
         was_training = self.training
         self.train()
         self._fitting = True
         try:
-            bar = progress_bar(range(steps), desc="fit dpq", enabled=progress)
-            for _ in bar:
-                rows = torch.randint(0, self.num_embeddings, (min(batch_size, self.num_embeddings),),
-                                     generator=generator)
-                loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
-                aux = self.aux_loss()
-                total = loss if aux is None else loss + aux
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                for optimizer, schedule in zip(optimizers, schedules):
-                    optimizer.step()
-                    schedule.step()
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(mse=f"{loss.item():.4g}", refresh=False)
+            adam_steps(step, dense, sparse_params=sparse, steps=steps, lr=lr, desc="fit dpq", progress=progress)
         finally:
             self._fitting = False
             self._last_aux = None
@@ -460,8 +459,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding):
 # (N, d) = 8 MB tensors. The scores are made once, laid out (D, K, N) so that the reductions over K
 # run along contiguous rows, and the backward reuses the forward's probabilities. They are made in
 # blocks of rows below glibc's largest mmap threshold (32 MB), so without a caching allocator they
-# come from reused heap memory instead of fresh pages (a fresh 32 MB costs ~14 ms of page faults on
-# the benchmark VM, an in-place pass over it ~1 ms).
+# come from reused heap memory instead of fresh pages (page-faulting a fresh 32 MB costs far more
+# than an in-place pass over it).
 BLOCK_FLOATS = 1 << 21  # 8 MB score blocks
 
 
@@ -480,15 +479,15 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
     groups, _, n = qt.shape
     codewords = keys.shape[1]
     if kernels.dpq_supported(qt, keys):  # one fused pass per group in C (frozen/kernels.py)
-        codes, probs = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
-        return codes, [] if probs is None else [probs]
+        codes, blocked = kernels.dpq_sx_forward(qt, keys.contiguous(), bias.contiguous(), tau)
+        return codes, [] if blocked is None else [blocked]
     codes = torch.empty(groups, n, dtype=torch.long, device=qt.device)
-    # Tensor.max(dim).indices over 16 codewords ran 10x slower than amax; instead the first index
+    # Tensor.max(dim).indices over a short K is much slower than amax; instead the first index
     # attaining the maximum is the largest of (K - k) over the k that attain it.
     rank_dtype = torch.uint8 if codewords < 256 else torch.int32
     rank = torch.arange(codewords, 0, -1, dtype=rank_dtype, device=qt.device).view(1, codewords, 1)
     bias = bias.unsqueeze(2)
-    probs = []
+    probs: list[torch.Tensor] = []
     step = _block_rows(groups, codewords)
     for start in range(0, n, step):
         # bmm then an in-place subtraction: baddbmm's broadcast copy of the bias took longer than the product.
@@ -503,8 +502,8 @@ def _sx_codes(qt: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, tau: flo
 
 def _values_grad(codes: torch.Tensor, gt: torch.Tensor, codewords: int) -> torch.Tensor:
     """Gradient (D, K, w) of values[d, codes[n, d]] for row gradients gt (D, w, N): each value gets the sum
-    of its rows'. A scatter along the last dim (each of the D * w rows sums into its own K bins) took
-    0.5 ms where index_select's backward, an index_add of N * D rows of w floats, took 3-14 ms."""
+    of its rows'. A scatter along the last dim (each of the D * w rows sums into its own K bins) is
+    several times cheaper than index_select's backward, an index_add of N * D rows of w floats."""
     groups, width, n = gt.shape
     grad_t = gt.new_zeros(groups, width, codewords).scatter_add_(2, codes.t().unsqueeze(1).expand(groups, width, n), gt)
     return grad_t.transpose(1, 2)

@@ -19,25 +19,33 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..frozen import HashedEmbedding
+from ..config import FitConfig
+from ..frozen import FrozenHashed
 from ..progress import progress_bar
 from ..registry import register
-from .hashing import HashConfig, HashEmbedding, bucket_means
+from .shared import HashedRowsConfig, HashedRowsTable, bucket_means
 
-__all__ = ["MEmComConfig", "MEmComEmbedding"]
+__all__ = ["MEmComConfig", "MEmComFit", "MEmComEmbedding"]
 
 
 @dataclass(frozen=True)
-class MEmComConfig(HashConfig):
+class MEmComConfig(HashedRowsConfig):
     method: ClassVar[str] = "memcom"
     bias: bool = field(default=False, metadata={"help": "add a per-entity scalar bias b_i (V more floats)"})
 
 
+@dataclass(frozen=True)
+class MEmComFit(FitConfig):
+    method: ClassVar[str] = "memcom"
+    steps: int = field(default=30, metadata={"help": "alternating least-squares rounds", "min": 0})
+
+
 @register
-class MEmComEmbedding(HashEmbedding):
+class MEmComEmbedding(HashedRowsTable[MEmComConfig]):
     """Hashed shared rows scaled (and optionally shifted) per entity."""
 
     Config = MEmComConfig
+    Fit = MEmComFit
     QUICK_FIT = {"steps": 10}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -71,8 +79,7 @@ class MEmComEmbedding(HashEmbedding):
         return out if self.bias is None else out + self.bias[ids].unsqueeze(1)
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            **_: Any) -> "MEmComEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: MEmComFit, progress: bool | None) -> MEmComFit:
         """Alternating least squares for table, scales (and biases); ``steps`` rounds (default 30).
 
         Without bias, each bucket's best (table row, member scales) is the rank-1 truncated SVD
@@ -90,7 +97,7 @@ class MEmComEmbedding(HashEmbedding):
         w = torch.ones(len(ids))
         b = torch.zeros(len(ids)) if self.bias is not None else None
         tiny = 1e-12
-        for _ in progress_bar(range(30 if steps is None else steps), desc="fit memcom", enabled=progress):
+        for _ in progress_bar(range(settings.steps), desc="fit memcom", enabled=progress):
             t = table[bucket]
             if b is None:
                 # w_i = <x_i, t> / |t|^2, per row.
@@ -115,8 +122,9 @@ class MEmComEmbedding(HashEmbedding):
         self.scale[ids] = w
         if self.bias is not None:
             self.bias.zero_()
+            assert b is not None  # solved with the bias above
             self.bias[ids] = b
-        return self
+        return settings
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
@@ -124,11 +132,11 @@ class MEmComEmbedding(HashEmbedding):
         if self.bias is not None:
             self.bias.mul_(factor)
 
-    def export(self) -> HashedEmbedding:
+    def export(self) -> FrozenHashed:
         bias = None if self.bias is None else self.bias.detach().clone()
-        return HashedEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                               hash=self.hash.to_dict(), table=self.table.detach().clone(),
-                               scale=self.scale.detach().clone(), bias=bias)
+        return FrozenHashed(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            hash=self.hash.to_dict(), table=self.table.detach().clone(),
+                            scale=self.scale.detach().clone(), bias=bias)
 
 
 class _ScaledRows(torch.autograd.Function):
@@ -137,8 +145,7 @@ class _ScaledRows(torch.autograd.Function):
     forward, embedding_bag with one bag per row and the scale as its weight (gather and scale in one
     pass); backward, the table's gradient by one index_add of grad * scale (embedding's backward
     sorts the buckets first) and the scales' by embedding_bag's fused per-row dot product of grad
-    with the table rows (no gathered (N, d) copy). Forward + backward: 5.0 -> 3.7 ms at the
-    benchmark's 16k ids x 128 into 10,000 buckets (2 cores)."""
+    with the table rows (no gathered (N, d) copy); benchmarks/perf.py measures the training step."""
 
     @staticmethod
     def forward(ctx: Any, buckets: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,

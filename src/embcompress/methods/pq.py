@@ -16,17 +16,14 @@ from torch import nn
 
 from ..base import CompressedEmbedding
 from ..bitpack import bits_for, packed_size
-from ..config import MethodConfig, SpecError
-from ..frozen import CodebookEmbedding
+from ..config import FitConfig, MethodConfig, SpecError
+from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
 from ..kmeans import kmeans
 from ..registry import register
+from .shared import check_groups, divisors
 
-__all__ = ["PQConfig", "ProductQuantizedEmbedding", "divisors"]
-
-
-def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+__all__ = ["PQConfig", "PQFit", "ProductQuantizedEmbedding", "divisors"]
 
 
 @dataclass(frozen=True)
@@ -34,22 +31,27 @@ class PQConfig(MethodConfig):
     method: ClassVar[str] = "pq"
     groups: int = field(default=8, metadata={"help": "sub-vectors per row (must divide the dim)"})
     codewords: int = field(default=256, metadata={"help": "centroids per group (code bits = ceil(log2 K))"})
-    iters: int = field(default=25, metadata={"help": "k-means iterations of the post hoc fit"})
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {"iters": "a fit setting now: from_pretrained(w, spec, fit='iters=N')"}
 
     def validate(self) -> None:
-        if self.groups < 1 or not 2 <= self.codewords <= 65536 or self.iters < 0:
-            raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536, iters >= 0; got {self}")
+        if self.groups < 1 or not 2 <= self.codewords <= 65536:
+            raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536; got {self}")
 
 
-def check_groups(method: str, groups: int, embedding_dim: int) -> None:
-    if embedding_dim % groups:
-        raise SpecError(f"{method}: groups={groups} does not divide embedding_dim={embedding_dim}; "
-                        f"valid groups: {', '.join(map(str, divisors(embedding_dim)))}")
+@dataclass(frozen=True)
+class PQFit(FitConfig):
+    method: ClassVar[str] = "pq"
+    iters: int = field(default=25, metadata={"help": "k-means iterations per group", "min": 0})
+    seed: int | None = field(default=None, metadata={"help": "k-means seed; none = drawn from torch's generator"})
 
 
 @register
-class ProductQuantizedEmbedding(CompressedEmbedding):
+class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
     Config = PQConfig
+    Fit = PQFit
+    TAKES_ROW_WEIGHTS = True
+    codes: torch.Tensor  # a registered buffer, declared for the type checker
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -76,20 +78,26 @@ class ProductQuantizedEmbedding(CompressedEmbedding):
         return decode_codes(self.codes[ids], self.codebooks, "concat")
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, row_weights: torch.Tensor | None = None,
-            **_: Any) -> "ProductQuantizedEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: PQFit, progress: bool | None) -> PQFit:
+        return self._fit_weighted(weight, settings, progress, None)
+
+    @torch.no_grad()
+    def _fit_weighted(self, weight: torch.Tensor, settings: PQFit, progress: bool | None,
+                      row_weights: torch.Tensor | None) -> PQFit:
+        """k-means per group; with ``row_weights`` weighted means and seeding (Lloyd on sum_i w_i ||e_i||^2)."""
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-        centroids, codes = kmeans(sub, self.config.codewords, iters=self.config.iters, seed=seed, weights=row_weights)
+        assert settings.seed is not None  # fit() draws it
+        centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed,
+                                  weights=row_weights)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)
-        return self
+        return settings
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         self.codebooks.mul_(factor)
 
-    def export(self) -> CodebookEmbedding:
-        return CodebookEmbedding.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)
+    def export(self) -> FrozenCodebook:
+        return FrozenCodebook.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
-from ..frozen.qr import QREmbedding, combine_parts
+from ..config import FitConfig, MethodConfig, SpecError
+from ..frozen.qr import FrozenQR, combine_parts
 from ..progress import progress_bar
 from ..registry import register
-from .hashing import bucket_grid
+from .shared import bucket_grid
 
-__all__ = ["QRConfig", "QuotientRemainderEmbedding"]
+__all__ = ["QRConfig", "QRFit", "QuotientRemainderEmbedding"]
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,19 @@ def table_width(config: QRConfig, embedding_dim: int) -> int:
     return embedding_dim // 2
 
 
+@dataclass(frozen=True)
+class QRFit(FitConfig):
+    method: ClassVar[str] = "qr"
+    steps: int = field(default=30, metadata={
+        "help": "alternating least-squares rounds (combine=concat is closed-form and ignores them)", "min": 0})
+
+
 @register
-class QuotientRemainderEmbedding(CompressedEmbedding):
+class QuotientRemainderEmbedding(CompressedEmbedding[QRConfig]):
     """Rows composed from a quotient table and a remainder table."""
 
     Config = QRConfig
+    Fit = QRFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -85,8 +93,7 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
                              self.config.combine)
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            **_: Any) -> "QuotientRemainderEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: QRFit, progress: bool | None) -> QRFit:
         """Least squares for both tables; ``steps`` alternating rounds (default 30).
 
         concat: each half is a plain bucket mean (closed form). add: alternating means, a two-way
@@ -110,8 +117,8 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
         if cfg.combine == "concat":
             self.quotient.copy_(grid[..., :width].sum(1) / count_q)
             self.remainder.copy_(grid[..., width:].sum(0) / count_r)
-            return self
-        rounds = progress_bar(range(30 if steps is None else steps), desc="fit qr", enabled=progress)
+            return settings
+        rounds = progress_bar(range(settings.steps), desc="fit qr", enabled=progress)
         if cfg.combine == "add":
             # Sums over the grid are fixed; each half-round is then one small matmul.
             sum_q, sum_r = grid.sum(1), grid.sum(0)
@@ -129,7 +136,7 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
                 rem = _least_squares_scale(num, present.T @ quo.pow(2), rem)
         self.quotient.copy_(quo)
         self.remainder.copy_(rem)
-        return self
+        return settings
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
@@ -137,9 +144,9 @@ class QuotientRemainderEmbedding(CompressedEmbedding):
         if self.config.combine != "mult":  # add / concat: both halves are linear in the output
             self.quotient.mul_(factor)
 
-    def export(self) -> QREmbedding:
-        return QREmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
-                           quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())
+    def export(self) -> FrozenQR:
+        return FrozenQR(self.num_embeddings, self.embedding_dim, self.padding_idx, combine=self.config.combine,
+                        quotient=self.quotient.detach().clone(), remainder=self.remainder.detach().clone())
 
 
 def _least_squares_scale(num: torch.Tensor, den: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

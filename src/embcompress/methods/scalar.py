@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
-from ..frozen import ScalarQuantizedEmbedding
 from ..bitpack import packed_size
+from ..config import FitConfig, MethodConfig, SpecError
+from ..frozen import FrozenScalar
 from ..frozen.scalar import block_codes, block_decode, dequantize, is_blockwise, num_blocks, quantize_rows
 from ..registry import register
 
-__all__ = ["ScalarConfig", "ScalarEmbedding"]
+__all__ = ["ScalarConfig", "ScalarFit", "ScalarEmbedding"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,17 @@ class ScalarConfig(MethodConfig):
             raise SpecError("scalar: block and offset apply to bits 8, 4, 3 and 2; drop them for bits=16")
 
 
+@dataclass(frozen=True)
+class ScalarFit(FitConfig):
+    """The fit copies the table (quantized at lookup and export): nothing to set but the common ``steps``."""
+
+    method: ClassVar[str] = "scalar"
+
+
 @register
-class ScalarEmbedding(CompressedEmbedding):
+class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
     Config = ScalarConfig
+    Fit = ScalarFit
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -83,16 +91,15 @@ class ScalarEmbedding(CompressedEmbedding):
         return rows + (self._quantized(rows) - rows).detach()  # straight-through estimator
 
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, **_: Any) -> "ScalarEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: ScalarFit, progress: bool | None) -> ScalarFit:
         self.weight.copy_(self._check_fit_weight(weight))
-        return self
+        return settings
 
-    @torch.no_grad()
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         self.weight.mul_(factor)
 
-    def export(self) -> ScalarQuantizedEmbedding:
+    def export(self) -> FrozenScalar:
         cfg = self.config
-        return ScalarQuantizedEmbedding.from_weight(self.weight.detach(), cfg.bits, cfg.block, cfg.offset,
-                                                    padding_idx=self.padding_idx)
+        return FrozenScalar.from_weight(self.weight.detach(), cfg.bits, cfg.block, cfg.offset,
+                                        padding_idx=self.padding_idx)

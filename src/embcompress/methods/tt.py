@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from ..base import CompressedEmbedding
-from ..config import MethodConfig, SpecError
-from ..frozen.tt import TensorTrainCores, check_tt_shapes, choose_split, tt_half_table, tt_rows
+from ..config import FitConfig, MethodConfig, SpecError
+from ..frozen.tt import FrozenTensorTrain, check_tt_shapes, choose_split, tt_half_table, tt_rows
 from ..registry import register
 
-__all__ = ["TTConfig", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
+__all__ = ["TTConfig", "TTFit", "TensorTrainEmbedding", "resolve_shapes", "tt_svd", "best_factorization"]
 
 MAX_CORES = 8
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
@@ -85,7 +85,7 @@ def _factorizations(value: int, parts: int, smallest: int = 1) -> tuple[tuple[in
     """Every non-decreasing tuple of ``parts`` integers >= ``smallest`` whose product is ``value``."""
     if parts == 1:
         return ((value,),) if value >= smallest else ()
-    found = []
+    found: list[tuple[int, ...]] = []
     factor = smallest
     while factor ** parts <= value:
         if value % factor == 0:
@@ -161,6 +161,7 @@ def _arrange(vocab: Sequence[int], dims: Sequence[int], rank: int, vocab_fixed: 
                 key = (_params(vs, ds, rank), vs, ds)
                 if best is None or key < best:
                     best = key
+    assert best is not None  # there is always a factorization (1 x ... x n)
     return best[1], best[2]
 
 
@@ -224,8 +225,18 @@ def tt_svd(weight: torch.Tensor, vocab_shape: Sequence[int], dim_shape: Sequence
 
 # -- the table ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TTFit(FitConfig):
+    method: ClassVar[str] = "tt"
+    steps: int = field(default=100, metadata={"help": "Adam steps after the TT-SVD start", "min": 0})
+    lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate; none = 1% of the TT-SVD cores' RMS entry", "min": 0.0})
+    batch_size: int = field(default=2048, metadata={"help": "rows per Adam step", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the row sampling"})
+
+
 @register
-class TensorTrainEmbedding(CompressedEmbedding):
+class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
     """A drop-in ``nn.Embedding`` stored as TT cores.
 
     Example:
@@ -235,6 +246,7 @@ class TensorTrainEmbedding(CompressedEmbedding):
     """
 
     Config = TTConfig
+    Fit = TTFit
     QUICK_FIT = {"steps": 30}  # the demo's fit; the default fit is slower and a little better
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -278,7 +290,9 @@ class TensorTrainEmbedding(CompressedEmbedding):
         """
         dense = 4 * num_embeddings * embedding_dim
         candidates = []
-        for rank in itertools.count(1):
+        rank = 0
+        while True:
+            rank += 1
             config = base.replace(rank=rank)
             candidates.append(config)
             if cls.expected_bytes(config, num_embeddings, embedding_dim) > dense:
@@ -297,16 +311,15 @@ class TensorTrainEmbedding(CompressedEmbedding):
         right = tt_half_table(cores[self.split:], "right")  # (V_r, r, D_r)
         left_index, right_index = ids // right_rows, ids % right_rows
         if left.shape[1] > right.shape[2]:
-            # row^T = R^T @ L^T: with D_l = 16 > D_r = 8 (V = 10^6, d = 128) this orientation plus the
-            # transposed copy made the training step 12% faster than L @ R.
+            # row^T = R^T @ L^T: with D_l > D_r this orientation plus the transposed copy beats L @ R
+            # (see frozen.tt.tt_lookup).
             left_t = left.transpose(1, 2).contiguous().index_select(0, left_index)
             right_t = right.transpose(1, 2).contiguous().index_select(0, right_index)
             return torch.bmm(right_t, left_t).transpose(1, 2).reshape(ids.shape[0], -1)
         rows = torch.bmm(left.index_select(0, left_index), right.index_select(0, right_index))
         return rows.reshape(ids.shape[0], -1)
 
-    def fit(self, weight: torch.Tensor, *, steps: int | None = None, progress: bool | None = None,
-            lr: float | None = None, batch_size: int = 2048) -> "TensorTrainEmbedding":
+    def _fit(self, weight: torch.Tensor, settings: TTFit, progress: bool | None) -> TTFit:
         """TT-SVD of the zero-padded table, then Adam on the MSE over real rows (paper, Section 4).
 
         ``lr`` defaults to 1% of the cores' RMS entry: Adam moves every entry by about ``lr`` per
@@ -318,9 +331,9 @@ class TensorTrainEmbedding(CompressedEmbedding):
         with torch.no_grad():
             for param, core in zip(self.cores, start):
                 param.copy_(core)
-        steps = 100 if steps is None else steps
+        steps, lr = settings.steps, settings.lr
         if steps <= 0:
-            return self
+            return settings
         if lr is None:
             lr = 1e-2 * float(torch.cat([c.reshape(-1) for c in start]).pow(2).mean().sqrt())
         check = torch.arange(self.num_embeddings)
@@ -332,21 +345,22 @@ class TensorTrainEmbedding(CompressedEmbedding):
                 return float((self.lookup(check) - weight[check]).pow(2).mean())
 
         before = error()
-        self.fit_by_gradient(weight, steps=steps, lr=lr, batch_size=batch_size, progress=progress)
+        self.fit_by_gradient(weight, steps=steps, lr=lr, batch_size=settings.batch_size, seed=settings.seed,
+                             progress=progress)
         if error() > before:
             with torch.no_grad():
                 for param, core in zip(self.cores, start):
                     param.copy_(core)
-        return self
+        return settings.replace(lr=lr)
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         self.cores[0].mul_(factor)
 
-    def export(self) -> TensorTrainCores:
+    def export(self) -> FrozenTensorTrain:
         cores = {f"core{k}": core.detach().clone() for k, core in enumerate(self.cores)}
-        return TensorTrainCores(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                                vocab_shape=self.vocab_shape, dim_shape=self.dim_shape, **cores)
+        return FrozenTensorTrain(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                                 vocab_shape=self.vocab_shape, dim_shape=self.dim_shape, **cores)
 
     def extra_repr(self) -> str:
         shapes = f", vocab_shape={self.vocab_shape}, dim_shape={self.dim_shape}"

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBag
 from torchrec.modules.embedding_modules import EmbeddingCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from ...base import CompressedEmbedding
 from ...config import MethodConfig, SpecError, parse_spec
 from .rows import build_split, row_part
 
@@ -50,7 +51,8 @@ class _CompressedCollection(nn.Module):
         for name in names:
             if "." in name or hasattr(nn.ModuleDict(), name):  # TorchRec's own ModuleDict refuses these too
                 raise ValueError(f"table {name!r}: a table name must not contain '.' nor be a ModuleDict "
-                                 f"attribute (items, keys, values, ...); rename it, e.g. {name.replace('.', '_')}_table")
+                                 "attribute (items, keys, values, ...); rename it, e.g. "
+                                 f"{name.replace('.', '_')}_table")
         unknown = sorted(set(specs) - set(names) - {DEFAULT_KEY})
         if unknown:
             raise SpecError(f"specs name tables that do not exist: {unknown}; tables are {names} "
@@ -67,7 +69,7 @@ class _CompressedCollection(nn.Module):
             # hundred kB costs less than TorchRec's lookup all-to-alls.
             split = config.num_embeddings >= min_sharded_rows
             self.tables[config.name] = _build_table(config, specs, split).to(small_device)
-            part = row_part(self.tables[config.name])
+            part = row_part(cast(CompressedEmbedding, self.tables[config.name]))
             if part is not None:
                 # One feature per table, named like the table: plans and constraints use the table names.
                 row_configs.append(EmbeddingConfig(num_embeddings=config.num_embeddings, embedding_dim=part.dim,
@@ -106,7 +108,7 @@ class _CompressedCollection(nn.Module):
         out: dict[str, list[torch.Tensor]] = {}
         for config in self._configs:
             parts, unique, inverse = per_table[config.name]
-            table = self.tables[config.name]
+            table = cast(Any, self.tables[config.name])  # a split table (rows.py) or a method's own
             decoded = table.decode(unique, looked_up[config.name]) if config.name in looked_up else table(unique)
             rows = decoded.index_select(0, inverse)
             out[config.name] = list(rows.split([part.numel() for part in parts]))
@@ -213,7 +215,8 @@ def _check_range(config: BaseEmbeddingConfig, ids: torch.Tensor) -> None:
                          f"[{int(ids.min())}, {int(ids.max())}]")
 
 
-def _pool(rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, pooling: PoolingType) -> torch.Tensor:
+def _pool(rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None,
+          pooling: PoolingType) -> torch.Tensor:
     """Per-id rows (N, d) -> per-bag (B, d), bags given by ``lengths`` (B,), as EmbeddingBag pools them."""
     bags = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long())
     if weights is not None:

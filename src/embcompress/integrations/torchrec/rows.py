@@ -16,7 +16,7 @@ decoding is the method's own code; :meth:`RowSupplied.decode` runs it on rows To
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class RowSupplied:
         """Distinct ids (U,) and their per-row values (U, r) from TorchRec -> decoded rows (U, d)."""
         self._supplied = (ids, rows)
         try:
-            return self(ids)
+            return cast(Callable[[torch.Tensor], torch.Tensor], self)(ids)  # the mixin sits on a module
         finally:
             self._supplied = None
 
@@ -103,7 +103,7 @@ class SplitMEmCom(RowSupplied, MEmComEmbedding):
     """MEmCom whose per-entity scale (and bias) are columns of a TorchRec table."""
 
     def _add_entity_scalars(self, num_embeddings: int, bias: bool) -> None:
-        self.scale = None  # column 0 of the TorchRec table; column 1 is the bias
+        self.scale = None  # type: ignore[assignment]  # column 0 of the TorchRec table; column 1 is the bias
         self.bias = None
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class SplitMEmCom(RowSupplied, MEmComEmbedding):
         return out + scalars[:, 1:2] if self.config.bias else out
 
 
-_SPLITS: dict[type[CompressedEmbedding], type[CompressedEmbedding]] = {
+_SPLITS: dict[type[CompressedEmbedding[Any]], type[CompressedEmbedding[Any]]] = {
     DPQEmbedding: SplitDPQ, CompositionalCodeEmbedding: SplitCodes, MEmComEmbedding: SplitMEmCom}
 
 
@@ -141,6 +141,7 @@ def to_plain(table: CompressedEmbedding, rows: torch.Tensor | None) -> Compresse
     plain_cls = next(base for base in type(table).__mro__[1:] if base in _SPLITS)
     plain = plain_cls(table.num_embeddings, table.embedding_dim, table.config, layout=table.layout())
     state = {key: value for key, value in table.state_dict().items()}
+    assert rows is not None, "a split table needs its per-row part"
     if isinstance(table, SplitMEmCom):
         state["scale"] = rows[:, 0].clone()
         if table.config.bias:

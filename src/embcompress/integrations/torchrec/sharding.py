@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,8 @@ def sharding_constraints(model: nn.Module) -> dict[str, ParameterConstraints]:
     constraints: dict[str, ParameterConstraints] = {}
     for _, collection in _collections(model):
         for name in collection._row_tables:
-            part = row_part(collection.tables[name])
+            part = row_part(cast(CompressedEmbedding, collection.tables[name]))
+            assert part is not None  # _row_tables holds only the tables with a per-row part
             constraints[name] = ParameterConstraints(sharding_types=list(part.sharding_types),
                                                      compute_kernels=[EmbeddingComputeKernel.FUSED.value])
     return constraints
@@ -78,7 +79,7 @@ def first_difference(mine: dict[str, list[dict[str, Any]]], theirs: dict[str, li
             a = ours[index] if index < len(ours) else None
             b = other[index] if index < len(other) else None
             if a != b:
-                name = (a or b)["name"]
+                name = cast(dict[str, Any], a or b)["name"]
                 return f"table {name!r} of {prefix or 'the model'!r} is {a} here and {b} there"
     return ""
 
@@ -127,7 +128,7 @@ def compressed_tables(model: nn.Module, dst: int = 0,
                 rows = _gather(rows_state[f"{group_of[config.name]}.embeddings.{config.name}.weight"], dst, rank)
             if rank == dst:
                 key = f"{prefix}.{config.name}" if len(collections) > 1 and prefix else config.name
-                out[key] = to_plain(table, rows)
+                out[key] = to_plain(cast(CompressedEmbedding, table), rows)
     return out
 
 
