@@ -162,8 +162,10 @@ def parse_budget(budget: Any) -> dict[str, Any]:
 def total_budget(rows: int, dense_bytes: int, *, bytes: int | None = None, ratio: float | None = None,
                  bits_per_row: float | None = None) -> int:
     """Bytes for all tables together: given, the fp32 bytes / ratio, or bits per row over every row."""
-    # budget_bytes speaks for one (V, d) table: d = dense bytes per row / 4 gives the same fp32 total.
-    return budget_bytes(rows, dense_bytes / (4 * rows), bytes=bytes, ratio=ratio, bits_per_row=bits_per_row)
+    # budget_bytes speaks for one (V, d) table: bits per row count every row, a ratio every fp32 value.
+    if bits_per_row is not None:
+        return budget_bytes(rows, 1, bytes=bytes, ratio=ratio, bits_per_row=bits_per_row)
+    return budget_bytes(1, dense_bytes // 4, bytes=bytes, ratio=ratio, bits_per_row=bits_per_row)
 
 
 def weighted_relative_error(approx: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> float:
@@ -305,5 +307,6 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         fronts[name] = pareto_front(candidates)
     importance = {name: w.shape[0] * w.shape[1] * 4 / dense for name, w in tables.items()}
     choice = allocate(fronts, importance, limit)
-    plans = [TablePlan(name, tuple(tables[name].shape), choice[name], *measured[name]) for name in tables]
+    plans = [TablePlan(name, (tables[name].shape[0], tables[name].shape[1]), choice[name], *measured[name])
+             for name in tables]
     return Plan(plans, limit)

@@ -366,12 +366,14 @@ def compress_(
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
-    if budget is None and spec_or_mapping is None:
-        raise SpecError("give a spec (or a mapping of specs), or budget= to let the planner choose")
     if budget is not None:
         _check_budget_mapping(spec_or_mapping, init)
         # Every table the mapping does not skip resolves to a placeholder the planner then replaces.
-        spec_or_mapping = {"default": "scalar", **(spec_or_mapping or {})}
+        skips = dict(spec_or_mapping) if isinstance(spec_or_mapping, Mapping) else \
+            {} if spec_or_mapping is None else {"default": spec_or_mapping}
+        spec_or_mapping = {"default": "scalar", **skips}
+    elif spec_or_mapping is None:
+        raise SpecError("give a spec (or a mapping of specs), or budget= to let the planner choose")
     if isinstance(spec_or_mapping, Mapping):
         for value in spec_or_mapping.values():  # fail early on a bad spec, before any fitting
             if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
@@ -463,7 +465,8 @@ def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
         for alias, _ in members:
             if row_weights is not None and alias in row_weights:
                 weights[name] = row_weights[alias]
-    tables = {name: members[0][1].weight.detach().float().cpu() for name, members in planned.items()}
+    tables = {name: cast(nn.Embedding, members[0][1]).weight.detach().float().cpu()
+              for name, members in planned.items()}
     plan = plan_budget(tables, methods=methods, weights=weights or None, **parse_budget(budget))
     for members, resolved in kept:
         if members[0][0] in planned:

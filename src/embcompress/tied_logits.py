@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class CompressedLogits(nn.Module):
 
     def _codebook_onehot(self) -> torch.Tensor:
         if self._onehot is None:
-            f = self.frozen
+            f = cast(FrozenCodebook, self.frozen)  # only the codebook-scores path builds it
             ids = torch.arange(f.num_embeddings)
             codes = f.codes(ids) + torch.arange(f.books) * f.codewords  # column of (position, codeword)
             crow = torch.arange(0, f.num_embeddings * f.books + 1, f.books)
@@ -86,7 +86,7 @@ class CompressedLogits(nn.Module):
         shape = hidden.shape[:-1]
         h = hidden.reshape(-1, hidden.shape[-1]).float()
         f = self.frozen
-        if self.path == "codebook-scores":
+        if isinstance(f, FrozenCodebook):  # the codebook-scores path
             books = f.codebooks.float()
             if books.shape[0] == 1 and f.books > 1:
                 books = books.expand(f.books, -1, -1)
@@ -95,7 +95,7 @@ class CompressedLogits(nn.Module):
             else:
                 scores = torch.einsum("nd,mkd->nmk", h, books)
             logits = torch.sparse.mm(self._codebook_onehot(), scores.reshape(h.shape[0], -1).t()).t()
-        elif self.path == "factors":
+        elif isinstance(f, FrozenFactors):  # the factors path
             if self._activated is None:
                 self._activated = ACTIVATIONS[f.activation](f.codes)
             logits = (h @ f.basis.t()) @ self._activated.t()

@@ -174,6 +174,8 @@ class FrozenScalar(FrozenEmbedding):
                              f"block={block}, offset={offset})")
         self.bits, self.block, self.offset = bits, int(block), bool(offset)
         self.blockwise = is_blockwise(bits, block, offset)
+        shape: tuple[int, ...]
+        scale_shape: tuple[int, ...]
         if self.blockwise:
             blocks = num_blocks(embedding_dim, block)
             shape, dtype = (packed_size(num_embeddings, embedding_dim, bits),), torch.uint8
@@ -201,17 +203,22 @@ class FrozenScalar(FrozenEmbedding):
         """Quantize a (V, d) matrix into this format."""
         rows, dim = weight.shape
         if is_blockwise(bits, block, offset):
-            codes, scale, minimum = block_codes(weight, bits, block, offset)
+            codes, block_scale, minimum = block_codes(weight, bits, block, offset)
             return cls(rows, dim, padding_idx, bits=bits, block=block, offset=offset,
-                       values=pack_codes(codes, bits), scale=scale, minimum=minimum)
-        values, scale = quantize_rows(weight.detach(), bits)
-        return cls(rows, dim, padding_idx, bits=bits, values=values, scale=scale)
+                       values=pack_codes(codes, bits), scale=block_scale, minimum=minimum)
+        values, row_scale = quantize_rows(weight.detach(), bits)
+        return cls(rows, dim, padding_idx, bits=bits, values=values, scale=row_scale)
+
+    def _block_scale(self) -> torch.Tensor:
+        if self.scale is None:  # the constructor requires it for every block-wise layout
+            raise ValueError("a block-wise scalar table needs its scale tensor")
+        return self.scale
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.blockwise:
             codes = _gather_codes(self.values, ids, self.embedding_dim, self.bits)
             minimum = None if self.minimum is None else self.minimum.index_select(0, ids)
-            return block_decode(codes, self.scale.index_select(0, ids), minimum, self.bits, self.block)
+            return block_decode(codes, self._block_scale().index_select(0, ids), minimum, self.bits, self.block)
         values = self.values.index_select(0, ids)
         if self.bits == 8 and self.scale is not None:  # scale in place on the fresh float copy: one (N, d) tensor
             return values.float().mul_(self.scale.index_select(0, ids).unsqueeze(1))
@@ -224,7 +231,7 @@ class FrozenScalar(FrozenEmbedding):
             dim = self.embedding_dim
             codes = unpack_codes(self.values, ids, dim, self.bits)
             column_block = torch.arange(dim) // (self.block or dim)
-            step = self.scale[ids].float()[:, column_block]
+            step = self._block_scale()[ids].float()[:, column_block]
             if self.minimum is None:
                 return (codes - 2 ** (self.bits - 1)).float() * step
             return codes.float() * step + self.minimum[ids].float()[:, column_block]
