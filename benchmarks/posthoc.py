@@ -4,10 +4,15 @@ Usage:
     python benchmarks/posthoc.py                      # 80 and 40 bits per row, all methods
     python benchmarks/posthoc.py --bits 80 --methods codes dpq --rows 100000
     python benchmarks/posthoc.py --methods codes --no-faiss --update   # re-run rows, keep the others
+    python -m benchmarks.posthoc --fbgemm --no-faiss  # at TorchRec's int8/int4/int2 tables' exact bytes
 
 Budgets count every byte the artifact holds (codes, codebooks, cores, scalars). FAISS codecs
 (PQ, OPQ+PQ, residual quantizer) run side by side when faiss-cpu is installed; their totals count
 fp32 codebooks the same way. Results: benchmarks/results/posthoc_glove.{json,md}.
+
+With --fbgemm (TorchRec installed; run as a module), the budgets are the bytes of TorchRec's own
+row-wise quantized tables (FBGEMM int8 / int4 / int2, fp16 or fp32 scale and bias per row, rows padded
+to 16 bytes), which sit beside our methods at those budgets: benchmarks/results/posthoc_glove_fbgemm.*.
 """
 
 from __future__ import annotations
@@ -73,6 +78,39 @@ def faiss_rows(table, bits: int) -> list[dict]:
     return out
 
 
+def fbgemm_rows(table) -> list[dict]:
+    """TorchRec's row-wise int8 / int4 / int2 tables of ``table``, quantized by TorchRec (FBGEMM ops) and
+    read back through its own lookup, with their stored bytes; [] without TorchRec."""
+    try:
+        from torchrec import KeyedJaggedTensor
+
+        from benchmarks.perf import build_torchrec_quantized
+    except ImportError:
+        print("TorchRec not installed: skipping its quantized tables (pip install 'embcompress[torchrec]')",
+              file=sys.stderr)
+        return []
+    weight = table.weight
+    rows, dim = weight.shape
+    # FBGEMM's int2 rows must fill whole fp16 words (d a multiple of 8): pad with zero columns, counted.
+    padded = torch.nn.functional.pad(weight, (0, -dim % 8))
+    start = time.perf_counter()
+    quantized = build_torchrec_quantized(padded)
+    quantize_seconds = (time.perf_counter() - start) / len(quantized)
+    out = []
+    for name, (module, stored) in quantized.items():
+        start = time.perf_counter()
+        with torch.no_grad():
+            approx = torch.cat([module(KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(len(ids), dtype=torch.int32)))
+                                .values()[:, :dim] for ids in torch.arange(rows).split(65536)])
+        report = {"method": name, "spec": f"FBGEMM row-wise, d padded to {padded.shape[1]}", "bytes": stored,
+                  "ratio": 4 * rows * dim / stored, "code_bits": 8 * stored / rows,
+                  "seconds": quantize_seconds + time.perf_counter() - start}
+        report.update(quality_report(approx, weight, table.words))
+        out.append(report)
+        print(f"  {name:22s} {stored / rows:.0f} B/row: rel MSE {report['rel_mse']:.4f}", flush=True)
+    return out
+
+
 def code_bits(result) -> float:
     """Bits per row spent on per-row data (codes, scalars), excluding shared codebooks."""
     stored = result.frozen.stored_tensors()
@@ -87,14 +125,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--no-faiss", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "posthoc_glove")
+    parser.add_argument("--fbgemm", action="store_true",
+                        help="budgets = the bytes of TorchRec's int8/int4/int2 tables, which join the comparison")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--update", action="store_true",
                         help="replace only the rows re-run here (same method and budget) in an existing --out JSON")
     args = parser.parse_args()
     torch.manual_seed(0)
     table = load_table("glove-6b-50d", limit=args.rows)
     rows, dim = table.weight.shape
+    args.out = args.out or RESULTS / ("posthoc_glove_fbgemm" if args.fbgemm else "posthoc_glove")
     results = []
+    if args.fbgemm:
+        baselines = fbgemm_rows(table)
+        if not baselines:
+            return
+        args.bits = sorted({round(r["code_bits"]) for r in baselines}, reverse=True)
+        results.extend({**r, "budget_bits": round(r["code_bits"])} for r in baselines)
     for bits in args.bits:
         print(f"== {bits} bits per row: {rows * bits // 8:,} bytes for {rows:,} x {dim}", flush=True)
         for spec in args.methods:
@@ -117,9 +164,13 @@ def main() -> None:
         args.bits = sorted({r["budget_bits"] for r in results}, reverse=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    full = quality_report(table.weight, table.weight, table.words, sample=0)  # the uncompressed table's scores
     lines = [f"# Post hoc compression of GloVe 6B 50d ({rows:,} x {dim})", "",
-             "Budgets count every stored byte (codes, codebooks, cores, scalars). Full table: WS353 0.503, "
-             "SimLex 0.265, analogy 0.497.", ""]
+             f"Budgets count every stored byte (codes, codebooks, cores, scalars). Full table: WS353 {full.get('ws353', math.nan):.3f}, "
+             f"SimLex {full.get('simlex', math.nan):.3f}, analogy {full.get('analogy', math.nan):.3f}.", ""]
+    if args.fbgemm:
+        lines += ["Budgets are the stored bytes of TorchRec's row-wise quantized tables (torchrec-int*, quantized "
+                  "by TorchRec's FBGEMM ops and read back through its lookup; d = 50 padded to 56 for FBGEMM).", ""]
     for bits in args.bits:
         lines += [f"## {bits} bits per row ({rows * bits // 8:,} bytes)", "",
                   _markdown([r for r in results if r["budget_bits"] == bits]), ""]
@@ -128,9 +179,12 @@ def main() -> None:
 
 
 def _merge_in_order(kept: list[dict], fresh: list[dict]) -> list[dict]:
-    """Kept rows with the fresh ones in the benchmark's method order (FAISS rows last)."""
+    """Kept rows with the fresh ones in the benchmark's method order (TorchRec's first, FAISS rows last)."""
     rank = {m: i for i, m in enumerate(METHODS)}
-    return sorted(kept + fresh, key=lambda r: (-r["budget_bits"], rank.get(r["method"], len(rank))))
+
+    def order(row: dict) -> int:
+        return -1 if row["method"].startswith("torchrec-") else rank.get(row["method"], len(rank))
+    return sorted(kept + fresh, key=lambda r: (-r["budget_bits"], order(r)))
 
 
 def _markdown(rows: list[dict]) -> str:

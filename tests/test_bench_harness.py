@@ -151,7 +151,7 @@ def test_failing_cell_is_recorded_and_run_exits_nonzero(tmp_path, monkeypatch, c
                    "--out", str(tmp_path), "--no-report"])
     assert code == 1 and "boom" in capsys.readouterr().err  # CI's bench-quick fails on a broken cell
     plan = json.loads((tmp_path / "run.json").read_text())
-    assert plan["cells"] == 1 + 2 + 1 and cell.key() in plan["keys"]
+    assert plan["cells"] == 1 + 2 + 2 + 1 and cell.key() in plan["keys"]  # full, scalar x2, TorchRec x2, hash
 
 
 @needs("recbole")

@@ -5,7 +5,8 @@
 - bad input names the table;
 - agreement: a DLRM with dpq (two), memcom and tt tables trained a few steps sharded by DMP in 2 gloo
   processes (query tables row- and column-wise, MEmCom scalars table-wise, the rest data-parallel) gives the
-  losses and final tables of 1 process on the global batch, and both export the same artifacts.
+  losses and final tables of 1 process on the global batch, and both export the same artifacts; the same for
+  a model on a CompressedEmbeddingCollection whose head reads the unpooled rows.
 """
 
 import datetime
@@ -35,6 +36,8 @@ D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
 ROWS = {"item": 300, "user": 200, "cat": 100, "page": 260}
 SPECS = {"item": "dpq:groups=2,codewords=8,batchnorm=false", "user": "memcom:buckets=16,bias=true",
          "cat": "tt:cores=2,rank=4", "page": "dpq:groups=2,codewords=4,batchnorm=false"}
+# VQ codes compare the query with the values: rescaling scales the TorchRec-held query too.
+JAGGED_SPECS = {**SPECS, "page": "dpq:variant=vq,groups=2,codewords=4,batchnorm=false"}
 
 
 def bag_tables(rows=ROWS, dim=D):
@@ -93,9 +96,7 @@ def test_small_tables_keep_their_per_row_part_as_a_plain_parameter():
 
 
 def test_embedding_collection_returns_jagged_rows_and_mean_pooling():
-    configs = [EmbeddingConfig(name=n, embedding_dim=D, num_embeddings=v, feature_names=[f"f_{n}"])
-               for n, v in ROWS.items()]
-    ec = CompressedEmbeddingCollection(configs, SPECS).eval()
+    ec = CompressedEmbeddingCollection(embedding_tables(), SPECS).eval()
     _, kjt, _ = batch_data(1, slice(0, BATCH))
     out = ec(kjt)
     tables = compressed_tables(ec)
@@ -112,6 +113,24 @@ def test_embedding_collection_returns_jagged_rows_and_mean_pooling():
     summed.load_state_dict(ebc.state_dict())
     lengths = kjt["f_item"].lengths().unsqueeze(1).float()
     torch.testing.assert_close(ebc(kjt).to_dict()["f_item"] * lengths, summed(kjt).to_dict()["f_item"])
+
+
+def test_rescale_output_scales_the_rows_torchrec_holds():
+    ec = CompressedEmbeddingCollection(embedding_tables(), JAGGED_SPECS).eval()
+    for name in ("user", "page"):  # memcom's scale and bias, VQ's query: per-row parts TorchRec holds
+        with pytest.raises(RuntimeError, match=r"lives in TorchRec; call rescale_output_\(table_name"):
+            ec.tables[name].rescale_output_(4.0)
+    with pytest.raises(KeyError, match="no table 'items'"):
+        ec.rescale_output_("items", 4.0)
+    before = {name: table.materialize() for name, table in compressed_tables(ec).items()}
+    for name in ROWS:
+        ec.rescale_output_(name, 4.0)
+    after = compressed_tables(ec)
+    _, kjt, _ = batch_data(0, slice(0, BATCH))
+    out = ec(kjt)
+    for name in ROWS:
+        torch.testing.assert_close(after[name].materialize(), 4.0 * before[name], msg=f"table {name}")
+        torch.testing.assert_close(out[f"f_{name}"].values(), 4.0 * before[name][kjt[f"f_{name}"].values()])
 
 
 def test_errors_name_the_table():
@@ -145,8 +164,35 @@ def dlrm(ebc):
                 over_arch_layer_sizes=[8, 1])
 
 
-def worker(rank, world, port, out_dir):
-    """Train the DLRM sharded over ``world`` gloo processes; rank 0 writes losses, tables and artifacts."""
+def embedding_tables():
+    return [EmbeddingConfig(name=n, embedding_dim=D, num_embeddings=v, feature_names=[f"f_{n}"])
+            for n, v in ROWS.items()]
+
+
+class JaggedModel(torch.nn.Module):
+    """A CompressedEmbeddingCollection under a head that reads every looked-up row (a per-row nonlinearity
+    before pooling, so the unpooled rows matter), with the dense features."""
+
+    def __init__(self):
+        super().__init__()
+        self.sparse = CompressedEmbeddingCollection(embedding_tables(), JAGGED_SPECS)
+        self.over = torch.nn.Linear(DENSE + D * len(ROWS), 1)
+
+    def forward(self, dense, features):
+        pooled = []
+        for name, jagged in self.sparse(features).items():
+            samples = torch.repeat_interleave(torch.arange(dense.shape[0]), jagged.lengths().long())
+            pooled.append(dense.new_zeros(dense.shape[0], D).index_add_(0, samples, torch.tanh(jagged.values())))
+        return self.over(torch.cat([dense, *pooled], dim=1))
+
+
+def build_model(kind):
+    return dlrm(CompressedEmbeddingBagCollection(bag_tables(), SPECS)) if kind == "bag" else JaggedModel()
+
+
+def worker(rank, world, port, out_dir, kind="bag"):
+    """Train the model (``kind``: "bag" = DLRM on the bag collection, "jagged" = JaggedModel) sharded over
+    ``world`` gloo processes; rank 0 writes losses, tables and artifacts."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -160,7 +206,7 @@ def worker(rank, world, port, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
-        model = dlrm(CompressedEmbeddingBagCollection(bag_tables(), SPECS))
+        model = build_model(kind)
         rows = [p for name, p in model.named_parameters() if ".rows." in name]
         apply_optimizer_in_backward(torch.optim.SGD, rows, {"lr": LR})
         # Query tables row- and column-wise (the planner would keep small tables whole), the scalars
@@ -184,9 +230,15 @@ def worker(rank, world, port, out_dir):
             losses.append(loss.detach())
         losses = torch.stack(losses)
         dist.all_reduce(losses)  # the mean of the ranks' half-batch means is the global-batch mean
+        unscaled = {}
+        if kind == "jagged":  # rescaling reaches the rows every rank holds
+            unscaled = {f"unscaled_{name}": t.materialize() for name, t in compressed_tables(model).items()}
+            collection = next(m for m in model.modules() if isinstance(m, CompressedEmbeddingCollection))
+            for name in ROWS:
+                collection.rescale_output_(name, 2.0)
         tables = compressed_tables(model)
         if rank == 0:
-            save_file({"losses": losses / world, **{name: t.materialize() for name, t in tables.items()}},
+            save_file({"losses": losses / world, **unscaled, **{name: t.materialize() for name, t in tables.items()}},
                       os.path.join(out_dir, "result.safetensors"))
             for name, table in tables.items():
                 embcompress.save(table.export(), os.path.join(out_dir, f"{name}.safetensors"))
@@ -195,12 +247,13 @@ def worker(rank, world, port, out_dir):
 
 
 @pytest.mark.slow
-def test_sharded_training_matches_one_process_and_exports():
+@pytest.mark.parametrize("kind", ["bag", "jagged"])
+def test_sharded_training_matches_one_process_and_exports(kind):
     with tempfile.TemporaryDirectory() as single, tempfile.TemporaryDirectory() as sharded:
         ctx = mp.get_context("spawn")
         ports = free_port(), free_port()
-        procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single))]
-        procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded)) for rank in range(2)]
+        procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single, kind))]
+        procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded, kind)) for rank in range(2)]
         for p in procs:
             p.start()
         for p in procs:
@@ -214,7 +267,33 @@ def test_sharded_training_matches_one_process_and_exports():
         assert one["losses"][-1] != one["losses"][0]  # training moved
         for name in ROWS:
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"table {name}")
+            if kind == "jagged":
+                torch.testing.assert_close(two[name], 2.0 * two[f"unscaled_{name}"], msg=f"rescaled table {name}")
             artifacts = [embcompress.load(os.path.join(d, f"{name}.safetensors")) for d in (single, sharded)]
             assert type(artifacts[0]) is type(artifacts[1])
             torch.testing.assert_close(artifacts[1].materialize(), artifacts[0].materialize(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(artifacts[0].materialize(), one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fbgemm_grid_baseline_is_torchrecs_quantized_table():
+    """The task grid's torchrec-int* table looks up what TorchRec's quantized EmbeddingBagCollection
+    returns for the same fp32 rows, trains straight-through, and counts FBGEMM's row bytes."""
+    from benchmarks.perf import build_torchrec_quantized
+    from benchmarks.tasks.fbgemm_table import FbgemmRowwiseTable
+    from benchmarks.tasks.run import plan
+
+    rows, dim = 300, 50  # d = 50 is padded to whole fp16 words, as FBGEMM needs
+    for label, bits, row_bytes in (("torchrec-int8", 8, 64), ("torchrec-int4", 4, 32)):
+        table = FbgemmRowwiseTable(rows, dim, bits)
+        quantized, stored = build_torchrec_quantized(torch.nn.functional.pad(table.weight.detach(), (0, 6)))[label]
+        ids = torch.arange(rows)
+        expected = quantized(make_kjt({"f": [[i] for i in range(rows)]})).values()[:, :dim]
+        out = table(ids)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(out, table.weight)  # the lookups are rounded
+        out.pow(2).sum().backward()
+        torch.testing.assert_close(table.weight.grad, 2 * out.detach())  # straight-through
+        assert table.num_bytes() == stored == rows * row_bytes
+    labels = {cell.choice.label for cell in plan("quick", ["rec", "topic"], ["hash"], [10.0], [0]) if cell.task == "rec"}
+    assert {"torchrec-int8", "torchrec-int4"} <= labels
+    assert not any(c.choice.label.startswith("torchrec") for c in plan("quick", ["topic"], ["hash"], [10.0], [0]))

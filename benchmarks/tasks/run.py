@@ -4,7 +4,8 @@
     python -m benchmarks.tasks.run --size standard --jobs 2
     python -m benchmarks.tasks.run --tasks sentiment --specs "dpq:groups=10,codewords=16" --seeds 0
 
-Every task gets: the dense reference, ``scalar`` int8 / int4, and each registered method at each
+Every task gets: the dense reference, ``scalar`` int8 / int4 (rec also TorchRec's FBGEMM row-wise
+int8 / int4, ``fbgemm_table.py``, when FBGEMM is installed), and each registered method at each
 target ratio (``config_for_budget`` picks the method's largest config within the budget; a ratio a
 method cannot reach is recorded as unreachable). Task 5 (``two-stage``) runs the distilled method
 (and ``lowrank`` as its equal-bytes baseline) through stage-1 fit + stage-2 distillation on
@@ -27,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from . import tasks as T
+from .fbgemm_table import FBGEMM_BASELINES
 from .tasks import SIZES, TASKS, Cell, Choice, cell_from_dict, cell_record, cell_to_dict, unreachable_reason
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ["hash", "qr", "lowrank", "pq", "dpq", "codes", "memcom", "tt", "distilled"]
 BASELINE_SPECS = ["scalar:bits=8", "scalar:bits=4"]
+# TorchRec's row-wise quantized tables, for the task whose users deploy with TorchRec (needs FBGEMM).
+FBGEMM_TASKS = ["rec"]
 TWO_STAGE_TASKS = ["sentiment", "lm"]
 TWO_STAGE_METHODS = ["distilled", "lowrank"]
 
@@ -65,6 +69,8 @@ def plan(size: str, tasks: list[str], methods: list[str], ratios: list[float], s
             choices += [Choice.from_spec(s) for s in specs]
         else:
             choices += [Choice.from_spec(s) for s in BASELINE_SPECS]
+            if task in FBGEMM_TASKS:
+                choices += [Choice(label, label) for label in FBGEMM_BASELINES]
             choices += [Choice.at_ratio(m, r) for m in methods for r in ratios if r not in dropped.get(m, [])]
             choices += [Choice.at_ratio(m, r) for m, more in (extra or {}).get(task, {}).items()
                         if m in methods for r in more if r not in ratios]
@@ -98,7 +104,7 @@ def cell_kind(cell: Cell) -> str:
     """The cost class of a cell: "two-stage", "full" (dense reference and scalar) or "compressed"."""
     if cell.procedure == "two-stage":
         return "two-stage"
-    return "full" if cell.choice.method in ("full", "scalar") else "compressed"
+    return "full" if cell.choice.method in ("full", "scalar", *FBGEMM_BASELINES) else "compressed"
 
 
 def estimate_seconds(cells: list[Cell], jobs: int) -> tuple[float, dict[str, int]]:

@@ -32,6 +32,7 @@ from embcompress.config import SpecError, parse_spec
 from embcompress.progress import progress_bar
 
 from . import datasets as D
+from .fbgemm_table import FBGEMM_BASELINES, FbgemmRowwiseTable, fbgemm_available
 from .models import BagOfEmbeddings, LSTMLanguageModel, MatrixFactorization, SentimentCNN
 
 __all__ = ["Choice", "Cell", "SIZES", "TASKS", "TableShape", "make_table", "run_cell", "prepared", "ranking_metrics",
@@ -150,6 +151,9 @@ def make_table(choice: Choice, shape: TableShape, fit_options: dict[str, dict[st
     ``fit_options[method]`` goes to ``from_pretrained``; ``base_specs[method]`` holds fields the
     budget search keeps. Raises SpecError when the method cannot reach the ratio on this shape.
     """
+    if choice.method in FBGEMM_BASELINES:
+        bits = FBGEMM_BASELINES[choice.method]
+        return FbgemmRowwiseTable(shape.num_embeddings, shape.embedding_dim, bits, shape.padding_idx), choice.method
     if choice.method == "full":
         table = nn.Embedding(shape.num_embeddings, shape.embedding_dim, padding_idx=shape.padding_idx)
         if shape.pretrained is not None:
@@ -209,6 +213,8 @@ def table_bytes(table: nn.Module) -> int:
     """Exact deployed bytes: the exported artifact's tensors, or fp32 for a dense table."""
     if isinstance(table, nn.Embedding):
         return table.weight.numel() * 4
+    if isinstance(table, FbgemmRowwiseTable):
+        return table.num_bytes()
     return int(table.export().num_bytes())
 
 
@@ -543,8 +549,10 @@ def run_cell(cell: Cell, cache_dir: Path | None = None) -> dict[str, Any]:
     """Train and evaluate one cell; returns a JSON-ready record (status ok / unreachable / unavailable)."""
     task, size = TASKS[cell.task], SIZES[cell.size][cell.task]
     record = cell_record(cell)
-    if cell.choice.method != "full" and cell.choice.method not in embcompress.list_methods():
+    if cell.choice.method not in ("full", *FBGEMM_BASELINES) and cell.choice.method not in embcompress.list_methods():
         return {**record, "status": "unavailable", "reason": f"method {cell.choice.method!r} is not registered"}
+    if cell.choice.method in FBGEMM_BASELINES and not fbgemm_available():
+        return {**record, "status": "unavailable", "reason": "FBGEMM is not installed (requirements/torchrec.txt)"}
     data = prepared(cell.task, cell.size, cell.split_seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cell.seed)

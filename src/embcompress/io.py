@@ -57,7 +57,7 @@ from .validation import MAX_DIM, MAX_ROWS, json_int, json_object
 __all__ = ["save", "load", "read_header", "ArtifactError", "OutputError", "FORMAT_VERSION", "atomic_write",
            "atomic_write_bytes", "check_output_path", "seal", "bundle_digest", "tensor_digest",
            "write_file_bundle", "read_file_bundle", "write_folder_bundle", "read_folder_bundle", "json_ready",
-           "build_trainable", "check_table_header"]
+           "build_trainable", "check_table_header", "header_digest", "update_with_tensor", "unsealed_header"]
 
 FORMAT_VERSION = 2  # 2: the digest covers the header too; kinds "model" and "checkpoint" share the format
 HEADER_KEY = "embcompress"
@@ -85,10 +85,18 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def _update_with_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        update_with_tensor(digest, name, tensor.dtype, tuple(tensor.shape), [data])
+
+
+def update_with_tensor(digest: Any, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                       chunks: Iterable[bytes]) -> None:
+    """Add one tensor to a digest, its bytes given in pieces (a writer that streams them, in name order)."""
+    digest.update(name.encode())
+    digest.update(str(dtype).encode())
+    digest.update(str(tuple(shape)).encode())
+    for chunk in chunks:
+        digest.update(chunk)
 
 
 def _canonical(header: dict[str, Any]) -> bytes:
@@ -98,12 +106,18 @@ def _canonical(header: dict[str, Any]) -> bytes:
 
 def bundle_digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     """Format 2's digest: the canonical header JSON (all but ``sha256``) and the tensors."""
+    digest = header_digest(header)
+    _update_with_tensors(digest, tensors)
+    return str(digest.hexdigest())
+
+
+def header_digest(header: dict[str, Any]) -> Any:
+    """Format 2's digest after the header: add the tensors in name order (``update_with_tensor``)."""
     digest = hashlib.sha256(_DIGEST_DOMAIN)
     body = _canonical(header)
     digest.update(len(body).to_bytes(8, "little"))
     digest.update(body)
-    _update_with_tensors(digest, tensors)
-    return digest.hexdigest()
+    return digest
 
 
 def json_ready(value: Any) -> Any:
@@ -121,11 +135,17 @@ def json_ready(value: Any) -> Any:
 
 def seal(kind: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The header of a bundle: ``fields`` plus kind, versions and the digest over header and tensors."""
-    header = {**fields, "kind": kind, "format_version": FORMAT_VERSION, "library_version": __version__,
-              "torch_version": torch.__version__}
-    sealed: dict[str, Any] = json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
+    sealed = unsealed_header(kind, fields)
     sealed["sha256"] = bundle_digest(sealed, tensors)
     return sealed
+
+
+def unsealed_header(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """:func:`seal`'s header before the digest (for writers that hash tensors as they stream them)."""
+    header = {**fields, "kind": kind, "format_version": FORMAT_VERSION, "library_version": __version__,
+              "torch_version": torch.__version__}
+    unsealed: dict[str, Any] = json.loads(json.dumps(header))  # the exact values a reader will parse (tuples -> lists)
+    return unsealed
 
 
 def _verify(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: object) -> None:

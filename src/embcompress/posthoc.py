@@ -16,7 +16,7 @@ from typing import Any
 from .base import CompressedEmbedding, fit_scale
 from .budget import config_for_budget
 from .config import FitLike, MethodConfig, parse_spec
-from .data import Table
+from .data import MappedTable, Table
 from .evaluate import quality_report
 from .frozen import FrozenEmbedding
 from .registry import get_method
@@ -26,7 +26,7 @@ __all__ = ["CompressionResult", "compress_table", "evaluate_module", "resolve_co
 
 @dataclass
 class CompressionResult:
-    module: CompressedEmbedding
+    module: CompressedEmbedding | None  # None when the table was streamed
     frozen: FrozenEmbedding
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -60,7 +60,7 @@ def evaluate_module(frozen: FrozenEmbedding, table: Table, *, words: bool = True
     return report
 
 
-def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | None = None,
+def compress_table(table: "Table | MappedTable", spec: "str | MethodConfig", *, bytes: int | None = None,
                    bits_per_row: float | None = None, ratio: float | None = None,
                    evaluate: bool = True, fit_options: FitLike = None, progress: bool | None = None,
                    **eval_options: bool) -> CompressionResult:
@@ -68,7 +68,17 @@ def compress_table(table: Table, spec: "str | MethodConfig", *, bytes: int | Non
 
     ``fit_options``: the method's fit settings (its ``Fit`` config, ``"key=value,..."`` or a dict,
     checked by name); the report's ``"fit"`` holds them as resolved.
+    A :class:`~embcompress.data.MappedTable` (``data.open_table_mmap``) is compressed without reading
+    it into memory (``streaming.compress_mapped``): ``module`` is then None (no trainable state is
+    built) and the report's quality figures are rel_mse and mean_cosine, computed chunk by chunk.
     """
+    if isinstance(table, MappedTable):
+        from .streaming import compress_mapped
+
+        streamed = compress_mapped(table, spec, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio,
+                                   fit_options=fit_options, progress=progress)
+        assert streamed.frozen is not None  # no output file: the frozen module is returned
+        return CompressionResult(None, streamed.frozen, streamed.report)
     rows, dim = table.weight.shape
     config = resolve_config(spec, rows, dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
     if isinstance(fit_options, dict) and "progress" in fit_options:  # accepted among the options, as before

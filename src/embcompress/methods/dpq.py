@@ -335,14 +335,20 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
-        self.values.mul_(factor)
-        if self.config.variant == "vq":
-            # VQ's codes compare the query with the values: scale both, and the batch-norm statistics
-            # of the scores -||q - c||^2 with them (by factor^2, variance by factor^4).
+        if self._rescale_all_but_query_(factor):
             self.query.mul_(factor)
-            if self.config.batchnorm:
-                self.running_mean.mul_(factor ** 2)
-                self.running_var.mul_(factor ** 4)
+
+    def _rescale_all_but_query_(self, factor: float) -> bool:
+        """Scale the values (and VQ's batch-norm statistics); True if the query table must scale too."""
+        self.values.mul_(factor)
+        if self.config.variant != "vq":
+            return False
+        # VQ's codes compare the query with the values: scale both, and the batch-norm statistics
+        # of the scores -||q - c||^2 with them (by factor^2, variance by factor^4).
+        if self.config.batchnorm:
+            self.running_mean.mul_(factor ** 2)
+            self.running_var.mul_(factor ** 4)
+        return True
 
     def export(self) -> FrozenCodebook:
         """Codes of ALL rows recomputed in eval mode (never cached from training batches) + values."""

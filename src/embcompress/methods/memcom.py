@@ -25,7 +25,9 @@ from ..progress import progress_bar
 from ..registry import register
 from .shared import HashedRowsConfig, HashedRowsTable, bucket_means
 
-__all__ = ["MEmComConfig", "MEmComFit", "MEmComEmbedding"]
+__all__ = ["MEmComConfig", "MEmComFit", "MEmComEmbedding", "row_scales"]
+
+TINY = 1e-12
 
 
 @dataclass(frozen=True)
@@ -96,27 +98,13 @@ class MEmComEmbedding(HashedRowsTable[MEmComConfig]):
         table = bucket_means(x, bucket, m)
         w = torch.ones(len(ids))
         b = torch.zeros(len(ids)) if self.bias is not None else None
-        tiny = 1e-12
         for _ in progress_bar(range(settings.steps), desc="fit memcom", enabled=progress):
-            t = table[bucket]
-            if b is None:
-                # w_i = <x_i, t> / |t|^2, per row.
-                norm = t.pow(2).sum(1)
-                w = torch.where(norm > tiny, (x * t).sum(1) / norm.clamp_min(tiny), torch.zeros_like(norm))
-                target = x
-            else:
-                # (w_i, b_i) = least squares of x_i on [t, 1]: a 2x2 system per bucket.
-                tt, ts, d = t.pow(2).sum(1), t.sum(1), float(self.embedding_dim)
-                xt, xs = (x * t).sum(1), x.sum(1)
-                det = tt * d - ts * ts
-                ok = det > tiny * d * tt.clamp_min(1.0)
-                w = torch.where(ok, (xt * d - ts * xs) / det.clamp_min(tiny), torch.zeros_like(tt))
-                b = torch.where(ok, (tt * xs - ts * xt) / det.clamp_min(tiny), xs / d)
-                target = x - b.unsqueeze(1)
+            w, b = row_scales(x, table[bucket], self.bias is not None)
+            target = x if b is None else x - b.unsqueeze(1)
             # T_b = sum_i w_i target_i / sum_i w_i^2 over the bucket's members.
             num = torch.zeros(m, self.embedding_dim).index_add_(0, bucket, target * w.unsqueeze(1))
             den = torch.zeros(m).index_add_(0, bucket, w * w).unsqueeze(1)
-            table = torch.where((den > tiny) & (count > 0), num / den.clamp_min(tiny), table)
+            table = torch.where((den > TINY) & (count > 0), num / den.clamp_min(TINY), table)
         self.table.copy_(table)
         self.scale.fill_(1.0)
         self.scale[ids] = w
@@ -137,6 +125,20 @@ class MEmComEmbedding(HashedRowsTable[MEmComConfig]):
         return FrozenHashed(self.num_embeddings, self.embedding_dim, self.padding_idx,
                             hash=self.hash.to_dict(), table=self.table.detach().clone(),
                             scale=self.scale.detach().clone(), bias=bias)
+
+
+def row_scales(x: torch.Tensor, t: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares w_i (and b_i) of each row x_i (N, d) on its bucket row t_i (N, d): x_i ~ w_i t_i + b_i."""
+    if not bias:
+        norm = t.pow(2).sum(1)  # w_i = <x_i, t> / |t|^2
+        return torch.where(norm > TINY, (x * t).sum(1) / norm.clamp_min(TINY), torch.zeros_like(norm)), None
+    # (w_i, b_i) = least squares of x_i on [t, 1]: a 2x2 system per row.
+    tt, ts, d = t.pow(2).sum(1), t.sum(1), float(x.shape[1])
+    xt, xs = (x * t).sum(1), x.sum(1)
+    det = tt * d - ts * ts
+    ok = det > TINY * d * tt.clamp_min(1.0)
+    w = torch.where(ok, (xt * d - ts * xs) / det.clamp_min(TINY), torch.zeros_like(tt))
+    return w, torch.where(ok, (tt * xs - ts * xt) / det.clamp_min(TINY), xs / d)
 
 
 class _ScaledRows(torch.autograd.Function):

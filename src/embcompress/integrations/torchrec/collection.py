@@ -90,6 +90,23 @@ class _CompressedCollection(nn.Module):
         return [{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim, "features": list(c.feature_names),
                  "spec": self.tables[c.name].spec, "pooling": str(getattr(c, "pooling", ""))} for c in self._configs]
 
+    @torch.no_grad()
+    def rescale_output_(self, table: str, factor: float) -> None:
+        """Multiply every output row of ``table`` by ``factor`` in place (see
+        ``CompressedEmbedding.rescale_output_``), its TorchRec-held per-row part included: when sharded,
+        every rank scales its own shards (call it on every rank)."""
+        if table not in self.tables:
+            raise KeyError(f"no table {table!r}; tables are {list(self.tables)}")
+        module = self.tables[table]
+        if table not in self._row_tables:
+            module.rescale_output_(factor)
+            return
+        if module.rows_scale_with_output():
+            group = next(group for group, names in self._row_groups.items() if table in names)
+            for rows in _local_rows(self.rows[group].state_dict()[f"embeddings.{table}.weight"]):
+                rows.mul_(factor)
+        module.rescale_held_(factor)
+
     def _per_id_rows(self, features: KeyedJaggedTensor) -> dict[str, list[torch.Tensor]]:
         """table name -> decoded rows (N_f, d) of each of its features, in ``feature_names`` order."""
         present = set(features.keys())
@@ -207,6 +224,16 @@ def _build_table(config: BaseEmbeddingConfig, specs: Mapping[str, "str | MethodC
     except (SpecError, ValueError) as exc:
         raise SpecError(f"table {config.name!r} ({config.num_embeddings} x {config.embedding_dim}) cannot take "
                         f"spec {spec!r}: {exc}") from exc
+
+
+def _local_rows(weight: Any) -> list[torch.Tensor]:
+    """This rank's rows of a plain, sharded (ShardedTensor) or DTensor weight, as views of the storage the
+    lookups read (in-place writes reach the table)."""
+    if hasattr(weight, "local_shards"):
+        return [shard.tensor for shard in weight.local_shards()]
+    if hasattr(weight, "to_local"):
+        return [weight.to_local()]
+    return [weight]
 
 
 def _check_range(config: BaseEmbeddingConfig, ids: torch.Tensor) -> None:

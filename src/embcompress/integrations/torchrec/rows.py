@@ -74,6 +74,22 @@ class RowSupplied:
         finally:
             self._supplied = None
 
+    def rows_scale_with_output(self) -> bool:
+        """True if :meth:`rescale_output_` must also scale the per-row part TorchRec holds."""
+        raise NotImplementedError
+
+    def rescale_held_(self, factor: float) -> None:
+        """The part of ``rescale_output_`` on the tensors this module holds (not the per-row part)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def rescale_output_(self, factor: float) -> None:
+        if self.rows_scale_with_output():
+            raise RuntimeError(f"{self.config.method}: rescaling also scales its per-row part, which lives in "
+                               "TorchRec; call rescale_output_(table_name, factor) on the "
+                               "CompressedEmbeddingBagCollection / CompressedEmbeddingCollection instead")
+        self.rescale_held_(factor)
+
     def _rows_for(self, ids: torch.Tensor) -> torch.Tensor:
         supplied = self._supplied
         if supplied is None or supplied[0].shape != ids.shape or not torch.equal(supplied[0], ids):
@@ -94,9 +110,22 @@ class _SuppliedQuery(RowSupplied):
 class SplitDPQ(_SuppliedQuery, DPQEmbedding):
     """DPQ whose query table is a TorchRec table."""
 
+    def rows_scale_with_output(self) -> bool:
+        return self.config.variant == "vq"
+
+    @torch.no_grad()
+    def rescale_held_(self, factor: float) -> None:
+        self._rescale_all_but_query_(factor)
+
 
 class SplitCodes(_SuppliedQuery, CompositionalCodeEmbedding):
     """Compositional codes (learning state) whose query table is a TorchRec table."""
+
+    def rows_scale_with_output(self) -> bool:
+        return False  # the codes come from the query alone: only the codebooks scale
+
+    def rescale_held_(self, factor: float) -> None:
+        CompositionalCodeEmbedding.rescale_output_(self, factor)
 
 
 class SplitMEmCom(RowSupplied, MEmComEmbedding):
@@ -105,6 +134,12 @@ class SplitMEmCom(RowSupplied, MEmComEmbedding):
     def _add_entity_scalars(self, num_embeddings: int, bias: bool) -> None:
         self.scale = None  # type: ignore[assignment]  # column 0 of the TorchRec table; column 1 is the bias
         self.bias = None
+
+    def rows_scale_with_output(self) -> bool:
+        return True  # the per-entity scale and bias (the shared table keeps its scale)
+
+    def rescale_held_(self, factor: float) -> None:
+        pass
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         scalars = self._rows_for(ids)
