@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc bench-scale clean
+.PHONY: setup demo test lint test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc bench-scale \
+	bench-fit bench-tied-lm clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt \
 		requirements/data-any-python.txt
@@ -71,6 +72,15 @@ bench-posthoc: $(STAMP)
 bench-perf: $(STAMP)
 	$(PY) -m pip install -q -e '.[perf]' || echo "tensorly-torch unavailable: tt is compared with nn.Embedding only"
 	$(PY) -m benchmarks.perf
+
+# Post hoc fit time and quality over shapes 10k x 64 .. 50k x 1,024 at 10x-40x, FAISS PQ/OPQ/RQ/LSQ beside
+# (benchmarks/results/fit_grid.json and .md; resumable: rerunning runs only the missing cells).
+bench-fit: $(STAMP)
+	$(PY) -m benchmarks.fit_grid
+
+# Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
+bench-tied-lm: $(STAMP)
+	$(PY) -m benchmarks.tied_lm
 
 # Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
 # processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.

@@ -6,7 +6,9 @@ matrix of ``synthetic_table`` (rows near a 6-dim subspace plus noise, 256 x 24).
 
 CASES: dict[str, list[tuple[str, float]]] = {
     "hash": [("hash:buckets=64", 0.9), ("hash:buckets=40,hash=universal", 0.95)],
-    "scalar": [("scalar:bits=8", 1e-3), ("scalar:bits=4", 0.05), ("scalar:bits=16", 1e-5)],
+    "scalar": [("scalar:bits=8", 1e-3), ("scalar:bits=4", 0.05), ("scalar:bits=16", 1e-5),
+               ("scalar:bits=4,block=8", 0.03), ("scalar:bits=3,block=16,offset=true", 0.08),
+               ("scalar:bits=2,block=5", 0.4), ("scalar:bits=8,block=32,offset=true", 1e-3)],
     "lowrank": [("lowrank:rank=6", 0.1)],
     "distilled": [("distilled:rank=8", 0.3), ("distilled:rank=8,activation=tanh", 0.3)],
     "dpq": [("dpq:variant=sx,groups=4,codewords=8", 0.5), ("dpq:variant=vq,groups=6,codewords=16", 0.5),

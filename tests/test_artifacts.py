@@ -79,7 +79,7 @@ def test_header_records_versions_spec_and_fit(artifact):
     header = raw_header(artifact)
     assert header["format_version"] == FORMAT_VERSION == 2 and header["library_version"] == embcompress.__version__
     assert header["kind"] == "frozen" and header["format"] == "scalar"
-    assert header["spec"] == "scalar:bits=4"  # set by export(), no attribute patched on by a caller
+    assert header["spec"] == "scalar:bits=4,block=0,offset=false"  # set by export(), not patched on by a caller
 
 
 def test_post_hoc_artifact_tells_how_it_was_made(tmp_path, capsys):

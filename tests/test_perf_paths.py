@@ -54,6 +54,15 @@ def np_decode(module) -> np.ndarray:
         out = acts[meta["activation"]](t["codes"]) @ t["basis"]
         if "bias" in t:
             out = out + t["bias"]
+    elif module.format == "scalar" and (meta.get("block") or meta.get("offset") or meta["bits"] in (3, 2)):
+        bits, dim = meta["bits"], module.embedding_dim
+        codes = np_codes(t["values"], n, dim, bits)
+        block = meta.get("block") or dim
+        column_block = np.arange(dim) // block
+        if meta.get("offset"):
+            out = codes * t["scale"][:, column_block] + t["minimum"][:, column_block]
+        else:
+            out = (codes - 2 ** (bits - 1)) * t["scale"][:, column_block]
     elif module.format == "scalar":
         bits, values = meta["bits"], t["values"]
         if bits == 4:
@@ -119,6 +128,9 @@ def direct_formats():
         from embcompress.frozen.scalar import quantize_rows
         values, scale = quantize_rows(weight, bits)
         out[f"scalar-{bits}"] = FrozenScalar(V, D, bits=bits, values=values, scale=scale)
+    for bits, block, offset in [(8, 32, False), (4, 7, True), (3, 0, False), (2, 5, True), (3, 16, True)]:
+        out[f"scalar-{bits}-block{block}{'-offset' if offset else ''}"] = FrozenScalar.from_weight(
+            weight, bits, block, offset)
     for combine in ("mult", "add", "concat"):
         w = D // 2 if combine == "concat" else D
         out[f"qr-{combine}"] = FrozenQR(V, D, combine=combine, quotient=torch.randn(-(-V // 10), w, generator=g),

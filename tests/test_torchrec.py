@@ -294,6 +294,7 @@ def test_fbgemm_grid_baseline_is_torchrecs_quantized_table():
         out.pow(2).sum().backward()
         torch.testing.assert_close(table.weight.grad, 2 * out.detach())  # straight-through
         assert table.num_bytes() == stored == rows * row_bytes
-    labels = {cell.choice.label for cell in plan("quick", ["rec", "topic"], ["hash"], [10.0], [0]) if cell.task == "rec"}
+    cells = plan("quick", ["rec", "topic"], ["hash"], [10.0], [0])
+    labels = {cell.choice.label for cell in cells if cell.task == "rec"}
     assert {"torchrec-int8", "torchrec-int4"} <= labels
     assert not any(c.choice.label.startswith("torchrec") for c in plan("quick", ["topic"], ["hash"], [10.0], [0]))

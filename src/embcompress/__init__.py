@@ -38,12 +38,13 @@ __all__ = [
 
 
 def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | None = None,
-                    fit: FitLike = None, *, progress: bool | None = None,
+                    fit: FitLike = None, *, progress: bool | None = None, row_weights: torch.Tensor | None = None,
                     **fit_options: Any) -> "CompressedEmbedding | FrozenEmbedding":
     """Compress a pretrained (V, d) matrix post hoc with the method the spec names.
 
     ``fit`` sets how the method fits (its ``Fit`` config, a ``"key=value,..."`` string or a dict);
     keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
+    ``row_weights`` (V,) weighs each row's error (e.g. token counts) in the fits that take it (pq, lowrank).
 
     A memory-mapped table (``np.load(path, mmap_mode="r")`` or ``embcompress.data.open_table_mmap``)
     is never read into memory: it is fit on a sample and encoded in chunks (``embcompress.streaming``),
@@ -60,6 +61,10 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
     if isinstance(weight, (MappedTable, np.memmap)):
         from .streaming import compress_mapped
 
+        if row_weights is not None:
+            raise ValueError("row_weights apply to a table in memory, not a memory-mapped one; load it with "
+                             "torch.from_numpy(np.load(path)) to weigh its rows")
+
         stream = {k: fit_options.pop(k) for k in ("sample", "sample_order", "chunk") if k in fit_options}
         settings = get_method(parse_spec(spec).method).Fit.parse(fit, **fit_options)
         opened = weight if isinstance(weight, MappedTable) else open_table_mmap(weight)
@@ -73,7 +78,7 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
                 opened.close()
     config = parse_spec(spec)
     return get_method(config.method).from_pretrained(weight, config, padding_idx, fit, progress=progress,
-                                                     **fit_options)
+                                                     row_weights=row_weights, **fit_options)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .frozen.base import FrozenEmbedding
 from .training import StepFn, adam_steps
 from .validation import check_ids, check_table_shape, check_weight, normalize_padding_idx
 
-__all__ = ["CompressedEmbedding", "GradientFit", "fit_scale"]
+__all__ = ["CompressedEmbedding", "GradientFit", "fit_scale", "row_weighted_methods"]
 
 log = logging.getLogger(__name__)
 
@@ -180,19 +180,44 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         return None
 
     def fit(self: E, weight: torch.Tensor, settings: FitLike = None, *,
-            progress: bool | None = None, **options: Any) -> E:
+            progress: bool | None = None, row_weights: torch.Tensor | None = None, **options: Any) -> E:
         """Fit the parameters to ``weight`` (V, d) post hoc.
 
         ``settings`` (a ``Fit`` config, ``"key=value,..."`` or a dict) and keyword ``options`` are
         checked against the method's ``Fit`` (a misspelt name is an error naming the valid ones);
-        the resolved settings are kept in :attr:`fit_settings`.
+        the resolved settings are kept in :attr:`fit_settings`. ``row_weights`` (V,) weighs each
+        row's error (token counts) for the methods that take it (:func:`row_weighted_methods`);
+        a tensor, not a setting, so it is not recorded.
         """
         resolved = self.Fit.parse(settings, **options)
         if getattr(resolved, "seed", 0) is None:  # drawn now, so the table records a seed that reproduces it
             resolved = resolved.replace(seed=int(torch.randint(0, 2**31 - 1, ())))
-        used = self._fit(weight, resolved, progress)
+        if row_weights is None:
+            used = self._fit(weight, resolved, progress)
+        else:
+            used = self._fit_weighted(weight, resolved, progress, self._check_row_weights(row_weights))
         self.fit_settings = used.to_dict()
         return self
+
+    #: True for methods whose fit takes ``row_weights`` (they override :meth:`_fit_weighted`).
+    TAKES_ROW_WEIGHTS: ClassVar[bool] = False
+
+    def _fit_weighted(self, weight: torch.Tensor, settings: Any, progress: bool | None,
+                      row_weights: torch.Tensor) -> FitConfig:
+        """Fit minimizing sum_i w_i ||e_i||^2 (w = ``row_weights``, checked); methods that support it override."""
+        raise NotImplementedError
+
+    def _check_row_weights(self, row_weights: torch.Tensor) -> torch.Tensor:
+        if not self.TAKES_ROW_WEIGHTS:
+            raise ValueError(f"{self.config.method} takes no row_weights; methods whose fit does: "
+                             f"{', '.join(row_weighted_methods())}")
+        if not isinstance(row_weights, torch.Tensor) or tuple(row_weights.shape) != (self.num_embeddings,):
+            got = tuple(row_weights.shape) if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__
+            raise ValueError(f"row_weights must be a ({self.num_embeddings},) tensor (one weight per row), got {got}")
+        weights = row_weights.detach().float().cpu()
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool((weights > 0).any()):
+            raise ValueError("row_weights must be finite and >= 0, with at least one row above 0")
+        return weights
 
     def _fit(self, weight: torch.Tensor, settings: Any, progress: bool | None) -> FitConfig:
         """Fit with validated settings (this method's ``Fit``); return them as used. Default: Adam on the MSE."""
@@ -256,9 +281,10 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         fit: FitLike = None,
         *,
         progress: bool | None = None,
+        row_weights: torch.Tensor | None = None,
         **fit_options: Any,
     ) -> E:
-        """Compress a given (V, d) matrix post hoc; ``fit`` and ``fit_options`` as in :meth:`fit`.
+        """Compress a given (V, d) matrix post hoc; ``fit``, ``row_weights`` and ``fit_options`` as in :meth:`fit`.
 
         Example:
             >>> from embcompress.methods.lowrank import LowRankEmbedding
@@ -274,7 +300,8 @@ class CompressedEmbedding(nn.Module, Generic[C]):
                 ("small", f"multiply the table by {1 / scale:g}")
             raise ValueError(f"{module.config.method} cannot fit values this {size} (up to "
                              f"{float(weight.abs().max()):.3g}); {change} first, or use another method")
-        module.fit(weight / scale if scale != 1.0 else weight, fit, progress=progress, **fit_options)
+        module.fit(weight / scale if scale != 1.0 else weight, fit, progress=progress, row_weights=row_weights,
+                   **fit_options)
         if scale != 1.0:
             module.rescale_output_(scale)
         module._check_finite_result(weight)
@@ -380,3 +407,10 @@ def _declaring_spec(
         frozen.fit_settings = None if self.fit_settings is None else dict(self.fit_settings)
         return frozen
     return wrapper
+
+
+def row_weighted_methods() -> list[str]:
+    """Names of the registered methods whose fit takes ``row_weights``."""
+    from .registry import get_method, list_methods
+
+    return [name for name in list_methods() if get_method(name).TAKES_ROW_WEIGHTS]

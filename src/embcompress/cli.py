@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   embcompress compress glove-6b-50d --bits-per-row 80 -m codes -o glove.emb --json
   embcompress compress table.npy --spec "dpq:variant=vq,groups=16,codewords=32" -o table.emb
   embcompress compress ./my-bert-folder --ratio 10 -m distilled -o bert-words.emb
+  embcompress compress-model ./my-bert-folder --ratio 10 --methods scalar pq dpq -o bert-compressed/
   embcompress evaluate glove.emb --against glove-6b-50d --json
   embcompress inspect glove.emb
   embcompress demo
@@ -217,6 +218,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress_model(args: argparse.Namespace) -> int:
+    """Every embedding table of a Hugging Face model folder into one budget, chosen by the planner."""
+    import os
+
+    from .hf import require_transformers
+    from .surgery import compress_, save_pretrained
+
+    transformers = require_transformers()
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only
+    if not (args.folder / "config.json").is_file():
+        raise FileNotFoundError(f"{args.folder} has no config.json; give a Hugging Face model folder")
+    config = transformers.AutoConfig.from_pretrained(str(args.folder), local_files_only=True)
+    # A causal LM is loaded with its head, so a head tied to the token table stays tied (and is
+    # computed from the compressed table); load_pretrained needs the same class.
+    causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = loader.from_pretrained(str(args.folder), local_files_only=True)
+    budget = {k: v for k, v in _budget(args).items() if v is not None}
+    if not budget:
+        raise ValueError("give a budget: --ratio, --bits-per-row or --bytes (for all tables together)")
+    fit_options = {"steps": args.steps} if args.steps else None
+    skip = {name: "skip" for name in args.skip or []}
+    report = compress_(model, skip or None, budget=budget, methods=args.methods, fit_options=fit_options)
+    save_pretrained(model, args.output)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "output": str(args.output), "model_class": loader.__name__}, indent=2))
+    else:
+        print(report)
+        print(f"wrote {args.output} (load with {loader.__name__}.from_pretrained(folder) then "
+              f"embcompress.load_pretrained(model, {str(args.output)!r}))")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_table
     from .evaluate import word_metrics
@@ -289,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-order", choices=["uniform", "frequency"], default="uniform",
                    help="frequency: the table is sorted by lookup frequency; half the sample is its head")
     p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("compress-model", help="fit all embedding tables of a model folder into one budget",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="a Hugging Face model folder (config.json + safetensors)")
+    _add_budget(p)
+    p.add_argument("--methods", nargs="+", help="candidate methods (default: scalar lowrank pq dpq codes)")
+    p.add_argument("--skip", nargs="+", help="module names to leave uncompressed (e.g. position embeddings)")
+    p.add_argument("--steps", type=int, help="override the methods' number of fitting steps")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for embcompress.json + tables")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(run=cmd_compress_model)
 
     p = sub.add_parser("evaluate", help="quality of an artifact against the original table")
     p.add_argument("artifact", type=Path)

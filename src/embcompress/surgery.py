@@ -179,6 +179,7 @@ class CompressionReport:
 
     tables: list[TableReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    plan: Any = None  # the planner's Plan when compress_ was given a budget
 
     @property
     def bytes_before(self) -> int:
@@ -203,7 +204,8 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return {"tables": [dataclasses.asdict(t) | {"ratio": t.ratio} for t in self.tables],
                 "skipped": [list(s) for s in self.skipped], "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "ratio": self.ratio}
+                "bytes_after": self.bytes_after, "ratio": self.ratio,
+                **({"plan": self.plan.to_dict()} if self.plan is not None else {})}
 
     def __str__(self) -> str:
         header = ("module", "shape", "spec", "before", "after", "ratio", "tied heads")
@@ -219,6 +221,8 @@ class CompressionReport:
 
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
         out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        if self.plan is not None:
+            out += ["", str(self.plan)]
         return "\n".join(out)
 
 
@@ -318,12 +322,15 @@ def compressed_tables(model: nn.Module) -> list[tuple[list[str], CompressedEmbed
 
 def compress_(
     model: nn.Module,
-    spec_or_mapping: "SpecLike | SpecMapping",
+    spec_or_mapping: "SpecLike | SpecMapping | None" = None,
     *,
     init: Literal["pretrained", "random"] = "pretrained",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     fit_options: Mapping[str, Any] | None = None,
     untie: bool = False,
+    budget: Any = None,
+    methods: Sequence[str] | None = None,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressionReport:
     """Replace the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` in place.
 
@@ -341,6 +348,12 @@ def compress_(
             ``"progress"`` turns the fits' progress bars on or off.
         untie: give output layers tied to a replaced table an independent copy of the weight
             instead of computing their logits from the compressed table.
+        budget: one byte budget for all tables together (``"10x"``, ``"4MB"``, ``"80bpr"``, an int
+            of bytes, or ``{"ratio": 10}``): :func:`embcompress.planner.plan_budget` chooses each
+            table's method and size by measured quality; ``spec_or_mapping`` may then only skip tables.
+        methods: candidate methods for ``budget`` (default ``planner.DEFAULT_METHODS``).
+        row_weights: module name -> (V,) row weights (token counts) for the planner's quality measure
+            and the fits that take them.
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows a table.
@@ -353,6 +366,14 @@ def compress_(
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    if budget is not None:
+        _check_budget_mapping(spec_or_mapping, init)
+        # Every table the mapping does not skip resolves to a placeholder the planner then replaces.
+        skips = dict(spec_or_mapping) if isinstance(spec_or_mapping, Mapping) else \
+            {} if spec_or_mapping is None else {"default": spec_or_mapping}
+        spec_or_mapping = {"default": "scalar", **skips}
+    elif spec_or_mapping is None:
+        raise SpecError("give a spec (or a mapping of specs), or budget= to let the planner choose")
     if isinstance(spec_or_mapping, Mapping):
         for value in spec_or_mapping.values():  # fail early on a bad spec, before any fitting
             if value is not None and not (isinstance(value, str) and value.strip().lower() == SKIP):
@@ -374,12 +395,19 @@ def compress_(
         for alias in names_of[id(module)]:
             groups.setdefault(id(module.weight), []).append((alias, module))
 
+    kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]] = []
     for members in groups.values():
         names = [n for n, _ in members]
         if filter_fn is not None and not all(filter_fn(m, n) for n, m in members):
             report.skipped.extend((n, "rejected by filter_fn") for n in names)
             continue
         resolved = {n: _resolve_spec(n, spec_or_mapping, used_keys) for n in names}
+        kept.append((members, resolved))
+    if budget is not None:
+        report.plan = _plan_tables(kept, budget, methods, row_weights)
+
+    for members, resolved in kept:
+        names = [n for n, _ in members]
         distinct = {(r.to_spec() if isinstance(r, MethodConfig) else r) for r in resolved.values()}
         if len(distinct) > 1:
             raise SpecError(f"modules {names} share one weight Parameter but the mapping gives them different "
@@ -393,7 +421,8 @@ def compress_(
         if len(paddings) > 1:
             raise ValueError(f"modules {names} share a weight but have different padding_idx "
                              f"{sorted(map(str, paddings))}")
-        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders))
+        weights = _table_row_weights(names, config, row_weights) if init == "pretrained" else None
+        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders, weights))
 
     if isinstance(spec_or_mapping, Mapping):
         unused = [k for k in spec_or_mapping if k not in used_keys and k != "default"]
@@ -404,9 +433,52 @@ def compress_(
     return report
 
 
+def _table_row_weights(names: list[str], config: MethodConfig,
+                       row_weights: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The table's row weights (under any of its names) if its method's fit takes them."""
+    weights = next((row_weights[n] for n in names if n in row_weights), None) if row_weights else None
+    return weights if weights is not None and get_method(config.method).TAKES_ROW_WEIGHTS else None
+
+
+def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
+    if init != "pretrained":
+        raise SpecError("budget= measures fits to the current weights; it needs init='pretrained'")
+    values = spec_or_mapping.values() if isinstance(spec_or_mapping, Mapping) else [spec_or_mapping]
+    for value in values:
+        skips = value is None or (isinstance(value, str) and value.strip().lower() == SKIP)
+        if spec_or_mapping is not None and not skips:
+            raise SpecError(f"with budget=, the mapping may only skip tables (None or 'skip'), got {value!r}; "
+                            "name the candidate methods with methods=[...]")
+
+
+def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]], budget: Any,
+                 methods: Sequence[str] | None, row_weights: Mapping[str, torch.Tensor] | None) -> Any:
+    """Run the planner over the tables the mapping does not skip; their resolved configs become its choices."""
+    from .planner import parse_budget, plan_budget  # the planner sits above surgery's per-table work
+
+    planned = {members[0][0]: members for members, resolved in kept
+               if all(isinstance(r, MethodConfig) for r in resolved.values())}
+    if not planned:
+        return None
+    weights = {}
+    for name, members in planned.items():
+        for alias, _ in members:
+            if row_weights is not None and alias in row_weights:
+                weights[name] = row_weights[alias]
+    tables = {name: cast(nn.Embedding, members[0][1]).weight.detach().float().cpu()
+              for name, members in planned.items()}
+    plan = plan_budget(tables, methods=methods, weights=weights or None, **parse_budget(budget))
+    for members, resolved in kept:
+        if members[0][0] in planned:
+            config = parse_spec(plan.specs[members[0][0]])
+            resolved.update({n: config for n in resolved})
+    return plan
+
+
 def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
                    fit_options: Mapping[str, Any] | None, untie: bool,
-                   holders: dict[int, list[tuple[str, nn.Module, str]]]) -> TableReport:
+                   holders: dict[int, list[tuple[str, nn.Module, str]]],
+                   row_weights: torch.Tensor | None = None) -> TableReport:
     first = cast(Union[nn.Embedding, nn.EmbeddingBag], members[0][1])
     weight = first.weight
     padding_idx = first.padding_idx
@@ -436,7 +508,7 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
     if init == "pretrained":
         settings, progress = _split_fit_options(fit_options, config.method)
         table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config, padding_idx,
-                                                          settings, progress=progress)
+                                                          settings, progress=progress, row_weights=row_weights)
     else:
         table = get_method(config.method)(num_embeddings, embedding_dim, config, padding_idx=padding_idx)
     table = table.to(device)

@@ -43,7 +43,7 @@ from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
 
-__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords"]
+__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books"]
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,24 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         bits/row -> 11x128 with float16 codebooks (77 code bits, 3.99 MB): relative MSE 0.110 with the
         default fit. With an earlier quick fit, 11x128 gave 0.136 where 9x256 fp16 (72 code bits) gave 0.146.
         40 bits/row -> 6x64 fp32 (36 code bits, 1.88 MB): 0.359 with :meth:`quick_fit_options`.
+
+        Books are capped by :func:`max_books` so the default fit stays within about two minutes at
+        every shape (the fit grows with rows x d x books x sqrt(K)); where the cap binds, larger K
+        (up to 256) is offered too, each under its own cap: at 20,000 x 300 and 10x the rule once
+        picked 195 books of 8 codewords, a fit that had not finished after 15 minutes.
         """
         out = []
         for dtype in ("float16", "float32"):
             k = max(MIN_CODEWORDS, preferred_codewords(num_embeddings, embedding_dim, _DTYPES[dtype].itemsize))
-            most = max(1, min(256, 16 * embedding_dim // bits_for(k)))
+            uncapped = max(1, min(256, 16 * embedding_dim // bits_for(k)))
+            most = min(uncapped, max_books(num_embeddings, embedding_dim, k))
             out += [base.replace(books=m, codewords=k, codebook_dtype=dtype) for m in range(1, most + 1)]
             floor = cls.expected_bytes(out[-most], num_embeddings, embedding_dim)
+            larger = k * 2
+            while most < uncapped and larger <= 256:  # the cap binds: buy bits with larger codebooks instead
+                cap = min(uncapped, max_books(num_embeddings, embedding_dim, larger))
+                out += [base.replace(books=m, codewords=larger, codebook_dtype=dtype) for m in range(1, cap + 1)]
+                larger *= 2
             for small in (2, 4):
                 fallback = [base.replace(books=m, codewords=small, codebook_dtype=dtype) for m in range(1, most + 1)]
                 out += [c for c in fallback if cls.expected_bytes(c, num_embeddings, embedding_dim) < floor]
@@ -478,6 +489,18 @@ class _Standardize(nn.Module):
 
 def _log_alpha(net: nn.Module, x: torch.Tensor, cfg: CodesConfig) -> torch.Tensor:
     return torch.log(F.softplus(net(x)) + _EPS).reshape(-1, cfg.books, cfg.codewords)
+
+
+#: Fit work (min(V, 65536) x d x books x sqrt(K)) whose default fit takes about two minutes on 2 cores:
+#: GloVe 400k x 50 at 11 x 128 (4.1e8) fits in about 100 s; 5,000 x 300 at 16 x 8 (6.8e7) took
+#: 4.4 CPU s with the quick fit (the default fit is about 6x the quick one).
+MAX_FIT_WORK = 4.5e8
+
+
+def max_books(num_embeddings: int, embedding_dim: int, codewords: int) -> int:
+    """Most books whose default post hoc fit stays within :data:`MAX_FIT_WORK` (at least 1)."""
+    per_book = min(num_embeddings, 65536) * embedding_dim * math.sqrt(codewords)
+    return max(1, int(MAX_FIT_WORK // per_book))
 
 
 def preferred_codewords(num_embeddings: int, embedding_dim: int, itemsize: int = 4,

@@ -37,12 +37,24 @@ class LowRankEmbedding(FactorsTable[LowRankConfig]):
 
     Config = LowRankConfig
     Fit = LowRankFit
+    TAKES_ROW_WEIGHTS = True
 
     @torch.no_grad()
     def _fit(self, weight: torch.Tensor, settings: FitConfig, progress: bool | None) -> FitConfig:
+        return self._fit_weighted(weight, settings, progress, None)
+
+    @torch.no_grad()
+    def _fit_weighted(self, weight: torch.Tensor, settings: FitConfig, progress: bool | None,
+                      row_weights: torch.Tensor | None) -> FitConfig:
+        """Truncated SVD; with ``row_weights`` w the basis minimizes sum_i w_i ||e_i||^2 (SVD of
+        diag(sqrt w) W) and every row's codes are its projection onto that basis."""
         weight = self._check_fit_weight(weight)
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         rank = self.config.rank
-        self.codes.copy_(u[:, :rank] * s[:rank])
+        if row_weights is None:
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            self.codes.copy_(u[:, :rank] * s[:rank])
+        else:
+            _, _, vh = torch.linalg.svd(weight * row_weights.sqrt().unsqueeze(1), full_matrices=False)
+            self.codes.copy_(weight @ vh[:rank].T)
         self.basis.copy_(vh[:rank])
         return settings

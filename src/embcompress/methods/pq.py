@@ -50,6 +50,7 @@ class PQFit(FitConfig):
 class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
     Config = PQConfig
     Fit = PQFit
+    TAKES_ROW_WEIGHTS = True
     codes: torch.Tensor  # a registered buffer, declared for the type checker
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
@@ -78,11 +79,18 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
 
     @torch.no_grad()
     def _fit(self, weight: torch.Tensor, settings: PQFit, progress: bool | None) -> PQFit:
+        return self._fit_weighted(weight, settings, progress, None)
+
+    @torch.no_grad()
+    def _fit_weighted(self, weight: torch.Tensor, settings: PQFit, progress: bool | None,
+                      row_weights: torch.Tensor | None) -> PQFit:
+        """k-means per group; with ``row_weights`` weighted means and seeding (Lloyd on sum_i w_i ||e_i||^2)."""
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
         assert settings.seed is not None  # fit() draws it
-        centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed)
+        centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed,
+                                  weights=row_weights)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)
         return settings

@@ -30,7 +30,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from ...base import CompressedEmbedding
 from ...config import MethodConfig, SpecError, parse_spec
-from .rows import build_split, row_part
+from .rows import RowSupplied, build_split, row_part
 
 __all__ = ["CompressedEmbeddingBagCollection", "CompressedEmbeddingCollection"]
 
@@ -97,10 +97,10 @@ class _CompressedCollection(nn.Module):
         every rank scales its own shards (call it on every rank)."""
         if table not in self.tables:
             raise KeyError(f"no table {table!r}; tables are {list(self.tables)}")
-        module = self.tables[table]
         if table not in self._row_tables:
-            module.rescale_output_(factor)
+            cast(CompressedEmbedding, self.tables[table]).rescale_output_(factor)
             return
+        module = cast(RowSupplied, self.tables[table])
         if module.rows_scale_with_output():
             group = next(group for group, names in self._row_groups.items() if table in names)
             for rows in _local_rows(self.rows[group].state_dict()[f"embeddings.{table}.weight"]):

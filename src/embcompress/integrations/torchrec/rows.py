@@ -85,7 +85,8 @@ class RowSupplied:
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         if self.rows_scale_with_output():
-            raise RuntimeError(f"{self.config.method}: rescaling also scales its per-row part, which lives in "
+            method = cast(CompressedEmbedding, self).config.method  # the mixin sits on a compressed table
+            raise RuntimeError(f"{method}: rescaling also scales its per-row part, which lives in "
                                "TorchRec; call rescale_output_(table_name, factor) on the "
                                "CompressedEmbeddingBagCollection / CompressedEmbeddingCollection instead")
         self.rescale_held_(factor)

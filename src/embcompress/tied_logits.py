@@ -1,0 +1,201 @@
+"""Logits of a tied output layer computed from the compressed form, and output-aware calibration.
+
+A decoder LM with tied embeddings reads its token table twice: rows at the input, and the whole
+table at the output (logits = h E^T). Decoding all V rows at every step throws the compression
+away at the head; the formats allow cheaper scores:
+
+- codes + codebooks (DPQ, PQ: ``concat``; compositional codes: ``sum``): per position j the scores
+  s_j = h_j C_j^T of the K codewords (h_j = the j-th slice of h for concat, all of h for sum),
+  then logit_v = sum_j s_j[code_vj]: one sparse (V x MK) one-hot matrix times (MK x N) scores;
+- factors (low-rank / distilled): logits = f(U) (h B^T)^T (+ h b), never the V x d product;
+- anything else decodes the table once per call.
+
+Output-aware calibration: hidden states H that meet the head give its second moment
+S = H^T H / n; the logit error of a row error e_v is e_v^T S e_v. :func:`output_metric` returns
+the metric A = a I + b S / (tr S / d) that blends input and output error, and
+:func:`metric_factor` a factor L with L L^T = A for fitting in the transformed space (GPTQ/AWQ
+weight a layer's quantization error by its inputs' second moment in the same way).
+
+Example:
+    >>> import embcompress, torch
+    >>> frozen = embcompress.from_pretrained(torch.randn(300, 16), "pq:groups=4,codewords=8").export()
+    >>> head = CompressedLogits(frozen)
+    >>> hidden = torch.randn(5, 16)
+    >>> head.path, tuple(head(hidden).shape)
+    ('codebook-scores', (5, 300))
+    >>> torch.allclose(head(hidden), hidden @ frozen.materialize().T, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, cast
+
+import torch
+from torch import nn
+
+from .config import MethodConfig, parse_spec
+from .frozen import FrozenCodebook, FrozenFactors, FrozenEmbedding
+from .frozen.factors import ACTIVATIONS
+from .registry import get_method
+
+#: Methods whose deployed rows are a product (concat) of per-group codewords: the metric is applied
+#: block-diagonally per group so the product structure survives the change of space.
+_CONCAT_METHODS = {"pq": "groups", "dpq": "groups"}
+
+__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "output_metric", "metric_factor",
+           "fit_output_aware"]
+
+
+class CompressedLogits(nn.Module):
+    """``hidden (*, d) -> logits (*, V)`` from a frozen table, through its compressed form where it has one."""
+
+    def __init__(self, frozen: FrozenEmbedding, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._onehot: torch.Tensor | None = None  # (V, books * K) sparse CSR, built on first use
+        self._activated: torch.Tensor | None = None
+
+    @property
+    def path(self) -> str:
+        """Which computation the head uses: 'codebook-scores', 'factors' or 'decode'."""
+        if isinstance(self.frozen, FrozenCodebook):
+            return "codebook-scores"
+        if isinstance(self.frozen, FrozenFactors):
+            return "factors"
+        return "decode"
+
+    def _codebook_onehot(self) -> torch.Tensor:
+        if self._onehot is None:
+            f = cast(FrozenCodebook, self.frozen)  # only the codebook-scores path builds it
+            ids = torch.arange(f.num_embeddings)
+            codes = f.codes(ids) + torch.arange(f.books) * f.codewords  # column of (position, codeword)
+            crow = torch.arange(0, f.num_embeddings * f.books + 1, f.books)
+            values = torch.ones(codes.numel())
+            with warnings.catch_warnings():  # CSR support is "beta"; the matrix is valid by construction
+                warnings.simplefilter("ignore", UserWarning)
+                self._onehot = torch.sparse_csr_tensor(crow, codes.reshape(-1), values,
+                                                       (f.num_embeddings, f.books * f.codewords),
+                                                       check_invariants=False)
+        return self._onehot
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape[:-1]
+        h = hidden.reshape(-1, hidden.shape[-1]).float()
+        f = self.frozen
+        if isinstance(f, FrozenCodebook):  # the codebook-scores path
+            books = f.codebooks.float()
+            if books.shape[0] == 1 and f.books > 1:
+                books = books.expand(f.books, -1, -1)
+            if f.combine == "concat":
+                scores = torch.einsum("nmw,mkw->nmk", h.reshape(h.shape[0], f.books, -1), books)
+            else:
+                scores = torch.einsum("nd,mkd->nmk", h, books)
+            logits = torch.sparse.mm(self._codebook_onehot(), scores.reshape(h.shape[0], -1).t()).t()
+        elif isinstance(f, FrozenFactors):  # the factors path
+            if self._activated is None:
+                self._activated = ACTIVATIONS[f.activation](f.codes)
+            logits = (h @ f.basis.t()) @ self._activated.t()
+            if f.bias is not None:
+                logits = logits + (h @ f.bias).unsqueeze(1)
+        else:
+            logits = h @ f.materialize().t()
+        if f.padding_idx is not None:
+            logits[:, f.padding_idx] = 0  # the padding row decodes to zero
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*shape, -1)
+
+
+def compressed_logits(frozen: FrozenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    """One-off ``hidden @ frozen.materialize().T`` through the compressed form (see :class:`CompressedLogits`)."""
+    return CompressedLogits(frozen)(hidden)
+
+
+@torch.no_grad()
+def hidden_second_moment(hidden_batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """S = sum h h^T / n over every hidden state (rows of each (*, d) batch) that reaches the head."""
+    total, count = None, 0
+    for h in hidden_batches:
+        h = h.reshape(-1, h.shape[-1]).double()
+        total = h.t() @ h if total is None else total + h.t() @ h
+        count += h.shape[0]
+    if total is None:
+        raise ValueError("no hidden states given; pass at least one (*, d) batch")
+    return (total / count).float()
+
+
+def output_metric(second_moment: torch.Tensor, output_weight: float = 1.0, input_weight: float = 1.0) -> torch.Tensor:
+    """A = input_weight I + output_weight S / (tr S / d): the row-error metric of the blended objective.
+
+    S is scaled to mean eigenvalue 1 so the two weights are comparable whatever the hidden norm."""
+    dim = second_moment.shape[0]
+    scale = float(torch.trace(second_moment)) / dim
+    return input_weight * torch.eye(dim) + output_weight * second_moment / max(scale, 1e-30)
+
+
+def metric_factor(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with ||e L||^2 = e A e^T for the metric A: fit in the space W L, map back with L^-1."""
+    eigenvalues, vectors = torch.linalg.eigh(metric.double())
+    root = eigenvalues.clamp_min(1e-12).sqrt()
+    factor = (vectors * root) @ vectors.t()
+    inverse = (vectors / root) @ vectors.t()
+    return factor.float(), inverse.float()
+
+
+def _block_diagonal(metric: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, T^-1): block-diagonal factors of the metric's diagonal blocks, one per group of columns."""
+    dim = metric.shape[0]
+    width = dim // groups
+    forward, inverse = torch.zeros(dim, dim), torch.zeros(dim, dim)
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        forward[cols, cols], inverse[cols, cols] = metric_factor(metric[cols, cols])
+    return forward, inverse
+
+
+def _map_back(frozen: FrozenEmbedding, inverse: torch.Tensor) -> FrozenEmbedding:
+    """The frozen table whose rows are ``rows @ inverse`` (exact for codebooks and factors)."""
+    if isinstance(frozen, FrozenFactors):
+        bias = None if frozen.bias is None else frozen.bias @ inverse
+        return FrozenFactors(frozen.num_embeddings, frozen.embedding_dim, frozen.padding_idx,
+                                   activation=frozen.activation, codes=frozen.codes, basis=frozen.basis @ inverse,
+                                   bias=bias)
+    if isinstance(frozen, FrozenCodebook):
+        books = frozen.codebooks.float()
+        if frozen.combine == "concat":
+            width = books.shape[-1]
+            blocks = torch.stack([inverse[g * width:(g + 1) * width, g * width:(g + 1) * width]
+                                  for g in range(books.shape[0])])
+            mapped = torch.einsum("gkw,gwv->gkv", books, blocks)
+        else:
+            mapped = books @ inverse
+        codes = frozen.codes(torch.arange(frozen.num_embeddings))
+        return FrozenCodebook.from_codes(codes, mapped.to(frozen.codebooks.dtype), frozen.combine,
+                                            frozen.padding_idx)
+    raise ValueError(f"format {frozen.format!r} has no exact change of space; output-aware fits take "
+                     "pq, dpq, codes, lowrank or distilled:activation=identity")
+
+
+def fit_output_aware(weight: torch.Tensor, spec: "str | MethodConfig", metric: torch.Tensor, *,
+                     row_weights: torch.Tensor | None = None, padding_idx: int | None = None,
+                     **fit_options: Any) -> FrozenEmbedding:
+    """Fit ``spec`` to ``weight`` minimizing sum_v w_v e_v A e_v^T for the metric A (see :func:`output_metric`).
+
+    The table is fitted in the space W T (T T^T = A; block-diagonal per group for product
+    quantizers, whose cross-group terms are dropped), then mapped back with T^-1, which keeps
+    the deployed format: codebooks and low-rank bases are linear in the rows.
+    """
+    config = parse_spec(spec)
+    cls = get_method(config.method)
+    if config.method in _CONCAT_METHODS:
+        forward, inverse = _block_diagonal(metric, getattr(config, _CONCAT_METHODS[config.method]))
+    else:
+        forward, inverse = metric_factor(metric)
+    weights = row_weights if cls.TAKES_ROW_WEIGHTS else None
+    module = cls.from_pretrained(weight.float() @ forward, config, padding_idx=padding_idx, row_weights=weights,
+                                 **fit_options)
+    return _map_back(module.export(), inverse)
