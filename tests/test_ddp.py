@@ -79,19 +79,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_processes(procs: list, timeout: float, what: str) -> None:
+    """Start ``procs``, wait for each (killed and failed after ``timeout`` s), and require exit code 0."""
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"{what} timed out")
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
 def run_ddp():
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         port = free_port()
         procs = [ctx.Process(target=worker, args=(r, port, out_dir)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=90)
-            if p.is_alive():
-                p.kill()
-                pytest.fail("DDP worker timed out")
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        run_processes(procs, timeout=90, what="DDP worker")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 

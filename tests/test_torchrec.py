@@ -30,7 +30,7 @@ import embcompress  # noqa: E402
 from embcompress.config import SpecError  # noqa: E402
 from embcompress.integrations.torchrec import (CompressedEmbeddingBagCollection,  # noqa: E402
                                                CompressedEmbeddingCollection, compressed_tables)
-from test_ddp import free_port  # noqa: E402
+from test_ddp import free_port, run_processes  # noqa: E402
 
 D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
 ROWS = {"item": 300, "user": 200, "cat": 100, "page": 260}
@@ -254,14 +254,7 @@ def test_sharded_training_matches_one_process_and_exports(kind):
         ports = free_port(), free_port()
         procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single, kind))]
         procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded, kind)) for rank in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=150)
-            if p.is_alive():
-                p.kill()
-                pytest.fail("TorchRec worker timed out")
-        assert [p.exitcode for p in procs] == [0, 0, 0]
+        run_processes(procs, timeout=150, what="TorchRec worker")
         one, two = (load_file(os.path.join(d, "result.safetensors")) for d in (single, sharded))
         torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
         assert one["losses"][-1] != one["losses"][0]  # training moved
