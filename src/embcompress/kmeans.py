@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kmeans", "assign", "squared_distances"]
+from . import kernels
+
+__all__ = ["kmeans", "assign", "squared_distances", "fit_sample", "POINTS_PER_CENTROID"]
+
+#: Rows per centroid a k-means fits on at most (FAISS's ``max_points_per_centroid``): more rows
+#: barely move the centroids, while the Lloyd iterations cost grows with them.
+POINTS_PER_CENTROID = 256
+#: Elements of one (G, rows, K) block of distances on torch's path (64 MB of float32).
+BLOCK_ELEMENTS = 1 << 24
 
 
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -17,24 +25,51 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
             + centroids.pow(2).sum(-1).unsqueeze(1)).clamp_min_(0)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
-    """Nearest centroid per row, x (G, N, w) -> codes (G, N), computed in row chunks."""
-    return torch.cat([squared_distances(x[:, s:s + chunk], centroids).argmin(-1)
-                      for s in range(0, x.shape[1], chunk)], 1)
+def fit_sample(codewords: int, limit: int = 65536) -> int:
+    """Rows a k-means with ``codewords`` centroids fits on: :data:`POINTS_PER_CENTROID` each, at most ``limit``."""
+    return min(limit, POINTS_PER_CENTROID * codewords)
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid per row (the first on ties), x (G, N, w) -> codes (G, N).
+
+    The C kernel scans the centroids per row without materializing the (G, N, K) distances; torch's
+    path computes them in blocks of rows, without the row norms (they do not change the argmin)."""
+    x = x.float()
+    if kernels.dpq_supported(x, centroids):
+        return kernels.dpq_vq_codes(x.transpose(1, 2).contiguous(), centroids.float().contiguous()).t()
+    groups, n, _ = x.shape
+    chunk = max(1, BLOCK_ELEMENTS // (groups * centroids.shape[1]))
+    norms = centroids.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K)
+    books = centroids.transpose(1, 2)
+    return torch.cat([torch.baddbmm(norms, x[:, s:s + chunk], books, alpha=-2).argmin(-1)
+                      for s in range(0, n, chunk)], 1) if n else torch.zeros(groups, 0, dtype=torch.long)
 
 
 def _plus_plus(x: torch.Tensor, k: int, generator: torch.Generator,
                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ seeding: each next centroid is a row drawn with chance ~ (weight x) squared distance
+    to the nearest centroid so far. Drawn by inverting the cumulative sum with one uniform per group:
+    torch.multinomial draws a random number per row and dominated the fit of wide tables."""
     groups, n, _ = x.shape
+    every = torch.arange(groups)
     first = torch.randint(0, n, (groups,), generator=generator)
-    centroids = [x[torch.arange(groups), first]]
-    closest = squared_distances(x, centroids[0].unsqueeze(1)).squeeze(-1)
+    centroids = [x[every, first]]
+    norms = x.pow(2).sum(-1)  # (G, n), reused by every distance update
+
+    def distances(new: torch.Tensor) -> torch.Tensor:  # (G, w) -> (G, n)
+        return torch.baddbmm((norms + new.pow(2).sum(-1, keepdim=True)).unsqueeze(-1), x, new.unsqueeze(-1),
+                             alpha=-2).squeeze(-1).clamp_min_(0)
+
+    closest = distances(centroids[0])
     for _ in range(1, k):
         chance = closest + 1e-12 if weights is None else closest * weights + 1e-12
-        pick = torch.multinomial(chance, 1, generator=generator).squeeze(1)
-        new = x[torch.arange(groups), pick]
+        total = chance.double().cumsum(1)
+        target = torch.rand(groups, 1, generator=generator, dtype=torch.float64) * total[:, -1:]
+        pick = torch.searchsorted(total, target).squeeze(1).clamp_(max=n - 1)
+        new = x[every, pick]
         centroids.append(new)
-        closest = torch.minimum(closest, squared_distances(x, new.unsqueeze(1)).squeeze(-1))
+        closest = torch.minimum(closest, distances(new))
     return torch.stack(centroids, 1)
 
 

@@ -41,7 +41,7 @@ from ..config import FitConfig, MethodConfig, SpecError
 from .. import kernels
 from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
-from ..kmeans import kmeans
+from ..kmeans import fit_sample, kmeans
 from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
@@ -96,6 +96,9 @@ class DPQFit(FitConfig):
     method: ClassVar[str] = "dpq"
     steps: int = field(default=200, metadata={"help": "gradient refinement steps after the k-means start", "min": 0})
     iters: int = field(default=25, metadata={"help": "k-means iterations of the start", "min": 0})
+    sample: int = field(default=0, metadata={
+        "help": "rows the k-means start fits on before coding every row (0 = 256 per codeword, at most 65,536)",
+        "min": 0})
     batch_size: int = field(default=4096, metadata={"help": "rows per refinement step", "min": 1})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
     seed: int | None = field(default=None, metadata={"help": "seed of k-means and the row sampling; none = drawn"})
@@ -378,7 +381,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
         assert seed is not None  # fit() draws it
-        self._start_from_kmeans(weight, settings.iters, seed)
+        self._start_from_kmeans(weight, settings.iters, seed, settings.sample or fit_sample(self.codewords))
         if steps <= 0:
             return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
@@ -394,12 +397,12 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         return settings
 
     @torch.no_grad()
-    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int) -> None:
+    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> None:
         cfg = self.config
         sub = weight.reshape(self.num_embeddings, self.groups, self.width).transpose(0, 1)  # (D, V, w)
         if cfg.shared:
             sub = sub.reshape(1, -1, self.width)  # one k-means over every group's sub-vectors
-        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed)
+        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed, sample=sample)
         codes = codes.reshape(self.groups, self.num_embeddings).T  # (V, D), group-major in both cases
         self.values.copy_(centroids)
         self.query.copy_(weight)
