@@ -76,8 +76,8 @@ def faiss_factory(kind: str, rows: int, dim: int, budget: int) -> tuple[str, int
         books_bytes = 4 * 256 * dim if kind in ("faiss-pq", "faiss-opq") else 4 * 256 * dim * books
         extra = 4 * dim * dim if kind == "faiss-opq" else 0
         total = codes + books_bytes + extra
-        if total <= budget:
-            factory = {"faiss-pq": f"PQ{books}x8", "faiss-opq": f"OPQ{books},PQ{books}x8",
+        if total <= budget:  # "np": no polysemous training (a code reordering; the reconstruction is the same)
+            factory = {"faiss-pq": f"PQ{books}x8np", "faiss-opq": f"OPQ{books},PQ{books}x8np",
                        "faiss-rq": f"RQ{books}x8", "faiss-lsq": f"LSQ{books}x8"}[kind]
             best = (factory, total)
     return best

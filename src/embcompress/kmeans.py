@@ -15,6 +15,9 @@ __all__ = ["kmeans", "assign", "squared_distances", "fit_sample", "POINTS_PER_CE
 #: Rows per centroid a k-means fits on at most (FAISS's ``max_points_per_centroid``): more rows
 #: barely move the centroids, while the Lloyd iterations cost grows with them.
 POINTS_PER_CENTROID = 256
+#: Rows per centroid k-means++ seeds from at most: seeding is sequential (one pass over the rows per
+#: centroid), so its cost grows with rows x K; the Lloyd iterations then use every fit row.
+SEED_POINTS_PER_CENTROID = 64
 #: Elements of one (G, rows, K) block of distances on torch's path (64 MB of float32).
 BLOCK_ELEMENTS = 1 << 24
 
@@ -64,8 +67,8 @@ def _plus_plus(x: torch.Tensor, k: int, generator: torch.Generator,
     closest = distances(centroids[0])
     for _ in range(1, k):
         chance = closest + 1e-12 if weights is None else closest * weights + 1e-12
-        total = chance.double().cumsum(1)
-        target = torch.rand(groups, 1, generator=generator, dtype=torch.float64) * total[:, -1:]
+        total = chance.cumsum(1)
+        target = torch.rand(groups, 1, generator=generator) * total[:, -1:]
         pick = torch.searchsorted(total, target).squeeze(1).clamp_(max=n - 1)
         new = x[every, pick]
         centroids.append(new)
@@ -110,7 +113,11 @@ def kmeans(
         pad = fit_rows[:, torch.randint(0, fit_rows.shape[1], (k - fit_rows.shape[1],), generator=generator)]
         centroids = torch.cat([fit_rows, pad], 1)
     else:
-        centroids = _plus_plus(fit_rows, k, generator, fit_weights)
+        seed_rows, seed_weights = fit_rows, fit_weights
+        if fit_rows.shape[1] > SEED_POINTS_PER_CENTROID * k:
+            keep = torch.randperm(fit_rows.shape[1], generator=generator)[:SEED_POINTS_PER_CENTROID * k]
+            seed_rows, seed_weights = fit_rows[:, keep], None if fit_weights is None else fit_weights[keep]
+        centroids = _plus_plus(seed_rows, k, generator, seed_weights)
         for _ in range(iters):
             codes = assign(fit_rows, centroids)
             # index_add_ over (G*K, w) rows: several times faster than scatter_add_ with an index

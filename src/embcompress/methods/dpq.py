@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
+#: Scores (rows x groups x codewords) one post hoc refinement step computes at most: a step costs about
+#: this many scores forward and backward, so wide tables with many groups take fewer rows per step and
+#: the fit stays bounded (50,000 x 1,024 at 10x: 512 groups x 64 codewords, 1,024 rows per step).
+MAX_STEP_SCORES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ class DPQFit(FitConfig):
     sample: int = field(default=0, metadata={
         "help": "rows the k-means start fits on before coding every row (0 = 256 per codeword, at most 65,536)",
         "min": 0})
-    batch_size: int = field(default=4096, metadata={"help": "rows per refinement step", "min": 1})
+    batch_size: int = field(default=4096, metadata={
+        "help": "rows per refinement step (fewer where rows x groups x codewords would pass 2^25 scores)", "min": 1})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
     seed: int | None = field(default=None, metadata={"help": "seed of k-means and the row sampling; none = drawn"})
 
@@ -386,7 +391,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
         start_error = self._error(weight)
-        self._refine(weight, steps, settings.batch_size, settings.lr, seed, progress)
+        self._refine(weight, steps, self.step_rows(settings.batch_size), settings.lr, seed, progress)
         if self.config.variant == "sx":
             self._refit_values(weight)
         error = self._error(weight)
@@ -395,6 +400,10 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
                      start_error, error)
             self.load_state_dict(start_state)
         return settings
+
+    def step_rows(self, batch_size: int) -> int:
+        """Rows per refinement step: ``batch_size``, fewer if a step would score more than :data:`MAX_STEP_SCORES`."""
+        return max(1, min(batch_size, MAX_STEP_SCORES // (self.groups * self.codewords)))
 
     @torch.no_grad()
     def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> None:
