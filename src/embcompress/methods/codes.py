@@ -43,7 +43,7 @@ from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
 
-__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books"]
+__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books", "fit_work"]
 
 log = logging.getLogger(__name__)
 
@@ -497,10 +497,14 @@ def _log_alpha(net: nn.Module, x: torch.Tensor, cfg: CodesConfig) -> torch.Tenso
 MAX_FIT_WORK = 4.5e8
 
 
+def fit_work(num_embeddings: int, embedding_dim: int, books: int, codewords: int) -> float:
+    """The default post hoc fit's work in the units of :data:`MAX_FIT_WORK`: min(V, 65536) x d x books x sqrt(K)."""
+    return min(num_embeddings, 65536) * embedding_dim * books * math.sqrt(codewords)
+
+
 def max_books(num_embeddings: int, embedding_dim: int, codewords: int) -> int:
     """Most books whose default post hoc fit stays within :data:`MAX_FIT_WORK` (at least 1)."""
-    per_book = min(num_embeddings, 65536) * embedding_dim * math.sqrt(codewords)
-    return max(1, int(MAX_FIT_WORK // per_book))
+    return max(1, int(MAX_FIT_WORK // fit_work(num_embeddings, embedding_dim, 1, codewords)))
 
 
 def preferred_codewords(num_embeddings: int, embedding_dim: int, itemsize: int = 4,
