@@ -108,7 +108,7 @@ def test_kmeans_seeds_and_iterates_on_bounded_rows(monkeypatch):
     seeded, assigned = [], []
     plus_plus, assign = kmeans_module._plus_plus, kmeans_module.assign
     monkeypatch.setattr(kmeans_module, "_plus_plus", lambda x, *a: seeded.append(x.shape[1]) or plus_plus(x, *a))
-    monkeypatch.setattr(kmeans_module, "assign", lambda x, c: assigned.append(x.shape[1]) or assign(x, c))
+    monkeypatch.setattr(kmeans_module, "assign", lambda x, c, *layout: assigned.append(x.shape[1]) or assign(x, c, *layout))
     x = torch.randn(2, 20_000, 4)
     centroids, codes = kmeans(x, 16, iters=3, sample=POINTS_PER_CENTROID * 16, seed=0)
     assert seeded == [SEED_POINTS_PER_CENTROID * 16]

@@ -33,14 +33,16 @@ def fit_sample(codewords: int, limit: int = 65536) -> int:
     return min(limit, POINTS_PER_CENTROID * codewords)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def assign(x: torch.Tensor, centroids: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
     """Nearest centroid per row (the first on ties), x (G, N, w) -> codes (G, N).
 
-    The C kernel scans the centroids per row without materializing the (G, N, K) distances; torch's
-    path computes them in blocks of rows, without the row norms (they do not change the argmin)."""
+    The C kernel scans the centroids per row without materializing the (G, N, K) distances; it reads
+    x laid out (G, w, N), which a caller assigning the same rows again passes as ``x_t``. Torch's
+    path computes the distances in blocks of rows, without the row norms (they do not change the argmin)."""
     x = x.float()
     if kernels.dpq_supported(x, centroids):
-        return kernels.dpq_vq_codes(x.transpose(1, 2).contiguous(), centroids.float().contiguous()).t()
+        x_t = x.transpose(1, 2).contiguous() if x_t is None else x_t
+        return kernels.dpq_vq_codes(x_t, centroids.float().contiguous()).t()
     groups, n, _ = x.shape
     chunk = max(1, BLOCK_ELEMENTS // (groups * centroids.shape[1]))
     norms = centroids.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K)
@@ -118,8 +120,9 @@ def kmeans(
             keep = torch.randperm(fit_rows.shape[1], generator=generator)[:SEED_POINTS_PER_CENTROID * k]
             seed_rows, seed_weights = fit_rows[:, keep], None if fit_weights is None else fit_weights[keep]
         centroids = _plus_plus(seed_rows, k, generator, seed_weights)
+        fit_t = fit_rows.transpose(1, 2).contiguous() if iters and kernels.dpq_supported(fit_rows, centroids) else None
         for _ in range(iters):
-            codes = assign(fit_rows, centroids)
+            codes = assign(fit_rows, centroids, fit_t)
             # index_add_ over (G*K, w) rows: several times faster than scatter_add_ with an index
             # expanded to (G, N, w), which dominated residual k-means at d = 300.
             flat = (codes + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
