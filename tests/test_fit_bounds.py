@@ -12,7 +12,7 @@ import embcompress.methods.codes as codes_module
 import embcompress.methods.dpq as dpq_module
 import embcompress.methods.pq as pq_module
 from embcompress.budget import config_for_budget
-from embcompress.kmeans import POINTS_PER_CENTROID, SEED_POINTS_PER_CENTROID, kmeans
+from embcompress.kmeans import MIN_FIT_ROWS, POINTS_PER_CENTROID, SEED_POINTS_PER_CENTROID, fit_sample, kmeans
 
 ROWS, DIM = 50_000, 1_024
 RATIOS = [10.0, 40.0]
@@ -52,7 +52,7 @@ def test_pq_default_fit_runs_k_means_on_a_bounded_sample(monkeypatch, weight, ra
     record_kmeans(monkeypatch, pq_module, seen)
     with pytest.raises(Stop):
         pq_module.ProductQuantizedEmbedding(ROWS, DIM, config).fit(weight, seed=0)
-    assert seen["sample"] <= POINTS_PER_CENTROID * config.codewords
+    assert seen["sample"] == fit_sample(config.codewords) <= max(MIN_FIT_ROWS, POINTS_PER_CENTROID * config.codewords)
     assert kmeans_work(seen) <= KMEANS_WORK, seen
 
 
@@ -109,11 +109,12 @@ def test_kmeans_seeds_and_iterates_on_bounded_rows(monkeypatch):
     plus_plus, assign = kmeans_module._plus_plus, kmeans_module.assign
     monkeypatch.setattr(kmeans_module, "_plus_plus", lambda x, *a: seeded.append(x.shape[1]) or plus_plus(x, *a))
     monkeypatch.setattr(kmeans_module, "assign", lambda x, c, *layout: assigned.append(x.shape[1]) or assign(x, c, *layout))
-    x = torch.randn(2, 20_000, 4)
-    centroids, codes = kmeans(x, 16, iters=3, sample=POINTS_PER_CENTROID * 16, seed=0)
-    assert seeded == [SEED_POINTS_PER_CENTROID * 16]
-    assert assigned == [POINTS_PER_CENTROID * 16] * 3 + [20_000]  # Lloyd on the sample, then every row coded
-    assert centroids.shape == (2, 16, 4) and codes.shape == (2, 20_000)
+    k = 2 * MIN_FIT_ROWS // SEED_POINTS_PER_CENTROID  # seeding samples past the floor
+    x = torch.randn(1, 100_000, 2)
+    centroids, codes = kmeans(x, k, iters=2, sample=fit_sample(k), seed=0)
+    assert seeded == [SEED_POINTS_PER_CENTROID * k] and fit_sample(k) == 65536
+    assert assigned == [65536] * 2 + [x.shape[1]]  # Lloyd on the sample, then every row coded
+    assert centroids.shape == (1, k, 2) and codes.shape == (1, x.shape[1])
     # Every row gets its nearest centroid.
     nearest = kmeans_module.squared_distances(x, centroids).argmin(-1)
     assert (codes == nearest).float().mean() > 0.999

@@ -10,7 +10,8 @@ import torch
 
 from . import kernels
 
-__all__ = ["kmeans", "assign", "squared_distances", "fit_sample", "POINTS_PER_CENTROID"]
+__all__ = ["kmeans", "assign", "squared_distances", "fit_sample", "POINTS_PER_CENTROID", "SEED_POINTS_PER_CENTROID",
+           "MIN_FIT_ROWS"]
 
 #: Rows per centroid a k-means fits on at most (FAISS's ``max_points_per_centroid``): more rows
 #: barely move the centroids, while the Lloyd iterations cost grows with them.
@@ -18,6 +19,8 @@ POINTS_PER_CENTROID = 256
 #: Rows per centroid k-means++ seeds from at most: seeding is sequential (one pass over the rows per
 #: centroid), so its cost grows with rows x K; the Lloyd iterations then use every fit row.
 SEED_POINTS_PER_CENTROID = 64
+#: Rows a k-means always may use for seeding and fitting (small k: cheap, and sampling would only add noise).
+MIN_FIT_ROWS = 16384
 #: Elements of one (G, rows, K) block of distances on torch's path (64 MB of float32).
 BLOCK_ELEMENTS = 1 << 24
 
@@ -29,8 +32,9 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def fit_sample(codewords: int, limit: int = 65536) -> int:
-    """Rows a k-means with ``codewords`` centroids fits on: :data:`POINTS_PER_CENTROID` each, at most ``limit``."""
-    return min(limit, POINTS_PER_CENTROID * codewords)
+    """Rows a k-means with ``codewords`` centroids fits on: :data:`POINTS_PER_CENTROID` each (at least
+    :data:`MIN_FIT_ROWS`), at most ``limit``."""
+    return min(limit, max(MIN_FIT_ROWS, POINTS_PER_CENTROID * codewords))
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,8 +120,9 @@ def kmeans(
         centroids = torch.cat([fit_rows, pad], 1)
     else:
         seed_rows, seed_weights = fit_rows, fit_weights
-        if fit_rows.shape[1] > SEED_POINTS_PER_CENTROID * k:
-            keep = torch.randperm(fit_rows.shape[1], generator=generator)[:SEED_POINTS_PER_CENTROID * k]
+        seed_limit = max(MIN_FIT_ROWS, SEED_POINTS_PER_CENTROID * k)
+        if fit_rows.shape[1] > seed_limit:
+            keep = torch.randperm(fit_rows.shape[1], generator=generator)[:seed_limit]
             seed_rows, seed_weights = fit_rows[:, keep], None if fit_weights is None else fit_weights[keep]
         centroids = _plus_plus(seed_rows, k, generator, seed_weights)
         fit_t = fit_rows.transpose(1, 2).contiguous() if iters and kernels.dpq_supported(fit_rows, centroids) else None
