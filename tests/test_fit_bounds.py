@@ -108,7 +108,8 @@ def test_kmeans_seeds_and_iterates_on_bounded_rows(monkeypatch):
     seeded, assigned = [], []
     plus_plus, assign = kmeans_module._plus_plus, kmeans_module.assign
     monkeypatch.setattr(kmeans_module, "_plus_plus", lambda x, *a: seeded.append(x.shape[1]) or plus_plus(x, *a))
-    monkeypatch.setattr(kmeans_module, "assign", lambda x, c, *layout: assigned.append(x.shape[1]) or assign(x, c, *layout))
+    monkeypatch.setattr(kmeans_module, "assign",
+                        lambda x, c, *layout: assigned.append(x.shape[1]) or assign(x, c, *layout))
     k = 2 * MIN_FIT_ROWS // SEED_POINTS_PER_CENTROID  # seeding samples past the floor
     x = torch.randn(1, 100_000, 2)
     centroids, codes = kmeans(x, k, iters=2, sample=fit_sample(k), seed=0)
