@@ -5,7 +5,8 @@ ratio (10x, 20x, 40x against fp32), every candidate method is fitted at the larg
 total bytes fit the budget: ours through ``config_for_budget`` (codes, codebooks, scales all counted),
 FAISS's PQ, OPQ+PQ, residual (RQ) and LSQ additive quantizers at the setting with the most code bits
 per row whose codes (``sa_code_size`` bytes per row, as FAISS stores them) plus fp32 codebooks plus
-the OPQ rotation fit the same budget (ties go to the larger codebooks' bits; 4-8 bits per code).
+the OPQ rotation fit the same budget (ties go to the wider code; 2-8 bits per code). PQ (ours and
+FAISS's) and RQ are fitted at each code width's largest setting and the best is kept.
 
 The best of ours and the best of FAISS's are chosen by relative MSE (the reconstruction objective
 every fit minimizes), then compared on it and on the table's own downstream measure:
@@ -42,7 +43,11 @@ TABLES = ["glove", "minilm"]
 RATIOS = [10.0, 20.0, 40.0]
 OURS = ["pq", "dpq", "codes", "scalar", "lowrank"]
 FAISS = ["faiss-pq", "faiss-opq", "faiss-rq", "faiss-lsq"]
-FAISS_NBITS = (8, 7, 6, 5, 4)
+FAISS_NBITS = (8, 7, 6, 5, 4, 3, 2)
+# Codecs cheap enough to fit at several code widths (the best by relative MSE is kept). LSQ, far slower,
+# takes the width chosen for RQ (same byte counts); OPQ the width with the most code bits.
+SCANNED_WIDTHS = {"faiss-pq": FAISS_NBITS, "faiss-rq": (8, 6, 4, 2)}
+SCAN_SHARE = 0.85  # a scan fits only the widths whose largest setting has this share of the most code bits
 TRAIN_ROWS = 65536  # FAISS's own default training subsample for PQ-style codecs; ours fit samples of similar size
 # Post hoc fit options per table, sized so that one fit stays within a few CPU minutes on this machine.
 # codes on GloVe: the start and least-squares rounds on a 65,536-row sample, every row encoded and
@@ -70,19 +75,18 @@ def load_weight(table: str) -> tuple[torch.Tensor, list[str] | None]:
     return loaded.weight.float(), loaded.words
 
 
-def faiss_factory(kind: str, rows: int, dim: int, budget: int) -> tuple[str, int, float] | None:
+def faiss_factory(kind: str, rows: int, dim: int, budget: int,
+                  widths: tuple[int, ...] = FAISS_NBITS) -> tuple[str, int, float] | None:
     """(factory, total bytes, code bits per row) of the FAISS codec of ``kind`` with the most code bits
     per row whose total bytes fit ``budget`` (codes stored as FAISS does: whole bytes per row)."""
     best: tuple[float, int, str, int] | None = None
-    for nbits in FAISS_NBITS:
+    for nbits in widths:
         for books in range(1, 8 * dim + 1):
             if kind in ("faiss-pq", "faiss-opq") and (dim % books or books > dim):
                 continue
             codes = rows * math.ceil(books * nbits / 8)
-            if kind in ("faiss-pq", "faiss-opq"):
-                tables = 4 * (1 << nbits) * dim  # books x 2^nbits centroids of width dim / books
-            else:
-                tables = 4 * (1 << nbits) * dim * books  # one full-width codebook per stage
+            # PQ: books x 2^nbits centroids of width dim / books; RQ, LSQ: one full-width codebook per stage
+            tables = 4 * (1 << nbits) * dim * (1 if kind in ("faiss-pq", "faiss-opq") else books)
             total = codes + tables + (4 * dim * dim if kind == "faiss-opq" else 0)
             if total > budget:
                 if kind in ("faiss-rq", "faiss-lsq"):
@@ -96,15 +100,41 @@ def faiss_factory(kind: str, rows: int, dim: int, budget: int) -> tuple[str, int
     return None if best is None else (best[2], best[3], float(best[0]))
 
 
-def fit_faiss(kind: str, weight: torch.Tensor, budget: int) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_faiss(kind: str, weight: torch.Tensor, budget: int, width: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """The FAISS codec of ``kind`` for the budget: of code width ``width`` if given (bits per code), else
+    the one of least relative MSE among the widths scanned for this kind, else the most code bits."""
+    rows, dim = weight.shape
+    if kind in SCANNED_WIDTHS and not width:  # each width's largest codec, the best by relative MSE
+        choices = [c for nbits in SCANNED_WIDTHS[kind] if (c := faiss_factory(kind, rows, dim, budget, (nbits,)))]
+        most = max((c[2] for c in choices), default=0)
+        choices = [c for c in choices if c[2] >= SCAN_SHARE * most]
+        return best_fit([lambda c=c: faiss_codec(weight, *c) for c in choices], weight)
+    choice = faiss_factory(kind, rows, dim, budget, (width,) if width else FAISS_NBITS)
+    if choice is None:
+        raise ValueError("no codec of this kind fits the budget")
+    return faiss_codec(weight, *choice)
+
+
+def best_fit(fits: list, weight: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run every fit; keep the one of least relative MSE (the others' specs and errors in "tried")."""
+    if not fits:
+        raise ValueError("no setting fits the budget")
+    done = [fit() for fit in fits]
+    errors = [relative_mse(torch.from_numpy(approx), weight) for approx, _ in done]
+    approx, meta = done[int(np.argmin(errors))]
+    meta["tried"] = {m["spec"]: round(e, 5) for (_, m), e in zip(done, errors)}
+    return approx, meta
+
+
+def relative_mse(approx: torch.Tensor, weight: torch.Tensor) -> float:
+    return float((approx - weight).pow(2).sum() / (weight - weight.mean(0)).pow(2).sum())
+
+
+def faiss_codec(weight: torch.Tensor, factory: str, total: int, bits: float) -> tuple[np.ndarray, dict[str, Any]]:
     import faiss
 
     faiss.omp_set_num_threads(1)
     rows, dim = weight.shape
-    choice = faiss_factory(kind, rows, dim, budget)
-    if choice is None:
-        raise ValueError("no codec of this kind fits the budget")
-    factory, total, bits = choice
     x = np.ascontiguousarray(weight.numpy())
     train = x[np.random.default_rng(0).permutation(rows)[:TRAIN_ROWS]]
     index = faiss.index_factory(dim, factory)
@@ -116,13 +146,30 @@ def fit_faiss(kind: str, weight: torch.Tensor, budget: int) -> tuple[np.ndarray,
 
 
 def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int) -> tuple[np.ndarray, dict[str, Any]]:
-    import embcompress
+    from embcompress.bitpack import bits_for
     from embcompress.budget import config_for_budget
+    from embcompress.config import SpecError
 
     rows, dim = weight.shape
-    config = config_for_budget(method, rows, dim, bytes=budget)
-    options = FIT_OPTIONS.get(table, {}).get(method, {})
-    module = embcompress.get_method(method).from_pretrained(weight, config, fit=options, progress=False)
+    if method == "pq":  # cheap: every code width's largest PQ within the budget, the best by relative MSE
+        configs = []
+        for codewords in (256, 128, 64, 32, 16, 8, 4, 2):
+            try:
+                configs.append(config_for_budget(f"pq:codewords={codewords}", rows, dim, bytes=budget))
+            except SpecError:
+                continue
+        most = max((c.groups * bits_for(c.codewords) for c in configs), default=0)
+        configs = [c for c in configs if c.groups * bits_for(c.codewords) >= SCAN_SHARE * most]
+        return best_fit([lambda c=c: fit_config(c, table, weight) for c in configs], weight)
+    return fit_config(config_for_budget(method, rows, dim, bytes=budget), table, weight)
+
+
+def fit_config(config: Any, table: str, weight: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
+    import embcompress
+
+    rows = weight.shape[0]
+    options = FIT_OPTIONS.get(table, {}).get(config.method, {})
+    module = embcompress.get_method(config.method).from_pretrained(weight, config, fit=options, progress=False)
     frozen = module.export()
     stored = frozen.stored_tensors()
     per_row = sum(t.numel() * t.element_size() for name, t in stored.items()
@@ -131,7 +178,7 @@ def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int) -> tupl
                                           "code_bits": 8 * per_row / rows, "fit": options}
 
 
-def run_cell(table: str, ratio: float, method: str, out: Path) -> None:
+def run_cell(table: str, ratio: float, method: str, out: Path, width: int = 0) -> None:
     torch.set_num_threads(1)
     weight, _ = load_weight(table)
     rows, dim = weight.shape
@@ -139,7 +186,7 @@ def run_cell(table: str, ratio: float, method: str, out: Path) -> None:
     torch.manual_seed(0)
     wall, cpu = time.perf_counter(), time.process_time()
     if method.startswith("faiss-"):
-        approx, meta = fit_faiss(method, weight, budget)
+        approx, meta = fit_faiss(method, weight, budget, width)
     else:
         approx, meta = fit_ours(method, table, weight, budget)
     meta.update(seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu, budget=budget)
@@ -188,10 +235,11 @@ class MiniLMScores:
         return report
 
 
-def fit_in_process(table: str, ratio: float, method: str, timeout: float) -> tuple[dict[str, Any], Any]:
+def fit_in_process(table: str, ratio: float, method: str, timeout: float, width: int = 0) -> tuple[dict[str, Any], Any]:
     """Run one fit in a child process; (meta or error, approx table or None)."""
     with tempfile.TemporaryDirectory(prefix="equal-bytes-") as folder:
-        command = [sys.executable, "-m", "benchmarks.equal_bytes", "--cell", table, str(ratio), method, folder]
+        command = [sys.executable, "-m", "benchmarks.equal_bytes", "--cell", table, str(ratio), method, folder,
+                   "--width", str(width)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBCOMPRESS_QUIET": "1"}
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -226,7 +274,8 @@ def summary(results: list[dict[str, Any]], references: dict[str, dict[str, float
                 continue
             entry = {"table": table, "ratio": ratio, "ours": ours["method"], "ours_spec": ours["spec"],
                      "faiss": theirs["method"], "faiss_spec": theirs["spec"], "ours_bytes": ours["bytes"],
-                     "faiss_bytes": theirs["bytes"], "ours_rel_mse": ours["rel_mse"], "faiss_rel_mse": theirs["rel_mse"],
+                     "faiss_bytes": theirs["bytes"], "ours_rel_mse": ours["rel_mse"],
+                     "faiss_rel_mse": theirs["rel_mse"],
                      # > 0: our error is that share lower than FAISS's
                      "rel_mse_reduction": 1 - ours["rel_mse"] / theirs["rel_mse"],
                      "ours_cpu_seconds": ours["cpu_seconds"], "faiss_cpu_seconds": theirs["cpu_seconds"]}
@@ -253,7 +302,8 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
                          for name, key in DOWNSTREAM[s["table"]] if s.get(f"ours_{key}") is not None
                          and s.get(f"faiss_{key}") is not None)
         lines.append(f"| {s['table']} | {s['ratio']:g}x | `{s['ours_spec'][:40]}` | `{s['faiss_spec']}` | "
-                     f"{s['ours_bytes']:,} / {s['faiss_bytes']:,} | {s['ours_rel_mse']:.4f} / {s['faiss_rel_mse']:.4f} | "
+                     f"{s['ours_bytes']:,} / {s['faiss_bytes']:,} | "
+                     f"{s['ours_rel_mse']:.4f} / {s['faiss_rel_mse']:.4f} | "
                      f"{100 * s['rel_mse_reduction']:+.1f}% | {down} | {s['ours_cpu_seconds']:.0f} / "
                      f"{s['faiss_cpu_seconds']:.0f} |")
     lines += ["", "Error reduction = 1 - (our rel MSE / FAISS's): positive where we win.", ""]
@@ -269,7 +319,8 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
             "|---" * (9 + len(DOWNSTREAM[table])) + "|"]
         for r in sorted(rows, key=lambda r: (r["ratio"], r["method"].startswith("faiss"), r.get("rel_mse", 9))):
             if "error" in r:
-                lines.append(f"| {r['ratio']:g}x | {r['method']} | {r['error'][:70]} |" + " - |" * (7 + len(DOWNSTREAM[table])))
+                lines.append(f"| {r['ratio']:g}x | {r['method']} | {r['error'][:70]} |"
+                             + " - |" * (7 + len(DOWNSTREAM[table])))
                 continue
             down = " | ".join(f"{r[key]:.3f}" if key in r else "-" for _, key in DOWNSTREAM[table])
             lines.append(f"| {r['ratio']:g}x | {r['method']} | `{r['spec'][:60]}` | {r['bytes']:,} | "
@@ -297,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="refit the cells asked for even if cached")
     parser.add_argument("--out", type=Path, default=RESULTS / "equal_bytes")
     parser.add_argument("--cell", nargs=4, metavar=("TABLE", "RATIO", "METHOD", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cell:
-        run_cell(args.cell[0], float(args.cell[1]), args.cell[2], Path(args.cell[3]))
+        run_cell(args.cell[0], float(args.cell[1]), args.cell[2], Path(args.cell[3]), args.width)
         return 0
     json_path = args.out.with_suffix(".json")
     saved = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -318,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 cached = [r for r in results if (r["table"], r["ratio"], r["method"]) == key]
                 if cached and not args.fresh:
                     continue
-                meta, approx = fit_in_process(table, ratio, method, args.timeout)
+                rq = [r for r in results if (r["table"], r["ratio"], r["method"]) == (table, ratio, "faiss-rq")
+                      and "spec" in r]
+                width = int(rq[0]["spec"].split("x")[-1]) if method == "faiss-lsq" and rq else 0
+                meta, approx = fit_in_process(table, ratio, method, args.timeout, width)
                 row: dict[str, Any] = {"table": table, "ratio": ratio, "method": method, **meta,
                                        "dense_bytes": rows * dim * 4, "load": round(os.getloadavg()[0], 1)}
                 if approx is not None:
