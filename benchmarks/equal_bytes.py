@@ -255,6 +255,7 @@ def fit_in_process(table: str, ratio: float, method: str, timeout: float, width:
 # -- report ----------------------------------------------------------------------------------------
 DOWNSTREAM = {"glove": [("WS353", "ws353"), ("SimLex", "simlex"), ("analogy", "analogy"), ("kNN@10", "knn_overlap@10")],
               "minilm": [("cosine", "cosine"), ("BBC acc", "accuracy_bbc"), ("RT acc", "accuracy_rt")]}
+SHAPE_FIELDS = {"groups", "codewords", "books", "bits", "block", "offset", "rank", "variant"}
 TITLES = {"glove": "GloVe 6B 50d (400,000 x 50)", "minilm": "all-MiniLM-L6-v2 token table (30,522 x 384)"}
 
 
@@ -294,6 +295,7 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
              "per row; fp32 codebooks; OPQ's d x d rotation). Best of each side chosen by relative MSE. Every fit "
              f"in its own 1-thread process (CPU s = fit + encoding every row); FAISS trains on {TRAIN_ROWS:,} rows. "
              f"Our fit options: {json.dumps(FIT_OPTIONS)}. Load average at start {setup.get('load', '-')}.", "",
+             *([f"Cut from this run: {setup['cut']}", ""] if setup.get("cut") else []),
              "## Summary: our best vs FAISS's best", "",
              "| table | ratio | ours | FAISS | bytes (ours / FAISS) | rel MSE (ours / FAISS) | error reduction | "
              "downstream (ours / FAISS) | fit CPU s (ours / FAISS) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -301,7 +303,7 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
         down = "; ".join(f"{name} {s[f'ours_{key}']:.3f} / {s[f'faiss_{key}']:.3f}"
                          for name, key in DOWNSTREAM[s["table"]] if s.get(f"ours_{key}") is not None
                          and s.get(f"faiss_{key}") is not None)
-        lines.append(f"| {s['table']} | {s['ratio']:g}x | `{s['ours_spec'][:40]}` | `{s['faiss_spec']}` | "
+        lines.append(f"| {s['table']} | {s['ratio']:g}x | `{short_spec(s['ours_spec'])}` | `{s['faiss_spec']}` | "
                      f"{s['ours_bytes']:,} / {s['faiss_bytes']:,} | "
                      f"{s['ours_rel_mse']:.4f} / {s['faiss_rel_mse']:.4f} | "
                      f"{100 * s['rel_mse_reduction']:+.1f}% | {down} | {s['ours_cpu_seconds']:.0f} / "
@@ -319,15 +321,24 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
             "|---" * (9 + len(DOWNSTREAM[table])) + "|"]
         for r in sorted(rows, key=lambda r: (r["ratio"], r["method"].startswith("faiss"), r.get("rel_mse", 9))):
             if "error" in r:
-                lines.append(f"| {r['ratio']:g}x | {r['method']} | {r['error'][:70]} |"
+                lines.append(f"| {r['ratio']:g}x | {r['method']} | {r['error'].split('Error: ')[-1][:90]} |"
                              + " - |" * (7 + len(DOWNSTREAM[table])))
                 continue
             down = " | ".join(f"{r[key]:.3f}" if key in r else "-" for _, key in DOWNSTREAM[table])
-            lines.append(f"| {r['ratio']:g}x | {r['method']} | `{r['spec'][:60]}` | {r['bytes']:,} | "
+            lines.append(f"| {r['ratio']:g}x | {r['method']} | `{short_spec(r['spec'])}` | {r['bytes']:,} | "
                          f"{r['dense_bytes'] / r['bytes']:.1f}x | {r['code_bits']:.0f} | {r['rel_mse']:.4f} | {down} | "
                          f"{r['cpu_seconds']:.0f} | {r['seconds']:.0f} |")
-        lines.append("")
+        tried = [f"{r['ratio']:g}x {r['method']}: " + ", ".join(f"{spec} {err:.4f}" for spec, err in r["tried"].items())
+                 for r in rows if r.get("tried")]
+        lines += ["", "Settings tried (relative MSE; the least kept): " + "; ".join(tried) + "." if tried else "", ""]
     return "\n".join(lines)
+
+
+def short_spec(spec: str) -> str:
+    """The spec's shape fields (and a float16 codebook), without the training-only defaults."""
+    method, _, fields = spec.partition(":")
+    keep = [f for f in fields.split(",") if f.split("=")[0] in SHAPE_FIELDS or f == "codebook_dtype=float16"]
+    return f"{method}:{','.join(keep)}" if fields else spec
 
 
 def write(out: Path, results: list[dict[str, Any]], references: dict[str, dict[str, float]],
@@ -347,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="wall seconds per fit before it is cut")
     parser.add_argument("--fresh", action="store_true", help="refit the cells asked for even if cached")
     parser.add_argument("--out", type=Path, default=RESULTS / "equal_bytes")
+    parser.add_argument("--cut", default=None, help="record cells left out of this run and why (in the report)")
+    parser.add_argument("--report", action="store_true", help="rewrite the report from the JSON, fitting nothing")
     parser.add_argument("--cell", nargs=4, metavar=("TABLE", "RATIO", "METHOD", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -358,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = saved.get("runs", [])
     references: dict[str, dict[str, float]] = saved.get("references", {})
     setup = {**saved.get("setup", {}), "load": round(os.getloadavg()[0], 1), "torch": torch.__version__}
+    if args.cut is not None:
+        setup["cut"] = args.cut
+    if args.report:
+        write(args.out, results, references, setup)
+        return 0
     for table in args.tables:
         scorer = GloveScores() if table == "glove" else MiniLMScores()
         references[table] = scorer(scorer.weight)
