@@ -73,8 +73,10 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
 
     @classmethod
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig) -> list[PQConfig]:
-        # Byte-aligned 8- and 4-bit codes first (the usual PQ settings); larger K makes k-means slow.
-        return [base.replace(groups=g, codewords=k) for k in (256, 16, 64, 4, 2)
+        # Byte-aligned 8- and 4-bit codes first (the usual PQ settings; the first of equal size wins),
+        # then every other width: codes are bit-packed across the row, so 7- or 5-bit codes use a budget
+        # the aligned ones leave idle (GloVe 400k x 50 at 20x: 10 x 128 in 3.5 MB where 10 x 64 took 3.0 MB).
+        return [base.replace(groups=g, codewords=k) for k in (256, 16, 128, 64, 32, 8, 4, 2)
                 for g in divisors(embedding_dim)]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
