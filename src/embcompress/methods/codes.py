@@ -199,9 +199,9 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         every shape (the fit grows with rows x d x books x (K + 300), :func:`fit_work`); where the cap
         binds, larger K (up to 256) is offered too, each under its own cap: at 20,000 x 300 and 10x the
         rule once picked 195 books of 8 codewords, a fit that had not finished after 15 minutes. Wide
-        tables then use only part of the budget (50,000 x 1,024 at 10x: one book of 256, 186x).
-        Smaller K (down to 8) is offered too, each under its own cap, for more code bits than the
-        capped K reaches.
+        tables then use only part of the budget (50,000 x 1,024 at 10x: one book of 256, 186x). Smaller
+        K would not buy more code bits under that cap: a book of 8 codewords costs 308/428 of one of 128
+        but holds 3 of its 7 bits.
         """
         out = []
         for dtype in ("float16", "float32"):
@@ -215,14 +215,6 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
                 cap = min(uncapped, max_books(num_embeddings, embedding_dim, larger))
                 out += [base.replace(books=m, codewords=larger, codebook_dtype=dtype) for m in range(1, cap + 1)]
                 larger *= 2
-            # Or more books of smaller codebooks, offered only past the code bits the cap leaves K: below
-            # that, fewer books of K codewords do better (GloVe at 40x: 5 x 128 beats 13 x 8).
-            capped_bits, smaller = most * bits_for(k), k // 2
-            while most < uncapped and smaller >= MIN_CODEWORDS:
-                cap = max_books(num_embeddings, embedding_dim, smaller)
-                out += [base.replace(books=m, codewords=smaller, codebook_dtype=dtype) for m in range(1, cap + 1)
-                        if m * bits_for(smaller) > capped_bits]
-                smaller //= 2
             for small in (2, 4):
                 fallback = [base.replace(books=m, codewords=small, codebook_dtype=dtype) for m in range(1, most + 1)]
                 out += [c for c in fallback if cls.expected_bytes(c, num_embeddings, embedding_dim) < floor]
