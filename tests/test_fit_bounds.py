@@ -71,7 +71,7 @@ def test_dpq_default_fit_bounds_its_start_and_its_refinement(monkeypatch, weight
         raise Stop
 
     monkeypatch.setattr(table, "_start_from_kmeans", lambda *args: None)
-    monkeypatch.setattr(table, "_error", lambda weight: 0.0)
+    monkeypatch.setattr(table, "_error", lambda weight, codes=None: 0.0)
     monkeypatch.setattr(table, "_refine", refine)
     with pytest.raises(Stop):
         table.fit(weight, seed=0)

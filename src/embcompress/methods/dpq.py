@@ -386,15 +386,18 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
         assert seed is not None  # fit() draws it
-        self._start_from_kmeans(weight, settings.iters, seed, settings.sample or fit_sample(self.codewords))
+        sample = settings.sample or fit_sample(self.codewords)
+        start_codes = self._start_from_kmeans(weight, settings.iters, seed, sample)
         if steps <= 0:
             return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
-        start_error = self._error(weight)
+        # Each pass over every row's codes costs a few refinement steps on wide tables: reuse them.
+        start_error = self._error(weight, start_codes)
         self._refine(weight, steps, self.step_rows(settings.batch_size), settings.lr, seed, progress)
+        codes = self.codes()  # SX codes do not depend on the values, so the value update keeps them
         if self.config.variant == "sx":
-            self._refit_values(weight)
-        error = self._error(weight)
+            self._refit_values(weight, codes)
+        error = self._error(weight, codes)
         if error > start_error:
             log.info("dpq fit: refinement raised the MSE from %.4g to %.4g; keeping the k-means start",
                      start_error, error)
@@ -406,7 +409,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         return max(1, min(batch_size, MAX_STEP_SCORES // (self.groups * self.codewords)))
 
     @torch.no_grad()
-    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> None:
+    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> torch.Tensor:
+        """Set the k-means start (see :meth:`_fit`); returns its codes (V, D), the start's eval-mode codes."""
         cfg = self.config
         sub = weight.reshape(self.num_embeddings, self.groups, self.width).transpose(0, 1)  # (D, V, w)
         if cfg.shared:
@@ -420,17 +424,18 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             self.running_mean.zero_()
             self.running_var.fill_(1.0 - BN_EPS)  # sqrt(var + eps) = 1: the identity in eval mode
         if cfg.variant == "vq":
-            return
+            return codes
         if cfg.batchnorm:
             self.keys.copy_(centroids)
             self.running_mean.copy_((centroids.pow(2).sum(-1) / 2).expand(self.groups, -1))
-            return
+            return codes
         generator = torch.Generator().manual_seed(seed)
         keys = F.normalize(torch.randn(self.keys.shape, generator=generator), dim=-1)
         self.keys.copy_(keys)
         group_keys = keys.expand(self.groups, -1, -1)
         placed = group_keys[torch.arange(self.groups), codes]  # (V, D, w): each row on its code's key
         self.query.copy_(placed.reshape(self.num_embeddings, -1))
+        return codes
 
     def _refine(self, weight: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
                 progress: bool | None) -> None:
@@ -448,9 +453,9 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             self.train(was_training)
 
     @torch.no_grad()
-    def _refit_values(self, weight: torch.Tensor) -> None:
+    def _refit_values(self, weight: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """Set each value to the mean of the sub-vectors coded to it (optimal for fixed codes)."""
-        codes = self.codes()  # (V, D)
+        codes = self.codes() if codes is None else codes  # (V, D)
         sub = weight.reshape(self.num_embeddings, self.groups, self.width)
         stored = self.values.shape[0]
         slot = codes if stored == 1 else codes + torch.arange(self.groups) * self.codewords
@@ -462,8 +467,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         flat[used] = sums[used] / counts[used].unsqueeze(1)
 
     @torch.no_grad()
-    def _error(self, weight: torch.Tensor, chunk: int = 65536) -> float:
-        codes = self.codes()
+    def _error(self, weight: torch.Tensor, codes: torch.Tensor | None = None, chunk: int = 65536) -> float:
+        codes = self.codes() if codes is None else codes
         total = 0.0
         for s in range(0, self.num_embeddings, chunk):
             rows = decode_codes(codes[s:s + chunk], self.values, "concat")
