@@ -120,3 +120,31 @@ def test_calibration_errors_name_the_problem():
         embcompress.compress_(_anisotropic_llama(), "pq:groups=2,codewords=4", calibration=[torch.randn(2, 5)])
     with pytest.raises(ValueError, match="dpq .variant=sx, shared=false."):
         fit_output_aware_module(torch.randn(40, 8), "dpq:variant=vq,groups=2,codewords=4", torch.eye(8))
+
+
+def test_compress_model_cli_calibrates_tied_tables_on_texts(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install 'embcompress[hf]'")
+    tokenizers = pytest.importorskip("tokenizers", reason="installed with transformers")
+    from embcompress.cli import main
+
+    model = _anisotropic_llama()
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder, safe_serialization=True)
+    words = {f"w{i}": i for i in range(299)} | {"[UNK]": 299}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]").save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    g = torch.Generator().manual_seed(0)
+    texts.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 299, (20,), generator=g))
+                               for _ in range(12)))
+    assert main(["-q", "compress-model", str(folder), "--ratio", "6", "--methods", "pq", "--calibration", str(texts),
+                 "-o", str(tmp_path / "out")]) == 0
+    assert "lm_head (output-aware fit)" in capsys.readouterr().out
+    fresh = type(model).from_pretrained(folder).eval()
+    report = embcompress.load_pretrained(fresh, tmp_path / "out")
+    assert report.tables[0].tied_heads == ["lm_head"] and report.ratio >= 6
+    model.save_pretrained(tmp_path / "bare", safe_serialization=True)  # no tokenizer to read the texts with
+    assert main(["-q", "compress-model", str(tmp_path / "bare"), "--ratio", "6", "--calibration", str(texts),
+                 "-o", str(tmp_path / "x")]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
