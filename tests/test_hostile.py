@@ -513,3 +513,27 @@ def test_hf_model_folders_fail_with_the_folder_named(tmp_path):
         hf.tokenize_batches(None, ["a sentence"], batch_size=0)
     with pytest.raises(ValueError, match="got no texts"):
         hf.encode(None, None, [])
+
+
+@pytest.mark.parametrize("spec,factor", [("scalar:bits=4,block=8", 1e-7), ("scalar:bits=2,block=8,offset=true", 1e-7),
+                                         ("scalar:bits=8", 1e-44), ("scalar:bits=4", 1e-44)])
+def test_scalar_refuses_values_its_scales_would_round_to_zero(spec, factor):
+    weight = synthetic_table(64, 12, 4) * factor
+    with pytest.raises(ValueError, match=r"too small for (fp16 block|float32 row) scales.*multiply the table"):
+        embcompress.from_pretrained(weight, spec)
+    trained = embcompress.build(spec, 64, 12)  # a trained module with such weights is refused at export too
+    with torch.no_grad():
+        trained.weight.copy_(weight)
+    with pytest.raises(ValueError, match="too small"):
+        trained.export()
+
+
+def test_scalar_block_minimums_beyond_float16_are_named():
+    with pytest.raises(ValueError, match=r"exceed the fp16 block minimums' range.*scalar:bits=8"):
+        embcompress.from_pretrained(synthetic_table(64, 12, 4) * 1e6, "scalar:bits=4,block=8,offset=true")
+
+
+@pytest.mark.parametrize("spec", ["scalar:bits=4,block=8", "scalar:bits=4,block=8,offset=true", "scalar:bits=8"])
+def test_scalar_keeps_small_but_representable_tables(spec):
+    weight = synthetic_table(64, 12, 4) * 1e-5
+    assert relative_error(embcompress.from_pretrained(weight, spec), weight) < 0.2

@@ -66,6 +66,14 @@ def test_a_device_is_refused():
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="no procfs")
+def test_a_pseudo_file_system_is_named_even_with_overwrite():
+    before = Path("/proc/version").read_text()
+    with pytest.raises(OutputError, match=r"cannot create a file in /proc .*regular file system"):
+        embcompress.save(frozen(), "/proc/version", overwrite=True)
+    assert Path("/proc/version").read_text() == before
+
+
 def test_a_directory_is_refused(tmp_path):
     with pytest.raises(OutputError, match="is a directory"):
         embcompress.save(frozen(), tmp_path, overwrite=True)

@@ -259,6 +259,9 @@ def _temporary(folder: Path) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as exc:  # e.g. /proc or /sys: the path exists but no file can be created beside it
+            raise OutputError(f"cannot create a file in {folder} ({exc.strerror}); write to a folder on a "
+                              f"regular file system") from None
     raise OutputError(f"could not create a temporary file in {folder}")
 
 

@@ -125,6 +125,39 @@ def block_codes(weight: torch.Tensor, bits: int, block: int,
     return (q + half).long(), scale, None
 
 
+# A scale below 8 x the dtype's smallest subnormal keeps under 3 significant bits (>= 6% rounding):
+# the table would decode to zeros or noise, so such tables are refused instead of stored.
+_SMALLEST_SCALE = {torch.float16: 2.0 ** -21, torch.float32: 2.0 ** -146}
+
+
+def check_scale_range(weight: torch.Tensor, bits: int, block: int = 0, offset: bool = False) -> None:
+    """Raise a ValueError naming the remedy when the stored scale type cannot represent this table:
+    values so small that even the largest scale underflows, or block minimums beyond fp16."""
+    if bits == 16 or weight.numel() == 0:
+        return
+    peak = float(weight.detach().abs().max())
+    if peak == 0.0 or peak != peak:  # all zeros are exact; non-finite input is refused elsewhere
+        return
+    blockwise = is_blockwise(bits, block, offset)
+    dtype = torch.float16 if blockwise else torch.float32
+    levels = 1 << bits
+    if offset:  # the widest block's range sets the largest scale
+        blocks = _blocked(weight.detach().float(), block)
+        largest_scale = float((blocks.amax(-1) - blocks.amin(-1)).max()) / (levels - 1)
+    else:
+        largest_scale = peak / (levels // 2 if blockwise else levels // 2 - 1)
+    layout = "fp16 block scales" if blockwise else "float32 row scales"
+    if largest_scale < _SMALLEST_SCALE[dtype]:
+        alternative = "per-row scales (scalar:bits=8)" if blockwise else "scalar:bits=16"
+        raise ValueError(f"scalar: this table's values (max |x| = {peak:.3g}) are too small for {layout}, "
+                         f"which would round them to zero; multiply the table by a constant first, "
+                         f"or use {alternative}")
+    if offset and peak > float(torch.finfo(torch.float16).max):
+        raise ValueError(f"scalar: this table's values (max |x| = {peak:.3g}) exceed the fp16 block minimums' "
+                         f"range (65504); divide the table by a constant first, or use per-row scales "
+                         f"(scalar:bits=8)")
+
+
 def _gather_codes(packed: torch.Tensor, ids: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
     """Codes (N, d) of the given rows with + * // % only (no bitwise ops): every graph exporter,
     ONNX included, has them. A code of at most 8 bits spans at most two bytes."""
@@ -202,6 +235,7 @@ class FrozenScalar(FrozenEmbedding):
                     padding_idx: int | None = None) -> "FrozenScalar":
         """Quantize a (V, d) matrix into this format."""
         rows, dim = weight.shape
+        check_scale_range(weight, bits, block, offset)
         if is_blockwise(bits, block, offset):
             codes, block_scale, minimum = block_codes(weight, bits, block, offset)
             return cls(rows, dim, padding_idx, bits=bits, block=block, offset=offset,

@@ -21,7 +21,8 @@ from ..base import CompressedEmbedding
 from ..bitpack import packed_size
 from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import FrozenScalar
-from ..frozen.scalar import block_codes, block_decode, dequantize, is_blockwise, num_blocks, quantize_rows
+from ..frozen.scalar import (block_codes, block_decode, check_scale_range, dequantize, is_blockwise, num_blocks,
+                             quantize_rows)
 from ..registry import register
 
 __all__ = ["ScalarConfig", "ScalarFit", "ScalarEmbedding"]
@@ -93,11 +94,14 @@ class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
     @torch.no_grad()
     def _fit(self, weight: torch.Tensor, settings: ScalarFit, progress: bool | None) -> ScalarFit:
         self.weight.copy_(self._check_fit_weight(weight))
+        check_scale_range(self.weight, self.config.bits, self.config.block, self.config.offset)
         return settings
 
     @torch.no_grad()
     def rescale_output_(self, factor: float) -> None:
         self.weight.mul_(factor)
+        cfg = self.config
+        check_scale_range(self.weight, cfg.bits, cfg.block, cfg.offset)  # refuse now, not at export
 
     def export(self) -> FrozenScalar:
         cfg = self.config
