@@ -64,7 +64,8 @@ def write(results: dict, out: Path) -> None:
              "model's embeddings. Fit options (both variants): " + json.dumps(FIT_OPTIONS) + ".", "",
              "| method | target | spec | ratio | variant | cosine | BBC acc | RT acc | rel MSE | weighted rel MSE | "
              "fit CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| original | 1x | - | 1x | - | 1.0000 | {orig['accuracy_bbc']:.3f} | {orig['accuracy_rt']:.3f} | - | - | - |"]
+             f"| original | 1x | - | 1x | - | 1.0000 | {orig['accuracy_bbc']:.3f} | {orig['accuracy_rt']:.3f} "
+             "| - | - | - |"]
     for r in results["runs"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['target_ratio']:g}x | - | - | {r['variant']} | {r['error']} |||||| ")

@@ -18,7 +18,6 @@ each bring.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -175,16 +174,16 @@ def run(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
                 print(f"{method} {ratio}x: {reason}", flush=True)
                 continue
             options = embcompress.get_method(method).quick_fit_options()
-            variants = {"plain": lambda: embcompress.from_pretrained(weight, config, **options).export()}
-            if method != "scalar" and ratio == 10:
-                variants["weighted"] = lambda: embcompress.from_pretrained(weight, config, row_weights=counts,
-                                                                           **options).export()
-            if method != "scalar":
-                variants["output-aware"] = lambda: fit_output_aware(weight, config, metric, row_weights=counts, **options)
-            for variant, fit in variants.items():
+            variants = ["plain"] + (["weighted"] if method != "scalar" and ratio == 10 else []) \
+                + (["output-aware"] if method != "scalar" else [])
+            for variant in variants:
                 start = time.process_time()
                 torch.manual_seed(0)
-                frozen = fit()
+                if variant == "output-aware":
+                    frozen = fit_output_aware(weight, config, metric, row_weights=counts, **options)
+                else:
+                    frozen = embcompress.from_pretrained(weight, config, row_weights=counts if variant == "weighted"
+                                                         else None, **options).export()
                 seconds = time.process_time() - start
                 ppl = with_table(model, frozen, data.val, args.eval_tokens)
                 approx = frozen.materialize()
@@ -219,7 +218,8 @@ def _curve(results: list[dict], methods: list[str]) -> list[str]:
                 cells.append("no setting" if missing else "-")
                 continue
             best = min(rows, key=lambda r: r["perplexity"])
-            cells.append(f"{100 * best['change']:+.1f}% ({best['ratio_got']:.1f}x{', aware' if best['variant'] == 'output-aware' else ''})")
+            aware = ", aware" if best["variant"] == "output-aware" else ""
+            cells.append(f"{100 * best['change']:+.1f}% ({best['ratio_got']:.1f}x{aware})")
         lines.append(f"| {ratio:g}x | " + " | ".join(cells) + " |")
     return lines
 
@@ -245,14 +245,15 @@ def write(results: list[dict], args: argparse.Namespace, rows: int, dim: int) ->
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     lines = [f"# Tied-head Llama-style LM ({rows} x {dim} tied table, {args.layers} layers, {args.steps} training "
              f"steps on the offline LM text): validation perplexity after post hoc compression", "",
-             "Quick fits; the head computes its logits from the compressed table. `output-aware` = fit under the metric "
-             f"I + {args.output_weight:g} S/(tr S/d) (S = hidden-state second moment on training text) with token-count "
-             "row weights; `weighted` = the token-count row weights alone (10x only). Logit errors are relative, on the "
-             "calibration hidden states, unweighted and weighted by token counts.", "",
+             "Quick fits; the head computes its logits from the compressed table. `output-aware` = fit under the "
+             f"metric I + {args.output_weight:g} S/(tr S/d) (S = hidden-state second moment on training text) with "
+             "token-count row weights; `weighted` = the token-count row weights alone (10x only). Logit errors are "
+             "relative, on the calibration hidden states, unweighted and weighted by token counts.", "",
              _verdict(results), "",
              "Perplexity change against dense per target ratio (best of plain / output-aware; the ratio reached):", "",
              *_curve(results, methods), "",
-             "| method | variant | target | got | perplexity | change | rel MSE | logit rel MSE | weighted logit rel MSE "
+             "| method | variant | target | got | perplexity | change | rel MSE | logit rel MSE | "
+             "weighted logit rel MSE "
              "| fit CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["method"] == "dense":

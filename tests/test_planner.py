@@ -138,7 +138,8 @@ def test_row_weights_are_checked_and_never_recorded_as_fit_settings():
     counts = torch.ones(50)
     table = embcompress.from_pretrained(weight, "pq:groups=2,codewords=4", row_weights=counts)
     assert "row_weights" not in table.fit_settings and "row_weights" not in table.export().fit_settings
-    with pytest.raises(ValueError, match="scalar takes no row_weights; methods whose fit does: codes, dpq, lowrank, pq"):
+    with pytest.raises(ValueError, match="scalar takes no row_weights; methods whose fit does: codes, dpq, lowrank, "
+                                         "pq"):
         embcompress.from_pretrained(weight, "scalar:bits=8", row_weights=counts)
     with pytest.raises(ValueError, match=r"row_weights must be a \(50,\) tensor"):
         embcompress.from_pretrained(weight, "lowrank:rank=2", row_weights=torch.ones(49))

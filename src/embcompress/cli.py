@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the methods' number of fitting steps")
     p.add_argument("--calibration", type=Path, metavar="TEXT_FILE",
                    help="texts (one per line) read by the model through its tokenizer: a table tied to an output "
-                        "layer is fitted and measured for its logits (hidden-state metric) and weighted by token counts")
+                        "layer is fitted and measured for its logits (hidden-state metric) and weighted by token "
+                        "counts")
     p.add_argument("--calibration-lines", type=positive_int, default=256, help="lines of --calibration used")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for embcompress.json + tables")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")

@@ -213,7 +213,8 @@ class CompressionReport:
         header = ("module", "shape", "spec", "before", "after", "ratio", "tied heads")
         rows = [(", ".join(t.names) + ("" if t.kind == "embedding" else f" ({t.kind})"),
                  f"{t.shape[0]} x {t.shape[1]}", t.spec, _human(t.bytes_before), _human(t.bytes_after),
-                 f"{t.ratio:.1f}x", ", ".join([h + (" (output-aware fit)" if t.output_aware else "") for h in t.tied_heads]
+                 f"{t.ratio:.1f}x", ", ".join([h + (" (output-aware fit)" if t.output_aware else "")
+                                               for h in t.tied_heads]
                                               + [f"{h} (untied)" for h in t.untied_heads]) or "-")
                 for t in self.tables]
         rows.append(("total", "", "", _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1f}x", ""))
@@ -485,7 +486,7 @@ def _calibration_metrics(model: nn.Module, kept: list[tuple[list[tuple[str, nn.M
         warnings.warn("calibration= was given but no table is tied to an output layer; it is not used", stacklevel=3)
         return {}
     moments = head_second_moments(model, [h for heads in tied.values() for h in heads], calibration)
-    return {name: output_metric(sum(moments[id(h)] for h in heads) / len(heads), output_weight)
+    return {name: output_metric(torch.stack([moments[id(h)] for h in heads]).mean(0), output_weight)
             for name, heads in tied.items()}
 
 

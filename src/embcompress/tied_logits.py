@@ -49,7 +49,8 @@ from .registry import get_method
 #: block-diagonally per group so the product structure survives the change of space.
 _CONCAT_METHODS = {"pq": "groups", "dpq": "groups"}
 
-__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "head_second_moments", "output_metric", "metric_factor",
+__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "head_second_moments", "output_metric",
+           "metric_factor",
            "fit_output_aware", "fit_output_aware_module", "map_rows_", "metric_relative_error",
            "supports_output_aware"]
 
