@@ -175,6 +175,9 @@ def run(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
     metric = output_metric(moment, output_weight=args.output_weight)
     base = perplexity(model, data.val, tokens=args.eval_tokens)
     results = [{"method": "dense", "variant": "fp32", "ratio": 1.0, "perplexity": base}]
+    if args.resume and args.out.with_suffix(".json").is_file():  # keep the cells an interrupted run measured
+        results += [r for r in json.loads(args.out.with_suffix(".json").read_text())["results"] if r["method"] != "dense"]
+    done = {(r["method"], r["variant"], r["ratio"]) for r in results}
     print(f"dense perplexity {base:.2f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for ratio in args.ratios:
@@ -183,13 +186,14 @@ def run(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
                 config = config_for_budget(method, rows, dim, ratio=ratio)
             except SpecError as exc:
                 reason = str(exc).split(";")[0]
-                results.append({"method": method, "variant": "plain", "ratio": ratio, "no_setting": reason})
+                if (method, "plain", ratio) not in done:
+                    results.append({"method": method, "variant": "plain", "ratio": ratio, "no_setting": reason})
                 print(f"{method} {ratio}x: {reason}", flush=True)
                 continue
             options = embcompress.get_method(method).quick_fit_options()
             variants = ["plain"] + (["weighted"] if method != "scalar" and ratio == 10 else []) \
                 + (["output-aware"] if method != "scalar" else [])
-            for variant in variants:
+            for variant in [v for v in variants if (method, v, ratio) not in done]:
                 start = time.process_time()
                 torch.manual_seed(0)
                 if variant == "output-aware":
@@ -279,7 +283,7 @@ def write(results: list[dict], args: argparse.Namespace, rows: int, dim: int) ->
              "| method | variant | target | got | perplexity | change | rel MSE | logit rel MSE | "
              "weighted logit rel MSE "
              "| fit CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in sorted(results, key=lambda r: r["ratio"]):
         if r["method"] == "dense":
             lines.append(f"| dense fp32 | - | 1x | 1x | {r['perplexity']:.2f} | - | - | - | - | - |")
         elif "no_setting" in r:
@@ -304,6 +308,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "embcompress" / "tied_lm")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="keep the results already in --out, measure the rest")
     parser.add_argument("--methods", nargs="+", default=["scalar", "dpq", "pq", "lowrank", "codes"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[4, 6, 8, 10, 15, 20, 30])
     parser.add_argument("--eval-tokens", type=int, default=16384)
