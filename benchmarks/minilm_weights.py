@@ -75,6 +75,10 @@ def write(results: dict, out: Path) -> None:
                      f"{r['ratio']:.1f}x | {r['variant']} | {s['cosine']:.4f} | {s['accuracy_bbc']:.3f} | "
                      f"{s['accuracy_rt']:.3f} | {r['rel_mse']:.4f} | {r['weighted_rel_mse']:.4f} | "
                      f"{r['fit_cpu_s']:.0f} |")
+    done = {(r["method"], r["target_ratio"]) for r in results["runs"] if r["variant"] == "weighted"}
+    missing = [f"{m} {r:g}x" for r in setup.get("ratios", []) for m in setup.get("methods", []) if (m, r) not in done]
+    if missing:
+        lines += ["", f"Not measured (the run was stopped at the session's end): {', '.join(missing)}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -89,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "minilm_weights")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        results["setup"].setdefault("methods", args.methods)
+        results["setup"].setdefault("ratios", args.ratios)
+        write(results, args.out)
+        return 0
     torch.set_num_threads(args.threads)
     teacher, tokenizer = hf.load_minilm()
     bbc_train, bbc_test, bbc_rest = split_corpus(bbc_articles(), *args.bbc, args.seed)
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "rt": [len(rt_train), len(rt_test)]},
                                "count_texts": len(count_texts), "count_tokens": int(counts.sum() - rows),
                                "seen_rows": int((counts > 1).sum()), "fit_options": FIT_OPTIONS,
-                               "threads": args.threads, "load_average": round(os.getloadavg()[0], 1)},
+                               "threads": args.threads, "load_average": round(os.getloadavg()[0], 1),
+                               "methods": args.methods, "ratios": args.ratios},
                      "original": evaluator.score(None), "runs": []}
     print(f"original {results['original']}; counts from {len(count_texts)} texts", flush=True)
     for ratio in args.ratios:

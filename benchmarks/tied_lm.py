@@ -298,6 +298,10 @@ def write(results: list[dict], args: argparse.Namespace, rows: int, dim: int) ->
                   "| method | path | dense ms | compressed ms | speed ratio |", "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['head_speed']['path']} | {1e3 * r['head_speed']['dense_s']:.2f} | "
                   f"{1e3 * r['head_speed']['compressed_s']:.2f} | {r['head_speed']['speed_ratio']:.2f}x |" for r in speeds]
+    measured = {r["ratio"] for r in results}
+    missing = [f"{r:g}x" for r in args.ratios if r not in measured]
+    if missing:
+        lines += ["", f"Not measured (the run was stopped at the session's end): {', '.join(missing)}."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -314,7 +318,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--output-weight", type=float, default=8.0, help="b in the metric I + b S/(tr S/d)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tied_lm"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.report_only:
+        payload = json.loads(args.out.with_suffix(".json").read_text())
+        write(payload["results"], args, payload["model"]["vocab"], payload["model"]["hidden"])
+        return
     torch.set_num_threads(int(os.environ.get("EMBCOMPRESS_BENCH_THREADS", "2")))
     start = time.perf_counter()
     model, data = trained_model(args.cache, args.steps, args.hidden, args.layers)
