@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc bench-scale \
-	bench-fit bench-tied-lm bench-minilm-weights clean
+	bench-fit bench-tied-lm bench-minilm-weights bench-equal-bytes clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt \
 		requirements/data-any-python.txt
@@ -77,6 +77,11 @@ bench-perf: $(STAMP)
 # (benchmarks/results/fit_grid.json and .md; resumable: rerunning runs only the missing cells).
 bench-fit: $(STAMP)
 	$(PY) -m benchmarks.fit_grid
+
+# Quality at equal TOTAL bytes on GloVe 50d and MiniLM's table at 10x/20x/40x: our methods vs FAISS PQ, OPQ,
+# RQ, LSQ (benchmarks/results/equal_bytes.json and .md; resumable: rerunning fits only the missing cells).
+bench-equal-bytes: $(STAMP)
+	nice -n 10 $(PY) -m benchmarks.equal_bytes
 
 # Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
 bench-tied-lm: $(STAMP)

@@ -177,6 +177,7 @@ def test_budget_prefers_measured_shapes_and_fits():
     assert config_for_budget("codes:tau=2.0", 2_000, 32, ratio=10).tau == 2.0  # user fields kept
 
 
+
 def test_float16_codebooks_export_exactly_and_halve_codebook_bytes(tmp_path):
     weight = synthetic_table(300, 16, rank=8, noise=0.2, seed=5)
     torch.manual_seed(0)

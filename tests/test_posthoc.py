@@ -110,6 +110,14 @@ def test_budget_keeps_fields_fixed_in_the_spec():
         config_for_budget("pq:codewords=4096", 100, 24, bits_per_row=8)
 
 
+def test_pq_budget_uses_bit_packed_code_widths():
+    # 400k x 50 at 20x (4.0 MB): 10 x 64 (6-bit) leaves 1 MB idle; 25 x 8 (75 bits) fits the packed bytes.
+    config = config_for_budget("pq", 400_000, 50, ratio=20)
+    size = embcompress.get_method("pq").expected_bytes(config, 400_000, 50)
+    assert (config.groups, config.codewords) == (25, 8) and 0.93 * 4_000_000 < size <= 4_000_000
+    assert size == embcompress.build(config, 400_000, 50).num_bytes()
+
+
 def test_cli_compress_evaluate_inspect(tmp_path, matrix, capsys):
     np.save(tmp_path / "t.npy", matrix.numpy())
     out = tmp_path / "t.emb"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .frozen.codebook import decode_codes
-from .kmeans import kmeans
+from .kmeans import fit_sample, kmeans
 
 __all__ = ["additive_refine", "beam_encode", "best_codes", "icm_codes", "improve_codes", "least_squares_codebooks",
            "local_search_codes", "relative_error", "residual_kmeans", "row_errors"]
@@ -87,7 +87,8 @@ def residual_kmeans(x: torch.Tensor, books: int, codewords: int, beam: int = 1, 
     centroids = []
     for m in range(books):
         mass = None if weights is None else weights.repeat_interleave(residual.shape[1])  # row-major, like reshape
-        book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m, weights=mass)
+        book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m,
+                         sample=fit_sample(codewords), weights=mass)
         residual, codes = _beam_step(residual, codes, book, beam)
         centroids.append(book)
     return torch.stack(centroids), codes[:, 0]

@@ -1,0 +1,48 @@
+"""Fast checks of benchmarks/equal_bytes.py: FAISS codecs' byte accounting and the best-of selection."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import equal_bytes as E
+
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                                 reason="faiss-cpu is not installed (pip install 'embcompress[bench]')")
+
+
+@pytest.mark.parametrize("kind", E.FAISS)
+@pytest.mark.parametrize("rows,dim,ratio", [(400_000, 50, 20), (30_522, 384, 40)])
+def test_faiss_codec_is_the_most_code_bits_within_the_total_budget(kind, rows, dim, ratio):
+    budget = int(rows * dim * 4 / ratio)
+    factory, total, bits = E.faiss_factory(kind, rows, dim, budget)
+    assert total <= budget
+    books, nbits = (int(x) for x in factory.split(",")[-1].lstrip("OPQRLS").split("x"))
+    assert bits == books * nbits
+    # one more book (or, for PQ, the next divisor) at the same width would not fit
+    if kind in ("faiss-rq", "faiss-lsq"):
+        assert rows * math.ceil((books + 1) * nbits / 8) + 4 * (books + 1) * (dim << nbits) > budget
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["faiss-pq", "faiss-rq"])
+def test_faiss_codec_stores_the_bytes_counted(kind):
+    weight = torch.randn(600, 8)
+    budget = 600 * 8 * 4 // 6
+    approx, meta = E.fit_faiss(kind, weight, budget)
+    assert approx.shape == (600, 8) and meta["bytes"] <= budget
+    assert E.relative_mse(torch.from_numpy(approx), weight) < 1
+    # scanned: every competitive width was fitted and the best kept
+    assert meta["spec"] in meta["tried"] and meta["tried"][meta["spec"]] == min(meta["tried"].values())
+
+
+def test_best_fit_keeps_the_least_error():
+    weight = torch.randn(50, 4)
+    fits = [lambda: (np.zeros((50, 4), np.float32), {"spec": "zeros"}),
+            lambda: (weight.numpy() * 0.9, {"spec": "shrunk"})]
+    approx, meta = E.best_fit(fits, weight)
+    assert meta["spec"] == "shrunk" and set(meta["tried"]) == {"zeros", "shrunk"}
+    with pytest.raises(ValueError, match="no setting"):
+        E.best_fit([], weight)
