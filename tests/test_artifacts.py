@@ -92,7 +92,7 @@ def test_post_hoc_artifact_tells_how_it_was_made(tmp_path, capsys):
     header, _ = read_header(path)
     # The resolved fit settings: every field of pq's Fit, the drawn seed included.
     assert header["spec"] == "pq:groups=2,codewords=5" and header["fit"] == result.module.fit_settings
-    assert header["fit"]["iters"] == 3 and set(header["fit"]) == {"steps", "iters", "seed"}
+    assert header["fit"]["iters"] == 3 and set(header["fit"]) == {"steps", "iters", "sample", "seed"}
     loaded = embcompress.load(path)
     assert loaded.spec == header["spec"] and loaded.fit_settings == header["fit"]
     from embcompress.cli import main

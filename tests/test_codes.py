@@ -14,7 +14,7 @@ from embcompress.frozen import FrozenCodebook
 from embcompress.frozen.codebook import decode_codes
 from embcompress.additive import (beam_encode, best_codes, icm_codes, least_squares_codebooks, local_search_codes,
                                   residual_kmeans)
-from embcompress.methods.codes import CodesConfig, CompositionalCodeEmbedding, max_books
+from embcompress.methods.codes import CodesConfig, CompositionalCodeEmbedding
 from helpers import relative_mse, synthetic_table
 
 
@@ -177,15 +177,6 @@ def test_budget_prefers_measured_shapes_and_fits():
     assert config_for_budget("codes:tau=2.0", 2_000, 32, ratio=10).tau == 2.0  # user fields kept
 
 
-
-def test_budget_buys_more_books_of_smaller_codebooks_only_past_the_cap():
-    # 400k x 50 at 10x: the fit-time cap leaves K = 64 at 17 books (102 code bits); 48 x 8 spends 144.
-    wide = config_for_budget("codes", 400_000, 50, ratio=10)
-    assert wide.codewords == 8 and wide.books * 3 > 17 * 6 and wide.books <= max_books(400_000, 50, 8)
-    assert CompositionalCodeEmbedding.expected_bytes(wide, 400_000, 50) <= 8_000_000
-    # Within the cap's bits the preferred K keeps the budget (40x: 5 x 128, not 13 x 8).
-    narrow = config_for_budget("codes", 400_000, 50, ratio=40)
-    assert (narrow.books, narrow.codewords) == (5, 128)
 
 def test_float16_codebooks_export_exactly_and_halve_codebook_bytes(tmp_path):
     weight = synthetic_table(300, 16, rank=8, noise=0.2, seed=5)

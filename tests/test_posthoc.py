@@ -110,15 +110,6 @@ def test_budget_keeps_fields_fixed_in_the_spec():
         config_for_budget("pq:codewords=4096", 100, 24, bits_per_row=8)
 
 
-def test_kmeans_assign_in_cache_sized_chunks_matches_one_block():
-    from embcompress.kmeans import ASSIGN_CELLS, assign, squared_distances
-
-    g = torch.Generator().manual_seed(0)
-    x, centroids = torch.randn(48, 700, 3, generator=g), torch.randn(48, 256, 3, generator=g)
-    assert ASSIGN_CELLS < 48 * 700 * 256  # several chunks
-    assert torch.equal(assign(x, centroids), squared_distances(x, centroids).argmin(-1))
-
-
 def test_pq_budget_uses_bit_packed_code_widths():
     # 400k x 50 at 20x (4.0 MB): 10 x 64 (6-bit) leaves 1 MB idle; 25 x 8 (75 bits) fits the packed bytes.
     config = config_for_budget("pq", 400_000, 50, ratio=20)

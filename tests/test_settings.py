@@ -78,7 +78,7 @@ def test_fit_accepts_a_config_a_string_or_keywords():
     by_config = embcompress.from_pretrained(weight, "pq:groups=4,codewords=8", fit=PQFit(iters=30, seed=5))
     by_keywords = embcompress.from_pretrained(weight, "pq:groups=4,codewords=8", iters=30, seed=5)
     assert by_string.fit_settings == by_config.fit_settings == by_keywords.fit_settings == \
-        {"steps": 0, "iters": 30, "seed": 5}
+        {"steps": 0, "iters": 30, "sample": 0, "seed": 5}
     torch.testing.assert_close(by_string.materialize(), by_keywords.materialize())
     with pytest.raises(embcompress.SpecError, match="iters must be >= 0"):
         embcompress.from_pretrained(weight, "pq:groups=4,codewords=8", fit="iters=-1")

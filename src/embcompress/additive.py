@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .frozen.codebook import decode_codes
-from .kmeans import kmeans
+from .kmeans import fit_sample, kmeans
 
 __all__ = ["additive_refine", "beam_encode", "best_codes", "icm_codes", "improve_codes", "least_squares_codebooks",
            "local_search_codes", "relative_error", "residual_kmeans", "row_errors"]
@@ -85,7 +85,8 @@ def residual_kmeans(x: torch.Tensor, books: int, codewords: int, beam: int = 1, 
     codes = torch.zeros(x.shape[0], 1, 0, dtype=torch.long)
     centroids = []
     for m in range(books):
-        book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m)
+        book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m,
+                         sample=fit_sample(codewords))
         residual, codes = _beam_step(residual, codes, book, beam)
         centroids.append(book)
     return torch.stack(centroids), codes[:, 0]

@@ -43,7 +43,7 @@ from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
 
-__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books"]
+__all__ = ["CodesConfig", "CodesFit", "CompositionalCodeEmbedding", "preferred_codewords", "max_books", "fit_work"]
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +196,12 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         40 bits/row -> 6x64 fp32 (36 code bits, 1.88 MB): 0.359 with :meth:`quick_fit_options`.
 
         Books are capped by :func:`max_books` so the default fit stays within about two minutes at
-        every shape (the fit grows with rows x d x books x sqrt(K)); where the cap binds, larger K
-        (up to 256) is offered too, each under its own cap: at 20,000 x 300 and 10x the rule once
-        picked 195 books of 8 codewords, a fit that had not finished after 15 minutes. Smaller K (down to
-        8) is offered too, each under its own cap, for more code bits than the capped K reaches: GloVe
-        400k x 50 at 10x gets 48 x 8 (144 code bits) instead of 17 x 64 (102); on a 20,000-row sample
-        with the same fit, relative MSE 0.032 instead of 0.050 at about the same fit time.
+        every shape (the fit grows with rows x d x books x (K + 300), :func:`fit_work`); where the cap
+        binds, larger K (up to 256) is offered too, each under its own cap: at 20,000 x 300 and 10x the
+        rule once picked 195 books of 8 codewords, a fit that had not finished after 15 minutes. Wide
+        tables then use only part of the budget (50,000 x 1,024 at 10x: one book of 256, 186x). Smaller
+        K would not buy more code bits under that cap: a book of 8 codewords costs 308/428 of one of 128
+        but holds 3 of its 7 bits.
         """
         out = []
         for dtype in ("float16", "float32"):
@@ -215,14 +215,6 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
                 cap = min(uncapped, max_books(num_embeddings, embedding_dim, larger))
                 out += [base.replace(books=m, codewords=larger, codebook_dtype=dtype) for m in range(1, cap + 1)]
                 larger *= 2
-            # Or more books of smaller codebooks, offered only past the code bits the cap leaves K: below
-            # that, fewer books of K codewords do better (GloVe at 40x: 5 x 128 beats 13 x 8).
-            capped_bits, smaller = most * bits_for(k), k // 2
-            while most < uncapped and smaller >= MIN_CODEWORDS:
-                cap = max_books(num_embeddings, embedding_dim, smaller)
-                out += [base.replace(books=m, codewords=smaller, codebook_dtype=dtype) for m in range(1, cap + 1)
-                        if m * bits_for(smaller) > capped_bits]
-                smaller //= 2
             for small in (2, 4):
                 fallback = [base.replace(books=m, codewords=small, codebook_dtype=dtype) for m in range(1, most + 1)]
                 out += [c for c in fallback if cls.expected_bytes(c, num_embeddings, embedding_dim) < floor]
@@ -502,16 +494,24 @@ def _log_alpha(net: nn.Module, x: torch.Tensor, cfg: CodesConfig) -> torch.Tenso
     return torch.log(F.softplus(net(x)) + _EPS).reshape(-1, cfg.books, cfg.codewords)
 
 
-#: Fit work (min(V, 65536) x d x books x sqrt(K)) whose default fit takes about two minutes on 2 cores:
-#: GloVe 400k x 50 at 11 x 128 (4.1e8) fits in about 100 s; 5,000 x 300 at 16 x 8 (6.8e7) took
-#: 4.4 CPU s with the quick fit (the default fit is about 6x the quick one).
-MAX_FIT_WORK = 4.5e8
+#: Default post hoc fit work (see :func:`fit_work`) that stays within about 100 CPU seconds on one
+#: thread of this machine. Measured (one thread): 50,000 x 1,024 at 1 x 256 (2.8e10) 64 s; 20,000 x 300
+#: at 4 x 256 (1.3e10) 56 s; 10,000 x 64 at 44 x 8 (2.2e9) 28 s. Small books cost about as much as
+#: large ones per row and dim (the passes over the residuals, not the codeword products, dominate).
+MAX_FIT_WORK = 2e10
+#: Codeword-independent part of a book's work per row and dim, in codewords (see :func:`fit_work`).
+BOOK_OVERHEAD = 300
+
+
+def fit_work(num_embeddings: int, embedding_dim: int, books: int, codewords: int) -> float:
+    """The default post hoc fit's work in the units of :data:`MAX_FIT_WORK`:
+    min(V, 65536) x d x books x (K + :data:`BOOK_OVERHEAD`)."""
+    return min(num_embeddings, 65536) * embedding_dim * books * (codewords + BOOK_OVERHEAD)
 
 
 def max_books(num_embeddings: int, embedding_dim: int, codewords: int) -> int:
     """Most books whose default post hoc fit stays within :data:`MAX_FIT_WORK` (at least 1)."""
-    per_book = min(num_embeddings, 65536) * embedding_dim * math.sqrt(codewords)
-    return max(1, int(MAX_FIT_WORK // per_book))
+    return max(1, int(MAX_FIT_WORK // fit_work(num_embeddings, embedding_dim, 1, codewords)))
 
 
 def preferred_codewords(num_embeddings: int, embedding_dim: int, itemsize: int = 4,

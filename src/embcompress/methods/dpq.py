@@ -41,7 +41,7 @@ from ..config import FitConfig, MethodConfig, SpecError
 from .. import kernels
 from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
-from ..kmeans import kmeans
+from ..kmeans import fit_sample, kmeans
 from ..query import QueryTableMixin
 from ..registry import register
 from ..training import adam_steps
@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
+#: Scores (rows x groups x codewords) one post hoc refinement step computes at most: a step costs about
+#: this many scores forward and backward, so wide tables with many groups take fewer rows per step and
+#: the fit stays bounded (50,000 x 1,024 at 10x: 512 groups x 64 codewords, 1,024 rows per step).
+MAX_STEP_SCORES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,11 @@ class DPQFit(FitConfig):
     method: ClassVar[str] = "dpq"
     steps: int = field(default=200, metadata={"help": "gradient refinement steps after the k-means start", "min": 0})
     iters: int = field(default=25, metadata={"help": "k-means iterations of the start", "min": 0})
-    batch_size: int = field(default=4096, metadata={"help": "rows per refinement step", "min": 1})
+    sample: int = field(default=0, metadata={
+        "help": "rows the k-means start fits on before coding every row (0 = 256 per codeword, at most 65,536)",
+        "min": 0})
+    batch_size: int = field(default=4096, metadata={
+        "help": "rows per refinement step (fewer where rows x groups x codewords would pass 2^25 scores)", "min": 1})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine-annealed to 0)", "min": 0.0})
     seed: int | None = field(default=None, metadata={"help": "seed of k-means and the row sampling; none = drawn"})
 
@@ -378,12 +386,12 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
         assert seed is not None  # fit() draws it
-        self._start_from_kmeans(weight, settings.iters, seed)
+        self._start_from_kmeans(weight, settings.iters, seed, settings.sample or fit_sample(self.codewords))
         if steps <= 0:
             return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
         start_error = self._error(weight)
-        self._refine(weight, steps, settings.batch_size, settings.lr, seed, progress)
+        self._refine(weight, steps, self.step_rows(settings.batch_size), settings.lr, seed, progress)
         if self.config.variant == "sx":
             self._refit_values(weight)
         error = self._error(weight)
@@ -393,13 +401,17 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             self.load_state_dict(start_state)
         return settings
 
+    def step_rows(self, batch_size: int) -> int:
+        """Rows per refinement step: ``batch_size``, fewer if a step would score more than :data:`MAX_STEP_SCORES`."""
+        return max(1, min(batch_size, MAX_STEP_SCORES // (self.groups * self.codewords)))
+
     @torch.no_grad()
-    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int) -> None:
+    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> None:
         cfg = self.config
         sub = weight.reshape(self.num_embeddings, self.groups, self.width).transpose(0, 1)  # (D, V, w)
         if cfg.shared:
             sub = sub.reshape(1, -1, self.width)  # one k-means over every group's sub-vectors
-        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed)
+        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed, sample=sample)
         codes = codes.reshape(self.groups, self.num_embeddings).T  # (V, D), group-major in both cases
         self.values.copy_(centroids)
         self.query.copy_(weight)

@@ -19,7 +19,7 @@ from ..bitpack import bits_for, packed_size
 from ..config import FitConfig, MethodConfig, SpecError
 from ..frozen import FrozenCodebook
 from ..frozen.codebook import decode_codes
-from ..kmeans import kmeans
+from ..kmeans import fit_sample, kmeans
 from ..registry import register
 from .shared import check_groups, divisors
 
@@ -43,6 +43,9 @@ class PQConfig(MethodConfig):
 class PQFit(FitConfig):
     method: ClassVar[str] = "pq"
     iters: int = field(default=25, metadata={"help": "k-means iterations per group", "min": 0})
+    sample: int = field(default=0, metadata={
+        "help": "rows each group's k-means fits on before coding every row (0 = 256 per codeword, at most 65,536)",
+        "min": 0})
     seed: int | None = field(default=None, metadata={"help": "k-means seed; none = drawn from torch's generator"})
 
 
@@ -92,7 +95,7 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
         assert settings.seed is not None  # fit() draws it
         centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed,
-                                  weights=row_weights)
+                                  sample=settings.sample or fit_sample(self.config.codewords), weights=row_weights)
         self.codebooks.copy_(centroids)
         self.codes.copy_(codes.T)
         return settings
