@@ -16,7 +16,7 @@ original model's embeddings (benchmarks/minilm.py's protocol, the decoded table 
 
 Each fit runs in its own process (one thread, ``nice`` inherited) under a wall-clock limit; CPU
 seconds of the fit (training plus encoding every row) are reported beside wall seconds, because
-the machine is shared. Rows are cached in the JSON: a rerun fits only the missing cells.
+the machine is shared. Rows are cached in the JSON: a rerun fits only the missing or failed cells.
 
     python -m benchmarks.equal_bytes                              # everything (make bench-equal-bytes)
     python -m benchmarks.equal_bytes --tables glove --ratios 20 --methods codes faiss-rq
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             for method in args.methods:
                 key = (table, ratio, method)
-                cached = [r for r in results if (r["table"], r["ratio"], r["method"]) == key]
+                cached = [r for r in results if (r["table"], r["ratio"], r["method"]) == key and "error" not in r]
                 if cached and not args.fresh:
                     continue
                 rq = [r for r in results if (r["table"], r["ratio"], r["method"]) == (table, ratio, "faiss-rq")
