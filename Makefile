@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint test-asan bench bench-quick bench-claims bench-claims-quick bench-perf bench-posthoc bench-scale \
-	bench-fit bench-tied-lm bench-equal-bytes clean
+	bench-fit bench-tied-lm bench-minilm-weights bench-equal-bytes clean
 
 $(STAMP): pyproject.toml setup.py src/embcompress/_kernels.c requirements/torch.txt requirements/data.txt requirements/torchrec.txt \
 		requirements/data-any-python.txt
@@ -86,6 +86,10 @@ bench-equal-bytes: $(STAMP)
 # Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
 bench-tied-lm: $(STAMP)
 	$(PY) -m benchmarks.tied_lm
+
+# MiniLM word table at 10x and 30x, plain vs token-count weighted fits (benchmarks/results/minilm_weights.*).
+bench-minilm-weights: $(STAMP)
+	$(PY) -m benchmarks.minilm_weights
 
 # Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
 # processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.

@@ -16,7 +16,7 @@ original model's embeddings (benchmarks/minilm.py's protocol, the decoded table 
 
 Each fit runs in its own process (one thread, ``nice`` inherited) under a wall-clock limit; CPU
 seconds of the fit (training plus encoding every row) are reported beside wall seconds, because
-the machine is shared. Rows are cached in the JSON: a rerun fits only the missing cells.
+the machine is shared. Rows are cached in the JSON: a rerun fits only the missing or failed cells.
 
     python -m benchmarks.equal_bytes                              # everything (make bench-equal-bytes)
     python -m benchmarks.equal_bytes --tables glove --ratios 20 --methods codes faiss-rq
@@ -104,7 +104,9 @@ def fit_faiss(kind: str, weight: torch.Tensor, budget: int, width: int = 0) -> t
     """The FAISS codec of ``kind`` for the budget: of code width ``width`` if given (bits per code), else
     the one of least relative MSE among the widths scanned for this kind, else the most code bits."""
     rows, dim = weight.shape
-    if kind in SCANNED_WIDTHS and not width:  # each width's largest codec, the best by relative MSE
+    if width < 0:  # no scan: the most code bits
+        width = 0
+    elif kind in SCANNED_WIDTHS and not width:  # each width's largest codec, the best by relative MSE
         choices = [c for nbits in SCANNED_WIDTHS[kind] if (c := faiss_factory(kind, rows, dim, budget, (nbits,)))]
         most = max((c[2] for c in choices), default=0)
         choices = [c for c in choices if c[2] >= SCAN_SHARE * most]
@@ -145,13 +147,14 @@ def faiss_codec(weight: torch.Tensor, factory: str, total: int, bits: float) -> 
     return index.sa_decode(codes), {"spec": factory, "bytes": total, "code_bits": bits}
 
 
-def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int,
+             scan: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     from embcompress.bitpack import bits_for
     from embcompress.budget import config_for_budget
     from embcompress.config import SpecError
 
     rows, dim = weight.shape
-    if method == "pq":  # cheap: every code width's largest PQ within the budget, the best by relative MSE
+    if method == "pq" and scan:  # every code width's largest PQ within the budget, the best by relative MSE
         configs = []
         for codewords in (256, 128, 64, 32, 16, 8, 4, 2):
             try:
@@ -188,7 +191,7 @@ def run_cell(table: str, ratio: float, method: str, out: Path, width: int = 0) -
     if method.startswith("faiss-"):
         approx, meta = fit_faiss(method, weight, budget, width)
     else:
-        approx, meta = fit_ours(method, table, weight, budget)
+        approx, meta = fit_ours(method, table, weight, budget, scan=width >= 0)
     meta.update(seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu, budget=budget)
     np.save(out / "approx.npy", np.ascontiguousarray(approx, dtype=np.float32))
     (out / "meta.json").write_text(json.dumps(meta))
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "equal_bytes")
     parser.add_argument("--cut", default=None, help="record cells left out of this run and why (in the report)")
     parser.add_argument("--report", action="store_true", help="rewrite the report from the JSON, fitting nothing")
+    parser.add_argument("--no-scan", action="store_true",
+                        help="fit PQ and RQ at one setting each (ours: the budget rule's; FAISS: the most code bits)")
     parser.add_argument("--cell", nargs=4, metavar=("TABLE", "RATIO", "METHOD", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -385,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             for method in args.methods:
                 key = (table, ratio, method)
-                cached = [r for r in results if (r["table"], r["ratio"], r["method"]) == key]
+                cached = [r for r in results if (r["table"], r["ratio"], r["method"]) == key and "error" not in r]
                 if cached and not args.fresh:
                     continue
                 rq = [r for r in results if (r["table"], r["ratio"], r["method"]) == (table, ratio, "faiss-rq")
                       and "spec" in r]
-                width = int(rq[0]["spec"].split("x")[-1]) if method == "faiss-lsq" and rq else 0
+                width = int(rq[0]["spec"].split("x")[-1]) if method == "faiss-lsq" and rq else -1 if args.no_scan else 0
                 meta, approx = fit_in_process(table, ratio, method, args.timeout, width)
                 row: dict[str, Any] = {"table": table, "ratio": ratio, "method": method, **meta,
                                        "dense_bytes": rows * dim * 4, "load": round(os.getloadavg()[0], 1)}

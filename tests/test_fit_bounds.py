@@ -66,12 +66,12 @@ def test_dpq_default_fit_bounds_its_start_and_its_refinement(monkeypatch, weight
         table.fit(weight, seed=0)
     assert kmeans_work(seen) <= KMEANS_WORK, seen
 
-    def refine(weight, steps, batch_size, lr, seed, progress):
+    def refine(weight, steps, batch_size, lr, seed, progress, row_weights=None):
         seen.update(steps=steps, batch_size=batch_size)
         raise Stop
 
     monkeypatch.setattr(table, "_start_from_kmeans", lambda *args: None)
-    monkeypatch.setattr(table, "_error", lambda weight, codes=None: 0.0)
+    monkeypatch.setattr(table, "_error", lambda weight, row_weights=None, codes=None: 0.0)
     monkeypatch.setattr(table, "_refine", refine)
     with pytest.raises(Stop):
         table.fit(weight, seed=0)
@@ -94,7 +94,7 @@ def test_codes_default_fit_starts_on_at_most_its_sample(monkeypatch, weight, rat
     config = config_for_budget("codes", ROWS, DIM, ratio=ratio)
     seen = {}
 
-    def recorder(x, books, codewords, beam=1, iters=15, seed=0):
+    def recorder(x, books, codewords, beam=1, iters=15, seed=0, weights=None):
         seen.update(rows=x.shape[0], books=books, codewords=codewords)
         raise Stop
 

@@ -100,7 +100,11 @@ def test_compress_model_cli_writes_what_load_pretrained_reads(tmp_path, capsys):
     assert "give a budget" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec", ["pq:groups=4,codewords=8", "lowrank:rank=3"])
+WEIGHTED_SPECS = ["pq:groups=4,codewords=8", "lowrank:rank=3", "dpq:groups=4,codewords=8",
+                  "dpq:variant=vq,groups=4,codewords=8", "codes:books=2,codewords=8"]
+
+
+@pytest.mark.parametrize("spec", WEIGHTED_SPECS)
 def test_row_weights_move_the_error_onto_rare_rows(spec):
     weight = torch.randn(400, 16, generator=torch.Generator().manual_seed(3))
     counts = torch.ones(400)
@@ -134,7 +138,8 @@ def test_row_weights_are_checked_and_never_recorded_as_fit_settings():
     counts = torch.ones(50)
     table = embcompress.from_pretrained(weight, "pq:groups=2,codewords=4", row_weights=counts)
     assert "row_weights" not in table.fit_settings and "row_weights" not in table.export().fit_settings
-    with pytest.raises(ValueError, match="scalar takes no row_weights; methods whose fit does: lowrank, pq"):
+    with pytest.raises(ValueError, match="scalar takes no row_weights; methods whose fit does: codes, dpq, lowrank, "
+                                         "pq"):
         embcompress.from_pretrained(weight, "scalar:bits=8", row_weights=counts)
     with pytest.raises(ValueError, match=r"row_weights must be a \(50,\) tensor"):
         embcompress.from_pretrained(weight, "lowrank:rank=2", row_weights=torch.ones(49))
@@ -142,3 +147,39 @@ def test_row_weights_are_checked_and_never_recorded_as_fit_settings():
         embcompress.from_pretrained(weight, "lowrank:rank=2", row_weights=-counts)
     with pytest.raises(SpecError, match="row_weights"):  # a tensor, not a setting: not accepted as a fit option
         embcompress.from_pretrained(weight, "pq:groups=2,codewords=4", fit={"row_weights": 1})
+
+
+def _seeded(spec):
+    """A fixed fit seed for the methods whose fit draws random numbers (lowrank's SVD draws none)."""
+    return {"seed": 0} if "seed" in embcompress.get_method(spec.split(":")[0]).Fit.help() else {}
+
+
+@pytest.mark.parametrize("spec", ["pq:groups=4,codewords=2", "lowrank:rank=1", "dpq:groups=4,codewords=2",
+                                  "dpq:variant=vq,groups=4,codewords=2", "codes:books=1,codewords=2"])
+def test_a_row_of_weight_zero_is_ignored_by_the_fit(spec):
+    """A far outlier takes one of two codewords (the rank-1 direction) in a plain fit; at weight 0 the
+    fit is as good on the other rows as a fit to the table without it."""
+    weight = synthetic_table(300, 16, rank=6, noise=0.05, seed=6)
+    outlier = weight.clone()
+    outlier[0] = 60 * weight.abs().max()  # far from every other row
+    weights = torch.ones(300)
+    weights[0] = 0
+    others = lambda approx, target: float((approx - target)[1:].pow(2).sum() / target[1:].pow(2).sum())  # noqa: E731
+    errors = {}
+    for name, table, row_weights in (("clean", weight[1:], None), ("plain", outlier, None),
+                                     ("zero", outlier, weights)):
+        torch.manual_seed(0)
+        approx = embcompress.from_pretrained(table, spec, row_weights=row_weights, **_seeded(spec)).materialize()
+        errors[name] = float((approx - table).pow(2).sum() / table.pow(2).sum()) if name == "clean" else \
+            others(approx, table)
+    assert errors["zero"] < 0.8 * errors["plain"]
+    assert errors["zero"] <= 1.25 * errors["clean"] + 1e-4
+
+
+@pytest.mark.parametrize("spec", WEIGHTED_SPECS)
+def test_uniform_row_weights_give_the_unweighted_fit(spec):
+    weight = synthetic_table(200, 16, rank=5, noise=0.05, seed=7)
+    plain = embcompress.from_pretrained(weight, spec, **_seeded(spec)).materialize()
+    uniform = embcompress.from_pretrained(weight, spec, row_weights=torch.full((200,), 2.5),
+                                          **_seeded(spec)).materialize()
+    torch.testing.assert_close(uniform, plain, rtol=1e-4, atol=1e-5)

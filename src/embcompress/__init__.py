@@ -44,7 +44,8 @@ def from_pretrained(weight: Any, spec: "str | MethodConfig", padding_idx: int | 
 
     ``fit`` sets how the method fits (its ``Fit`` config, a ``"key=value,..."`` string or a dict);
     keyword ``fit_options`` are the same settings as keywords. Misspelt names are errors.
-    ``row_weights`` (V,) weighs each row's error (e.g. token counts) in the fits that take it (pq, lowrank).
+    ``row_weights`` (V,) weighs each row's error (e.g. token counts) in the fits that take it
+    (codes, dpq, lowrank, pq).
 
     A memory-mapped table (``np.load(path, mmap_mode="r")`` or ``embcompress.data.open_table_mmap``)
     is never read into memory: it is fit on a sample and encoded in chunks (``embcompress.streaming``),

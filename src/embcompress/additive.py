@@ -75,18 +75,20 @@ def best_codes(x: torch.Tensor, candidates: list[torch.Tensor], codebooks: torch
 
 @torch.no_grad()
 def residual_kmeans(x: torch.Tensor, books: int, codewords: int, beam: int = 1, iters: int = 15,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual quantization: book m is k-means on what books < m left.
 
     With ``beam`` > 1 each row keeps its ``beam`` best partial codes and k-means runs on all their
-    residuals (the residual quantizer of FAISS). -> codebooks (M, K, d), codes (V, M).
+    residuals (the residual quantizer of FAISS). ``weights`` (V,) weigh each row's residuals in the
+    k-means (token counts). -> codebooks (M, K, d), codes (V, M).
     """
     residual = x.unsqueeze(1)
     codes = torch.zeros(x.shape[0], 1, 0, dtype=torch.long)
     centroids = []
     for m in range(books):
+        mass = None if weights is None else weights.repeat_interleave(residual.shape[1])  # row-major, like reshape
         book, _ = kmeans(residual.reshape(-1, x.shape[1]), codewords, iters=iters, seed=seed + m,
-                         sample=fit_sample(codewords))
+                         sample=fit_sample(codewords), weights=mass)
         residual, codes = _beam_step(residual, codes, book, beam)
         centroids.append(book)
     return torch.stack(centroids), codes[:, 0]
@@ -94,26 +96,29 @@ def residual_kmeans(x: torch.Tensor, books: int, codewords: int, beam: int = 1, 
 
 @torch.no_grad()
 def least_squares_codebooks(x: torch.Tensor, codes: torch.Tensor, codewords: int,
-                            ridge: float = 1e-4) -> torch.Tensor:
-    """Codebooks minimizing ||sum_m C[m, codes_m] - x||^2 for fixed codes (normal equations).
+                            ridge: float = 1e-4, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Codebooks minimizing sum_i w_i ||sum_m C[m, codes_im] - x_i||^2 for fixed codes (normal equations;
+    w = 1 without ``weights``).
 
-    B is the (V, M*K) one-hot code matrix; B^T B is built from per-pair code co-occurrence counts,
-    so the cost is O(V M^2) rather than O(V (MK)^2). The system is singular (a constant can move
+    B is the (V, M*K) one-hot code matrix; B^T W B is built from per-pair (weighted) code co-occurrence
+    counts, so the cost is O(V M^2) rather than O(V (MK)^2). The system is singular (a constant can move
     between books) and unused codewords have no data: a small ridge picks the minimum-norm answer.
     """
     rows, books = codes.shape
     size = books * codewords
     flat = codes + torch.arange(books) * codewords  # (V, M) column index in B
     gram = torch.zeros(size, size, dtype=torch.float64)
+    w64 = None if weights is None else weights.double()
     for m in range(books):
         for n in range(m, books):
-            counts = torch.bincount(codes[:, m] * codewords + codes[:, n], minlength=codewords * codewords)
+            counts = torch.bincount(codes[:, m] * codewords + codes[:, n], weights=w64,
+                                    minlength=codewords * codewords)
             block = counts.reshape(codewords, codewords).double()
             gram[m * codewords:(m + 1) * codewords, n * codewords:(n + 1) * codewords] = block
             if n != m:
                 gram[n * codewords:(n + 1) * codewords, m * codewords:(m + 1) * codewords] = block.T
     rhs = torch.zeros(size, x.shape[1], dtype=torch.float64)
-    x64 = x.double()
+    x64 = x.double() if weights is None else x.double() * weights.double().unsqueeze(1)
     for m in range(books):  # one book at a time: a (V * M, d) repeat of x is GBs for wide tables
         rhs.index_add_(0, flat[:, m], x64)
     scale = float(gram.diagonal().mean()) if rows else 1.0
@@ -150,13 +155,15 @@ def _icm_sweeps(residual: torch.Tensor, codes: torch.Tensor, codebooks: torch.Te
 
 @torch.no_grad()
 def additive_refine(x: torch.Tensor, codes: torch.Tensor, codewords: int, rounds: int = 3,
-                    beam: int = 8, sweeps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                    beam: int = 8, sweeps: int = 2,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternate least-squares codebooks with code updates (beam search, then ICM), keeping for
-    each row the better of its old and new codes, so the error never increases."""
-    codebooks = least_squares_codebooks(x, codes, codewords)
+    each row the better of its old and new codes, so the error never increases. With ``weights``
+    the codebooks minimize the row-weighted error (each row's codes are its own best either way)."""
+    codebooks = least_squares_codebooks(x, codes, codewords, weights=weights)
     for _ in range(rounds):
         codes = improve_codes(x, codes, codebooks, beam=beam, sweeps=sweeps)
-        codebooks = least_squares_codebooks(x, codes, codewords)
+        codebooks = least_squares_codebooks(x, codes, codewords, weights=weights)
     return codebooks, codes
 
 

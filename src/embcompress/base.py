@@ -375,13 +375,18 @@ class CompressedEmbedding(nn.Module, Generic[C]):
             self.train(was_training)
         return self
 
-    def _reconstruction_step(self, weight: torch.Tensor, batch_size: int, generator: torch.Generator) -> StepFn:
+    def _reconstruction_step(self, weight: torch.Tensor, batch_size: int, generator: torch.Generator,
+                             row_weights: torch.Tensor | None = None) -> StepFn:
         """One gradient step's loss for :func:`adam_steps`: the MSE to ``weight`` (V, d) on random rows,
-        plus the method's auxiliary loss."""
+        plus the method's auxiliary loss. With ``row_weights`` rows are drawn with probability
+        proportional to their weight, so the expected loss is the weighted one (rows of weight 0 never)."""
         batch = min(batch_size, self.num_embeddings)
 
         def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
+            if row_weights is None:
+                rows = torch.randint(0, self.num_embeddings, (batch,), generator=generator)
+            else:
+                rows = torch.multinomial(row_weights, batch, replacement=True, generator=generator)
             loss = (self.lookup(rows) - weight[rows]).pow(2).mean()
             aux = self.aux_loss()
             return (loss if aux is None else loss + aux), {"mse": loss}

@@ -240,7 +240,10 @@ def cmd_compress_model(args: argparse.Namespace) -> int:
         raise ValueError("give a budget: --ratio, --bits-per-row or --bytes (for all tables together)")
     fit_options = {"steps": args.steps} if args.steps else None
     skip = {name: "skip" for name in args.skip or []}
-    report = compress_(model, skip or None, budget=budget, methods=args.methods, fit_options=fit_options)
+    calibration = _calibration_ids(transformers, args.folder, args.calibration, args.calibration_lines) \
+        if args.calibration else None
+    report = compress_(model, skip or None, budget=budget, methods=args.methods, fit_options=fit_options,
+                       calibration=calibration)
     save_pretrained(model, args.output)
     if args.json:
         print(json.dumps({**report.to_dict(), "output": str(args.output), "model_class": loader.__name__}, indent=2))
@@ -249,6 +252,20 @@ def cmd_compress_model(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} (load with {loader.__name__}.from_pretrained(folder) then "
               f"embcompress.load_pretrained(model, {str(args.output)!r}))")
     return 0
+
+
+def _calibration_ids(transformers: Any, folder: Path, path: Path, lines: int) -> list[torch.Tensor]:
+    """The first ``lines`` non-empty lines of a text file, each through the folder's tokenizer (128 tokens at most)."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder} has no tokenizer to read --calibration texts with ({exc}); save the "
+                         "model's tokenizer into the folder") from None
+    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()][:lines]
+    if not texts:
+        raise ValueError(f"--calibration {path} has no non-empty lines; give one text per line")
+    ids = [tokenizer(t, truncation=True, max_length=128, return_tensors="pt")["input_ids"] for t in texts]
+    return [i for i in ids if i.numel()]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -331,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="candidate methods (default: scalar lowrank pq dpq codes)")
     p.add_argument("--skip", nargs="+", help="module names to leave uncompressed (e.g. position embeddings)")
     p.add_argument("--steps", type=int, help="override the methods' number of fitting steps")
+    p.add_argument("--calibration", type=Path, metavar="TEXT_FILE",
+                   help="texts (one per line) read by the model through its tokenizer: a table tied to an output "
+                        "layer is fitted and measured for its logits (hidden-state metric) and weighted by token "
+                        "counts")
+    p.add_argument("--calibration-lines", type=positive_int, default=256, help="lines of --calibration used")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for embcompress.json + tables")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     p.set_defaults(run=cmd_compress_model)

@@ -10,7 +10,10 @@ table, what was chosen, its bytes and error, and why every other method lost.
 Quality is the relative MSE of the table (optionally row-weighted: rows a model reads often
 count more), measured on a fit to a row sample for methods whose rows are encoded independently
 of each other (the sample fit uses the same hyperparameters the full table will get); tables
-count in the total error by their dense size.
+count in the total error by their dense size. A table that is also a tied output layer can be
+given a metric A (``tied_logits.output_metric`` of the hidden states that reach the head): its
+error is then the relative error under A (input and logit error together), and the methods with
+an output-aware fit are measured with it.
 
 Example:
     >>> import torch
@@ -32,6 +35,7 @@ import torch
 from .budget import budget_bytes, config_for_budget
 from .config import MethodConfig, SpecError
 from .registry import get_method, list_methods
+from .tied_logits import fit_output_aware_module, metric_relative_error, supports_output_aware
 
 __all__ = ["DEFAULT_METHODS", "Candidate", "TablePlan", "Plan", "plan_budget", "weighted_relative_error",
            "parse_budget", "total_budget", "measure_table", "pareto_front", "allocate"]
@@ -54,7 +58,7 @@ class Candidate:
     method: str
     spec: str
     bytes: int
-    error: float  # relative MSE (row-weighted when weights are given)
+    error: float  # relative MSE (row-weighted when weights are given; under the table's metric when it has one)
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,21 +192,29 @@ def _sample(weight: torch.Tensor, weights: torch.Tensor | None, rows: int | None
 
 
 def _measure(method: str, config: MethodConfig, weight: torch.Tensor, weights: torch.Tensor | None,
-             fit_options: Mapping[str, Any], full_shape: tuple[int, int]) -> Candidate:
+             fit_options: Mapping[str, Any], full_shape: tuple[int, int],
+             metric: torch.Tensor | None = None) -> Candidate:
     cls = get_method(method)
+    fit_weights = weights if cls.TAKES_ROW_WEIGHTS else None
     start = time.perf_counter()
-    module = cls.from_pretrained(weight, config, row_weights=weights if cls.TAKES_ROW_WEIGHTS else None,
-                                 **fit_options)
+    if metric is not None and supports_output_aware(config):
+        module = fit_output_aware_module(weight, config, metric, row_weights=fit_weights, **fit_options)
+    else:
+        module = cls.from_pretrained(weight, config, row_weights=fit_weights, **fit_options)
     seconds = time.perf_counter() - start
-    error = weighted_relative_error(module.materialize(), weight, weights)
+    approx = module.materialize()
+    error = weighted_relative_error(approx, weight, weights) if metric is None else \
+        metric_relative_error(approx, weight, metric, weights)
     return Candidate(method, config.to_spec(), cls.expected_bytes(config, *full_shape), error, seconds)
 
 
 def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str], *,
                   weights: torch.Tensor | None = None, sample_rows: int | None = 8192, quick: bool = True,
-                  ladder: Sequence[float] = LADDER, seed: int = 0) -> tuple[list[Candidate], dict[str, str]]:
+                  ladder: Sequence[float] = LADDER, seed: int = 0,
+                  metric: torch.Tensor | None = None) -> tuple[list[Candidate], dict[str, str]]:
     """Every method at every ladder size around ``target_bytes``: measured candidates and the methods
-    that could not run (with the reason)."""
+    that could not run (with the reason). With ``metric`` (d, d) the error is measured under it and
+    fits that can are output-aware (see the module docstring)."""
     rows, dim = weight.shape
     candidates: list[Candidate] = []
     rejected: dict[str, str] = {}
@@ -222,7 +234,7 @@ def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str
             fitted.add(config.to_spec())
             local = method in ROW_LOCAL
             candidates.append(_measure(method, config, sample if local else weight,
-                                       sample_weights if local else weights, options, (rows, dim)))
+                                       sample_weights if local else weights, options, (rows, dim), metric))
         if any(c.method == method for c in candidates):
             rejected.pop(method, None)
     return candidates, rejected
@@ -268,7 +280,7 @@ def allocate(fronts: Mapping[str, Sequence[Candidate]], importance: Mapping[str,
 def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None, ratio: float | None = None,
                 bits_per_row: float | None = None, methods: Sequence[str] | None = None,
                 weights: Mapping[str, torch.Tensor] | None = None, sample_rows: int | None = 8192,
-                quick: bool = True, seed: int = 0) -> Plan:
+                quick: bool = True, seed: int = 0, metrics: Mapping[str, torch.Tensor] | None = None) -> Plan:
     """Choose a method and a size for every table so that all of them together fit the budget.
 
     Args:
@@ -279,6 +291,9 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         weights: name -> (V,) row weights (token counts); rows read often count more in the error.
         sample_rows: row-local methods are measured on a fit to this many sampled rows (None = all).
         quick: measure with each method's quick fit options (the final fit is the caller's).
+        metrics: name -> (d, d) row-error metric for tables that are tied output layers
+            (``tied_logits.output_metric``): their error is input + logit error, and the methods
+            with an output-aware fit are measured with it.
     """
     if not tables:
         raise ValueError("no tables to plan; pass at least one name -> weight")
@@ -297,8 +312,9 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         weight = weight.detach().float().cpu()
         row_weights = None if weights is None or name not in weights else weights[name].detach().float().cpu()
         target = int(target_share * weight.shape[0] * weight.shape[1] * 4)
+        metric = None if metrics is None else metrics.get(name)
         candidates, rejected = measure_table(weight, target, methods, weights=row_weights, sample_rows=sample_rows,
-                                             quick=quick, seed=seed)
+                                             quick=quick, seed=seed, metric=metric)
         if not candidates:
             raise SpecError(f"no method among {methods} fits table {name!r} {tuple(weight.shape)} near {target:,} B: "
                             f"{rejected}; raise the budget or add methods")

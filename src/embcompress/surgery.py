@@ -43,6 +43,7 @@ from .base import CompressedEmbedding
 from .config import FitConfig, MethodConfig, SpecError, parse_spec
 from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
+from .tied_logits import fit_output_aware_module, head_second_moments, output_metric, supports_output_aware
 from .validation import MAX_DIM, MAX_ROWS, check_bag, json_choice, json_int, json_int_list, json_object
 
 __all__ = [
@@ -167,6 +168,7 @@ class TableReport:
     padding_idx: int | None = None
     tied_heads: list[str] = field(default_factory=list)
     untied_heads: list[str] = field(default_factory=list)
+    output_aware: bool = False  # fitted under the tied heads' hidden-state metric (calibration=)
 
     @property
     def ratio(self) -> float:
@@ -211,7 +213,9 @@ class CompressionReport:
         header = ("module", "shape", "spec", "before", "after", "ratio", "tied heads")
         rows = [(", ".join(t.names) + ("" if t.kind == "embedding" else f" ({t.kind})"),
                  f"{t.shape[0]} x {t.shape[1]}", t.spec, _human(t.bytes_before), _human(t.bytes_after),
-                 f"{t.ratio:.1f}x", ", ".join(t.tied_heads + [f"{h} (untied)" for h in t.untied_heads]) or "-")
+                 f"{t.ratio:.1f}x", ", ".join([h + (" (output-aware fit)" if t.output_aware else "")
+                                               for h in t.tied_heads]
+                                              + [f"{h} (untied)" for h in t.untied_heads]) or "-")
                 for t in self.tables]
         rows.append(("total", "", "", _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1f}x", ""))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -331,6 +335,8 @@ def compress_(
     budget: Any = None,
     methods: Sequence[str] | None = None,
     row_weights: Mapping[str, torch.Tensor] | None = None,
+    calibration: Any = None,
+    output_weight: float = 8.0,
 ) -> CompressionReport:
     """Replace the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` in place.
 
@@ -354,6 +360,15 @@ def compress_(
         methods: candidate methods for ``budget`` (default ``planner.DEFAULT_METHODS``).
         row_weights: module name -> (V,) row weights (token counts) for the planner's quality measure
             and the fits that take them.
+        calibration: inputs for the model (token-id tensors (batch, seq), a list of them, or dicts
+            of keyword inputs) that calibrate tables tied to an output layer: the second moment S
+            of the hidden states reaching the head gives the row-error metric
+            A = I + output_weight * S / (tr S / d) (input error plus logit error); such a table is
+            fitted under A where its method allows (pq, dpq sx, codes, lowrank, distilled; others
+            fit plainly) and the planner measures every candidate under A. Unless ``row_weights``
+            names the table, its rows are weighted by the add-one smoothed counts of the calibration
+            token ids. The head keeps computing its logits from the compressed table.
+        output_weight: the logit error's weight in that metric (with ``calibration``).
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows a table.
@@ -403,8 +418,18 @@ def compress_(
             continue
         resolved = {n: _resolve_spec(n, spec_or_mapping, used_keys) for n in names}
         kept.append((members, resolved))
+    metrics = _calibration_metrics(model, kept, holders, calibration, output_weight) \
+        if calibration is not None and init == "pretrained" and not untie else {}
+    if metrics:  # a tied table's rows are weighted by how often the calibration inputs read them
+        row_weights = dict(row_weights or {})
+        for members, _ in kept:
+            names = [n for n, _ in members]
+            if names[0] in metrics and not any(n in row_weights for n in names):
+                counts = _calibration_counts(calibration, cast(nn.Embedding, members[0][1]).weight.shape[0])
+                if counts is not None:
+                    row_weights[names[0]] = counts
     if budget is not None:
-        report.plan = _plan_tables(kept, budget, methods, row_weights)
+        report.plan = _plan_tables(kept, budget, methods, row_weights, metrics)
 
     for members, resolved in kept:
         names = [n for n, _ in members]
@@ -422,7 +447,8 @@ def compress_(
             raise ValueError(f"modules {names} share a weight but have different padding_idx "
                              f"{sorted(map(str, paddings))}")
         weights = _table_row_weights(names, config, row_weights) if init == "pretrained" else None
-        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders, weights))
+        report.tables.append(_replace_group(model, members, config, init, fit_options, untie, holders, weights,
+                                            metrics.get(names[0])))
 
     if isinstance(spec_or_mapping, Mapping):
         unused = [k for k in spec_or_mapping if k not in used_keys and k != "default"]
@@ -440,6 +466,41 @@ def _table_row_weights(names: list[str], config: MethodConfig,
     return weights if weights is not None and get_method(config.method).TAKES_ROW_WEIGHTS else None
 
 
+def _tied_heads(members: list[tuple[str, nn.Module]], holders: dict[int, list[tuple[str, nn.Module, str]]]
+                ) -> list[nn.Module]:
+    """The Linear layers that hold this table's weight Parameter as their own (tied output layers)."""
+    member_ids = {id(m) for _, m in members}
+    weight = cast(nn.Embedding, members[0][1]).weight
+    heads = {id(h): h for _, h, attr in holders.get(id(weight), [])
+             if id(h) not in member_ids and isinstance(h, nn.Linear) and attr == "weight"}
+    return list(heads.values())
+
+
+def _calibration_metrics(model: nn.Module, kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
+                         holders: dict[int, list[tuple[str, nn.Module, str]]], calibration: Any,
+                         output_weight: float) -> dict[str, torch.Tensor]:
+    """First name of each table tied to an output layer -> its row-error metric from the calibration inputs."""
+    tied = {members[0][0]: _tied_heads(members, holders) for members, _ in kept}
+    tied = {name: heads for name, heads in tied.items() if heads}
+    if not tied:
+        warnings.warn("calibration= was given but no table is tied to an output layer; it is not used", stacklevel=3)
+        return {}
+    moments = head_second_moments(model, [h for heads in tied.values() for h in heads], calibration)
+    return {name: output_metric(torch.stack([moments[id(h)] for h in heads]).mean(0), output_weight)
+            for name, heads in tied.items()}
+
+
+def _calibration_counts(calibration: Any, rows: int) -> torch.Tensor | None:
+    """Add-one smoothed counts of the calibration token ids (rows a model reads often count more), or
+    None when the ids do not index a table of ``rows`` rows."""
+    batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
+    ids = [b["input_ids"] if isinstance(b, dict) else b for b in batches]
+    ids = [t.reshape(-1).long().cpu() for t in ids if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    if not ids or any(bool((t < 0).any() or (t >= rows).any()) for t in ids if t.numel()):
+        return None
+    return torch.bincount(torch.cat(ids), minlength=rows).float() + 1.0
+
+
 def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
     if init != "pretrained":
         raise SpecError("budget= measures fits to the current weights; it needs init='pretrained'")
@@ -452,7 +513,8 @@ def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
 
 
 def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]], budget: Any,
-                 methods: Sequence[str] | None, row_weights: Mapping[str, torch.Tensor] | None) -> Any:
+                 methods: Sequence[str] | None, row_weights: Mapping[str, torch.Tensor] | None,
+                 metrics: Mapping[str, torch.Tensor] | None = None) -> Any:
     """Run the planner over the tables the mapping does not skip; their resolved configs become its choices."""
     from .planner import parse_budget, plan_budget  # the planner sits above surgery's per-table work
 
@@ -467,7 +529,8 @@ def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
                 weights[name] = row_weights[alias]
     tables = {name: cast(nn.Embedding, members[0][1]).weight.detach().float().cpu()
               for name, members in planned.items()}
-    plan = plan_budget(tables, methods=methods, weights=weights or None, **parse_budget(budget))
+    plan = plan_budget(tables, methods=methods, weights=weights or None, metrics=metrics or None,
+                       **parse_budget(budget))
     for members, resolved in kept:
         if members[0][0] in planned:
             config = parse_spec(plan.specs[members[0][0]])
@@ -478,7 +541,7 @@ def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
 def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], config: MethodConfig, init: str,
                    fit_options: Mapping[str, Any] | None, untie: bool,
                    holders: dict[int, list[tuple[str, nn.Module, str]]],
-                   row_weights: torch.Tensor | None = None) -> TableReport:
+                   row_weights: torch.Tensor | None = None, metric: torch.Tensor | None = None) -> TableReport:
     first = cast(Union[nn.Embedding, nn.EmbeddingBag], members[0][1])
     weight = first.weight
     padding_idx = first.padding_idx
@@ -505,10 +568,17 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
 
     num_embeddings, embedding_dim = weight.shape
     device = weight.device
+    output_aware = False
     if init == "pretrained":
         settings, progress = _split_fit_options(fit_options, config.method)
-        table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config, padding_idx,
-                                                          settings, progress=progress, row_weights=row_weights)
+        output_aware = metric is not None and supports_output_aware(config)
+        if output_aware:
+            table = fit_output_aware_module(weight.detach().float().cpu(), config, cast(torch.Tensor, metric),
+                                            row_weights=row_weights, padding_idx=padding_idx, fit=settings,
+                                            progress=progress)
+        else:
+            table = get_method(config.method).from_pretrained(weight.detach().float().cpu(), config, padding_idx,
+                                                              settings, progress=progress, row_weights=row_weights)
     else:
         table = get_method(config.method)(num_embeddings, embedding_dim, config, padding_idx=padding_idx)
     table = table.to(device)
@@ -543,7 +613,7 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
     return TableReport(names=[n for n, _ in members], kind="+".join(sorted(kinds)),
                        shape=(num_embeddings, embedding_dim), spec=table.spec,
                        bytes_before=weight.numel() * weight.element_size(), bytes_after=table.num_bytes(),
-                       padding_idx=padding_idx, tied_heads=tied, untied_heads=untied)
+                       padding_idx=padding_idx, tied_heads=tied, untied_heads=untied, output_aware=output_aware)
 
 
 # -- back to dense -----------------------------------------------------------------------------

@@ -35,17 +35,24 @@ from typing import Any, Iterable, cast
 import torch
 from torch import nn
 
+from .base import CompressedEmbedding
 from .config import MethodConfig, parse_spec
 from .frozen import FrozenCodebook, FrozenFactors, FrozenEmbedding
 from .frozen.factors import ACTIVATIONS
+from .methods.codes import CompositionalCodeEmbedding
+from .methods.dpq import DPQEmbedding
+from .methods.pq import ProductQuantizedEmbedding
+from .methods.shared import FactorsTable
 from .registry import get_method
 
 #: Methods whose deployed rows are a product (concat) of per-group codewords: the metric is applied
 #: block-diagonally per group so the product structure survives the change of space.
 _CONCAT_METHODS = {"pq": "groups", "dpq": "groups"}
 
-__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "output_metric", "metric_factor",
-           "fit_output_aware"]
+__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "head_second_moments", "output_metric",
+           "metric_factor",
+           "fit_output_aware", "fit_output_aware_module", "map_rows_", "metric_relative_error",
+           "supports_output_aware"]
 
 
 class CompressedLogits(nn.Module):
@@ -128,6 +135,52 @@ def hidden_second_moment(hidden_batches: Iterable[torch.Tensor]) -> torch.Tensor
     return (total / count).float()
 
 
+@torch.no_grad()
+def head_second_moments(model: nn.Module, heads: Iterable[nn.Module], calibration: Any) -> dict[int, torch.Tensor]:
+    """id(head) -> second moment of the hidden states that reach ``head`` while ``model`` reads ``calibration``.
+
+    ``calibration``: a LongTensor of token ids (batch, seq), or a sequence of them, or of dicts of
+    model inputs (``{"input_ids": ..., "attention_mask": ...}``); tensors are passed positionally
+    (``model(ids)``, as Hugging Face models take ``input_ids``), dicts as keywords. Padding
+    positions (attention_mask 0) still reach the head and are counted: pass unpadded batches to
+    leave them out. The model runs in eval mode and is put back in its mode afterwards.
+    """
+    heads = list(heads)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
+        key = id(module)
+        sums[key] = h.t() @ h if key not in sums else sums[key] + h.t() @ h
+        counts[key] = counts.get(key, 0) + h.shape[0]
+
+    batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty; pass token-id batches (batch, seq) or dicts of model inputs")
+    handles = [head.register_forward_pre_hook(hook) for head in heads]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, torch.Tensor) and not batch.is_floating_point():
+                model(batch.reshape(1, -1) if batch.dim() == 1 else batch)
+            else:
+                raise ValueError(f"calibration batches must be token-id tensors or dicts of model inputs, got "
+                                 f"{type(batch).__name__}{' of floats' if isinstance(batch, torch.Tensor) else ''}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [head for head in heads if id(head) not in sums]
+    if missing:
+        raise ValueError(f"the calibration inputs never reached {len(missing)} tied head(s) "
+                         f"({type(missing[0]).__name__}); run inputs through the model's forward that computes logits")
+    return {key: (total / counts[key]).float() for key, total in sums.items()}
+
+
 def output_metric(second_moment: torch.Tensor, output_weight: float = 1.0, input_weight: float = 1.0) -> torch.Tensor:
     """A = input_weight I + output_weight S / (tr S / d): the row-error metric of the blended objective.
 
@@ -157,45 +210,81 @@ def _block_diagonal(metric: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
     return forward, inverse
 
 
-def _map_back(frozen: FrozenEmbedding, inverse: torch.Tensor) -> FrozenEmbedding:
-    """The frozen table whose rows are ``rows @ inverse`` (exact for codebooks and factors)."""
-    if isinstance(frozen, FrozenFactors):
-        bias = None if frozen.bias is None else frozen.bias @ inverse
-        return FrozenFactors(frozen.num_embeddings, frozen.embedding_dim, frozen.padding_idx,
-                                   activation=frozen.activation, codes=frozen.codes, basis=frozen.basis @ inverse,
-                                   bias=bias)
-    if isinstance(frozen, FrozenCodebook):
-        books = frozen.codebooks.float()
-        if frozen.combine == "concat":
-            width = books.shape[-1]
-            blocks = torch.stack([inverse[g * width:(g + 1) * width, g * width:(g + 1) * width]
-                                  for g in range(books.shape[0])])
-            mapped = torch.einsum("gkw,gwv->gkv", books, blocks)
-        else:
-            mapped = books @ inverse
-        codes = frozen.codes(torch.arange(frozen.num_embeddings))
-        return FrozenCodebook.from_codes(codes, mapped.to(frozen.codebooks.dtype), frozen.combine,
-                                            frozen.padding_idx)
-    raise ValueError(f"format {frozen.format!r} has no exact change of space; output-aware fits take "
-                     "pq, dpq, codes, lowrank or distilled:activation=identity")
+@torch.no_grad()
+def map_rows_(module: CompressedEmbedding, inverse: torch.Tensor) -> CompressedEmbedding:
+    """In place: the table whose decoded rows are ``rows @ inverse`` (block-diagonal per group for
+    pq and dpq), by a change of its codebooks / values / basis; codes stay. Exact for every format
+    whose rows are linear in those parameters."""
+    if isinstance(module, FactorsTable):  # f(U) W + b: linear in W and b whatever f is
+        module.basis.copy_(module.basis @ inverse)
+        if module.bias is not None:
+            module.bias.copy_(module.bias @ inverse)
+    elif isinstance(module, CompositionalCodeEmbedding) and module.state == "fixed":
+        module.codebooks.copy_(module.codebooks @ inverse)
+    elif isinstance(module, (ProductQuantizedEmbedding, DPQEmbedding)):
+        # SX's codes come from the query and keys, which stay in the fitted space: only the
+        # deployed values move (VQ's keys ARE its values, so its codes would move with them).
+        books = module.codebooks if isinstance(module, ProductQuantizedEmbedding) else module.values
+        width = books.shape[-1]
+        blocks = torch.stack([inverse[g * width:(g + 1) * width, g * width:(g + 1) * width]
+                              for g in range(books.shape[0])])
+        books.copy_(torch.einsum("gkw,gwv->gkv", books, blocks))
+    else:
+        raise ValueError(f"{module.spec}: no exact change of space; {OUTPUT_AWARE_HINT}")
+    return module
+
+
+#: What fit_output_aware takes, for error messages.
+OUTPUT_AWARE_HINT = "output-aware fits take pq, dpq (variant=sx, shared=false), codes, lowrank or distilled"
+
+
+def supports_output_aware(config: MethodConfig) -> bool:
+    """Whether :func:`fit_output_aware` can fit this config (an exact change of space exists)."""
+    if config.method == "dpq":
+        return getattr(config, "variant", "") == "sx" and not getattr(config, "shared", True)
+    return config.method in ("pq", "codes", "lowrank", "distilled")
+
+
+def fit_output_aware_module(weight: torch.Tensor, spec: "str | MethodConfig", metric: torch.Tensor, *,
+                            row_weights: torch.Tensor | None = None, padding_idx: int | None = None,
+                            fit: Any = None, progress: bool | None = None,
+                            **fit_options: Any) -> CompressedEmbedding:
+    """The trainable table fitted to ``weight`` minimizing sum_v w_v e_v A e_v^T for the metric A
+    (see :func:`output_metric`); :func:`fit_output_aware` returns its export.
+
+    The table is fitted in the space W T (T T^T = A; block-diagonal per group for product
+    quantizers, whose cross-group terms are dropped), then mapped back with T^-1
+    (:func:`map_rows_`), which keeps the deployed format: codebooks and bases are linear in the rows.
+    """
+    config = parse_spec(spec)
+    if not supports_output_aware(config):
+        raise ValueError(f"{config.to_spec()}: {OUTPUT_AWARE_HINT}")
+    if config.method in _CONCAT_METHODS:
+        forward, inverse = _block_diagonal(metric, getattr(config, _CONCAT_METHODS[config.method]))
+    else:
+        forward, inverse = metric_factor(metric)
+    module = get_method(config.method).from_pretrained(weight.detach().float().cpu() @ forward, config, padding_idx,
+                                                       fit, progress=progress, row_weights=row_weights, **fit_options)
+    return map_rows_(module, inverse)
 
 
 def fit_output_aware(weight: torch.Tensor, spec: "str | MethodConfig", metric: torch.Tensor, *,
                      row_weights: torch.Tensor | None = None, padding_idx: int | None = None,
                      **fit_options: Any) -> FrozenEmbedding:
-    """Fit ``spec`` to ``weight`` minimizing sum_v w_v e_v A e_v^T for the metric A (see :func:`output_metric`).
+    """Fit ``spec`` to ``weight`` minimizing sum_v w_v e_v A e_v^T for the metric A (see :func:`output_metric`);
+    the frozen table of :func:`fit_output_aware_module`."""
+    return fit_output_aware_module(weight, spec, metric, row_weights=row_weights, padding_idx=padding_idx,
+                                   **fit_options).export()
 
-    The table is fitted in the space W T (T T^T = A; block-diagonal per group for product
-    quantizers, whose cross-group terms are dropped), then mapped back with T^-1, which keeps
-    the deployed format: codebooks and low-rank bases are linear in the rows.
-    """
-    config = parse_spec(spec)
-    cls = get_method(config.method)
-    if config.method in _CONCAT_METHODS:
-        forward, inverse = _block_diagonal(metric, getattr(config, _CONCAT_METHODS[config.method]))
-    else:
-        forward, inverse = metric_factor(metric)
-    weights = row_weights if cls.TAKES_ROW_WEIGHTS else None
-    module = cls.from_pretrained(weight.float() @ forward, config, padding_idx=padding_idx, row_weights=weights,
-                                 **fit_options)
-    return _map_back(module.export(), inverse)
+
+def metric_relative_error(approx: torch.Tensor, target: torch.Tensor, metric: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> float:
+    """sum_v w_v e_v A e_v^T / sum_v w_v (t_v - mean_w) A (t_v - mean_w)^T: the relative row error under
+    the metric A (A = I: the plain relative MSE; A from :func:`output_metric`: input and logit error)."""
+    w = torch.ones(target.shape[0]) if weights is None else weights.float().clamp_min(0)
+    mean = (w.unsqueeze(1) * target).sum(0) / w.sum().clamp_min(1e-12)
+    error, centered = (approx - target).double(), (target - mean).double()
+    a = metric.double()
+    num = (w.double() * ((error @ a) * error).sum(1)).sum()
+    den = (w.double() * ((centered @ a) * centered).sum(1)).sum().clamp_min(1e-30)
+    return float(num / den)

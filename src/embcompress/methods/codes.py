@@ -139,6 +139,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
 
     Config = CodesConfig
     Fit = CodesFit
+    TAKES_ROW_WEIGHTS = True
     codes: torch.Tensor  # registered buffers (fixed state; step: learning state), declared for the type checker
     step: torch.Tensor
 
@@ -302,6 +303,10 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
                                            "search": 2}
 
     def _fit(self, weight: torch.Tensor, settings: CodesFit, progress: bool | None) -> CodesFit:
+        return self._fit_weighted(weight, settings, progress, None)
+
+    def _fit_weighted(self, weight: torch.Tensor, settings: CodesFit, progress: bool | None,
+                      row_weights: torch.Tensor | None) -> CodesFit:
         """Fit codes and codebooks to ``weight`` (V, d); ends in the fixed state.
 
         ``procedure="autoencoder"`` runs the paper's fit alone instead (:meth:`_paper_fit`). The
@@ -328,6 +333,11 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         Measured on GloVe 400k x 50, 11x128 fp16 (3.99 MB, 80 bits/row): defaults -> relative MSE
         0.110 (the single-encoding stage 3 gave 0.115, and took longer); :meth:`quick_fit_options`
         -> 0.128 (timings: the README and benchmarks/results/posthoc_glove.md).
+
+        With ``row_weights`` w the fit minimizes sum_i w_i ||e_i||^2: the residual k-means and every
+        least-squares codebook solve weigh rows by w (a row's best codes do not depend on w), and the
+        sample keeps each row's weight. Uniform weights take the unweighted path (the same result).
+        ``procedure="autoencoder"`` (the paper's, an unweighted reconstruction) takes no weights.
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
         cfg = self.config
@@ -336,7 +346,12 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
         assert seed is not None  # fit() draws it
         generator = torch.Generator().manual_seed(seed)
+        if row_weights is not None and bool((row_weights == row_weights[0]).all()):
+            row_weights = None
         if settings.procedure == "autoencoder":
+            if row_weights is not None:
+                raise ValueError("codes: procedure=autoencoder (the paper's fit) takes no row_weights; "
+                                 "use the default procedure=refine")
             self._paper_fit(weight, steps or PAPER_AUTOENCODER_STEPS, batch_size, lr, generator, progress)
             return settings
         rows = weight.shape[0]
@@ -346,25 +361,31 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(stage, refresh=True)
             if stage == "start":
-                train = weight if rows <= sample else weight[torch.randperm(rows, generator=generator)[:sample]]
-                start_books, codes = residual_kmeans(train, cfg.books, cfg.codewords, beam=max(1, beam), seed=seed)
+                keep = None if rows <= sample else torch.randperm(rows, generator=generator)[:sample]
+                train = weight if keep is None else weight[keep]
+                train_weights = row_weights if keep is None or row_weights is None else row_weights[keep]
+                if train_weights is not None and not bool((train_weights > 0).any()):
+                    train_weights = None  # the sample drew only rows of weight 0: fall back to equal weights
+                start_books, codes = residual_kmeans(train, cfg.books, cfg.codewords, beam=max(1, beam), seed=seed,
+                                                     weights=train_weights)
             elif stage == "refine":
-                codebooks, codes = additive_refine(train, codes, cfg.codewords, rounds=rounds, beam=beam)
+                codebooks, codes = additive_refine(train, codes, cfg.codewords, rounds=rounds, beam=beam,
+                                                   weights=train_weights)
             elif stage == "autoencoder" and steps > 0:
                 codes = self._autoencoder_codes(train, codes, codebooks, steps, batch_size, lr, generator,
                                                 progress)
-                codebooks = least_squares_codebooks(train, codes, cfg.codewords)
+                codebooks = least_squares_codebooks(train, codes, cfg.codewords, weights=train_weights)
             elif stage == "all rows" and train is not weight:
                 # Three encodings, best per row: the residual k-means chain of the start (the only sane
                 # one with many books; see beam_encode) and fresh beam searches in both book orders.
                 chain = beam_encode(weight, start_books, max(1, beam), order="stored")
                 codes = improve_codes(weight, chain, codebooks, beam=max(1, beam), sweeps=1)
-                codebooks = least_squares_codebooks(weight, codes, cfg.codewords)
+                codebooks = least_squares_codebooks(weight, codes, cfg.codewords, weights=row_weights)
                 log.info("codes: all rows encoded, relative MSE %.4f",
                          relative_error(row_errors(weight, codes, codebooks), weight))
             elif stage.startswith("polish"):
                 codes = local_search_codes(weight, codes, codebooks, iters=search, generator=generator)
-                codebooks = least_squares_codebooks(weight, codes, cfg.codewords)
+                codebooks = least_squares_codebooks(weight, codes, cfg.codewords, weights=row_weights)
         log.info("codes: final relative MSE %.4f", relative_error(row_errors(weight, codes, codebooks), weight))
         with torch.no_grad():
             self._to_fixed(codes)

@@ -128,6 +128,7 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
     running_mean: torch.Tensor  # registered buffers (batchnorm=true), declared for the type checker
     running_var: torch.Tensor
     QUICK_FIT = {"steps": 50}  # the demo's fit; the default fit is slower and a little better
+    TAKES_ROW_WEIGHTS = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: Any = None,
                  padding_idx: int | None = None, layout: dict[str, Any] | None = None) -> None:
@@ -364,6 +365,10 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
 
     # -- post hoc ----------------------------------------------------------------------------
     def _fit(self, weight: torch.Tensor, settings: DPQFit, progress: bool | None) -> DPQFit:
+        return self._fit_weighted(weight, settings, progress, None)
+
+    def _fit_weighted(self, weight: torch.Tensor, settings: DPQFit, progress: bool | None,
+                      row_weights: torch.Tensor | None) -> DPQFit:
         """Compress ``weight`` (V, d): k-means start, then gradient refinement of the reconstruction.
 
         Start (exact: the eval-mode codes are the k-means codes):
@@ -382,22 +387,28 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         would reorder the scores away from the start), then an exact value update (mean of the
         rows assigned to each codeword; SX only, since VQ's values are also its keys). If the
         refined table reconstructs worse than the start, the start is kept.
+
+        With ``row_weights`` w every stage minimizes sum_i w_i ||e_i||^2: weighted k-means, batches
+        drawn with probability proportional to w, weighted value means and error. Uniform weights
+        are the unweighted objective and take the unweighted path (the same draws, the same result).
         """
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
         assert seed is not None  # fit() draws it
+        if row_weights is not None and bool((row_weights == row_weights[0]).all()):
+            row_weights = None
         sample = settings.sample or fit_sample(self.codewords)
-        start_codes = self._start_from_kmeans(weight, settings.iters, seed, sample)
+        start_codes = self._start_from_kmeans(weight, settings.iters, seed, sample, row_weights)
         if steps <= 0:
             return settings
         start_state = {k: v.clone() for k, v in self.state_dict().items()}
         # Each pass over every row's codes costs a few refinement steps on wide tables: reuse them.
-        start_error = self._error(weight, start_codes)
-        self._refine(weight, steps, self.step_rows(settings.batch_size), settings.lr, seed, progress)
+        start_error = self._error(weight, row_weights, codes=start_codes)
+        self._refine(weight, steps, self.step_rows(settings.batch_size), settings.lr, seed, progress, row_weights)
         codes = self.codes()  # SX codes do not depend on the values, so the value update keeps them
         if self.config.variant == "sx":
-            self._refit_values(weight, codes)
-        error = self._error(weight, codes)
+            self._refit_values(weight, row_weights, codes=codes)
+        error = self._error(weight, row_weights, codes=codes)
         if error > start_error:
             log.info("dpq fit: refinement raised the MSE from %.4g to %.4g; keeping the k-means start",
                      start_error, error)
@@ -409,13 +420,16 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         return max(1, min(batch_size, MAX_STEP_SCORES // (self.groups * self.codewords)))
 
     @torch.no_grad()
-    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536) -> torch.Tensor:
+    def _start_from_kmeans(self, weight: torch.Tensor, iters: int, seed: int, sample: int = 65536,
+                           row_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Set the k-means start (see :meth:`_fit`); returns its codes (V, D), the start's eval-mode codes."""
         cfg = self.config
         sub = weight.reshape(self.num_embeddings, self.groups, self.width).transpose(0, 1)  # (D, V, w)
+        weights = row_weights
         if cfg.shared:
             sub = sub.reshape(1, -1, self.width)  # one k-means over every group's sub-vectors
-        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed, sample=sample)
+            weights = None if row_weights is None else row_weights.repeat(self.groups)  # group-major, like sub
+        centroids, codes = kmeans(sub, self.codewords, iters=iters, seed=seed, sample=sample, weights=weights)
         codes = codes.reshape(self.groups, self.num_embeddings).T  # (V, D), group-major in both cases
         self.values.copy_(centroids)
         self.query.copy_(weight)
@@ -438,8 +452,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         return codes
 
     def _refine(self, weight: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
-                progress: bool | None) -> None:
-        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed + 1))
+                progress: bool | None, row_weights: torch.Tensor | None = None) -> None:
+        step = self._reconstruction_step(weight, batch_size, torch.Generator().manual_seed(seed + 1), row_weights)
         dense = [p for p in self.parameters() if p.requires_grad and p is not self.query]
         sparse = [self.query] if self.query.requires_grad else []
         was_training = self.training
@@ -453,26 +467,33 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
             self.train(was_training)
 
     @torch.no_grad()
-    def _refit_values(self, weight: torch.Tensor, codes: torch.Tensor | None = None) -> None:
-        """Set each value to the mean of the sub-vectors coded to it (optimal for fixed codes)."""
+    def _refit_values(self, weight: torch.Tensor, row_weights: torch.Tensor | None = None,
+                      codes: torch.Tensor | None = None) -> None:
+        """Set each value to the (weighted) mean of the sub-vectors coded to it (optimal for fixed codes)."""
         codes = self.codes() if codes is None else codes  # (V, D)
         sub = weight.reshape(self.num_embeddings, self.groups, self.width)
+        mass = None
+        if row_weights is not None:
+            mass = row_weights.unsqueeze(1).expand(-1, self.groups).reshape(-1)  # (V * D,), row-major like slot
+            sub = sub * row_weights.view(-1, 1, 1)
         stored = self.values.shape[0]
         slot = codes if stored == 1 else codes + torch.arange(self.groups) * self.codewords
         sums = torch.zeros(stored * self.codewords, self.width).index_add_(
             0, slot.reshape(-1), sub.reshape(-1, self.width))
-        counts = torch.bincount(slot.reshape(-1), minlength=stored * self.codewords).float()
+        counts = torch.bincount(slot.reshape(-1), weights=mass, minlength=stored * self.codewords).float()
         flat = self.values.view(-1, self.width)
         used = counts > 0
         flat[used] = sums[used] / counts[used].unsqueeze(1)
 
     @torch.no_grad()
-    def _error(self, weight: torch.Tensor, codes: torch.Tensor | None = None, chunk: int = 65536) -> float:
+    def _error(self, weight: torch.Tensor, row_weights: torch.Tensor | None = None,
+               codes: torch.Tensor | None = None, chunk: int = 65536) -> float:
         codes = self.codes() if codes is None else codes
         total = 0.0
         for s in range(0, self.num_embeddings, chunk):
             rows = decode_codes(codes[s:s + chunk], self.values, "concat")
-            total += float((rows - weight[s:s + chunk]).pow(2).sum())
+            errors = (rows - weight[s:s + chunk]).pow(2).sum(1)
+            total += float(errors.sum() if row_weights is None else (errors * row_weights[s:s + chunk]).sum())
         return total / weight.numel()
 
 
