@@ -49,15 +49,11 @@ FAISS_NBITS = (8, 7, 6, 5, 4, 3, 2)
 SCANNED_WIDTHS = {"faiss-pq": FAISS_NBITS, "faiss-rq": (8, 6, 4, 2)}
 SCAN_SHARE = 0.85  # a scan fits only the widths whose largest setting has this share of the most code bits
 TRAIN_ROWS = 65536  # FAISS's own default training subsample for PQ-style codecs; ours fit samples of similar size
-# Post hoc fit options per table, sized so that one fit stays within a few CPU minutes on this machine.
-# codes on GloVe: the start and least-squares rounds on a 65,536-row sample, every row encoded and
-# polished once (the default's four polish rounds over 400k rows took 1,099 s). On MiniLM the
-# options of benchmarks/minilm.py (DPQ's k-means start alone; codes without polish).
-FIT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "glove": {"codes": {"polish": 1, "search": 4}},
-    "minilm": {"dpq": {"steps": 0, "iters": 6}, "codes": {"beam": 2, "rounds": 1, "sample": 16384, "polish": 1,
-                                                          "search": 2}},
-}
+# Post hoc fit options per table: the library's default fits (each bounded at <= 120 CPU s up to 50k x 1,024,
+# benchmarks/results/fit_grid.md) except where a table's size makes one unaffordable. codes on GloVe's
+# 400k rows: the default's start and least-squares rounds already run on a 65,536-row sample, but its four
+# polish rounds run over all 400k rows (1,099 CPU s at 20x), so one polish round (about 190 CPU s at 20x).
+FIT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {"glove": {"codes": {"polish": 1}}}
 
 
 # -- tables and fits (run in the cell's own process) -----------------------------------------------
@@ -297,7 +293,9 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
              "setting with the most code bits per row within the budget (codes as FAISS stores them, whole bytes "
              "per row; fp32 codebooks; OPQ's d x d rotation). Best of each side chosen by relative MSE. Every fit "
              f"in its own 1-thread process (CPU s = fit + encoding every row); FAISS trains on {TRAIN_ROWS:,} rows. "
-             f"Our fit options: {json.dumps(FIT_OPTIONS)}. Load average at start {setup.get('load', '-')}.", "",
+             f"Our fit options: {json.dumps(FIT_OPTIONS)} (else the library's defaults). Load average at start "
+             f"{setup.get('load', '-')}.", "",
+             *([f"Kept from earlier runs with other fit options: {stale}.", ""] if (stale := stale_fits(results)) else []),
              *([f"Cut from this run: {setup['cut']}", ""] if setup.get("cut") else []),
              "## Summary: our best vs FAISS's best", "",
              "| table | ratio | ours | FAISS | bytes (ours / FAISS) | rel MSE (ours / FAISS) | error reduction | "
@@ -335,6 +333,18 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
                  for r in rows if r.get("tried")]
         lines += ["", "Settings tried (relative MSE; the least kept): " + "; ".join(tried) + "." if tried else "", ""]
     return "\n".join(lines)
+
+
+def stale_fits(results: list[dict[str, Any]]) -> str:
+    """Our cached rows whose fit options differ from today's FIT_OPTIONS (named with the options they ran)."""
+    import embcompress
+
+    def settings(method: str, options: dict[str, Any]) -> Any:
+        return embcompress.get_method(method).Fit(**options)  # defaults filled in: equal settings compare equal
+
+    return "; ".join(f"{r['table']} {r['ratio']:g}x {r['method']} {json.dumps(r['fit'])}" for r in results
+                     if "fit" in r and settings(r["method"], r["fit"])
+                     != settings(r["method"], FIT_OPTIONS.get(r["table"], {}).get(r["method"], {})))
 
 
 def short_spec(spec: str) -> str:
