@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -234,16 +235,22 @@ class MiniLMScores:
         return report
 
 
+def children_cpu_seconds() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def fit_in_process(table: str, ratio: float, method: str, timeout: float, width: int = 0) -> tuple[dict[str, Any], Any]:
     """Run one fit in a child process; (meta or error, approx table or None)."""
     with tempfile.TemporaryDirectory(prefix="equal-bytes-") as folder:
         command = [sys.executable, "-m", "benchmarks.equal_bytes", "--cell", table, str(ratio), method, folder,
                    "--width", str(width)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBCOMPRESS_QUIET": "1"}
+        before = children_cpu_seconds()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return {"error": f"cut after {timeout:.0f} s wall"}, None
+        except subprocess.TimeoutExpired:  # run() kills and reaps the child, so its CPU time is counted
+            return {"error": f"cut after {timeout:.0f} s wall ({children_cpu_seconds() - before:.0f} CPU s)"}, None
         meta_path = Path(folder) / "meta.json"
         if done.returncode != 0 or not meta_path.is_file():
             lines = done.stderr.strip().splitlines()

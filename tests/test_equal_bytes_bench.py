@@ -46,3 +46,12 @@ def test_best_fit_keeps_the_least_error():
     assert meta["spec"] == "shrunk" and set(meta["tried"]) == {"zeros", "shrunk"}
     with pytest.raises(ValueError, match="no setting"):
         E.best_fit([], weight)
+
+
+def test_report_names_only_rows_fitted_with_other_effective_options(monkeypatch):
+    monkeypatch.setattr(E, "FIT_OPTIONS", {"glove": {"codes": {"polish": 1}}})
+    runs = [{"table": "glove", "ratio": 20.0, "method": "codes", "fit": {"polish": 1, "search": 4}},  # 4 = default
+            {"table": "glove", "ratio": 40.0, "method": "codes", "fit": {"polish": 2}},
+            {"table": "minilm", "ratio": 10.0, "method": "dpq", "fit": {}},
+            {"table": "minilm", "ratio": 10.0, "method": "faiss-pq"}]
+    assert E.stale_fits(runs) == 'glove 40x codes {"polish": 2}'
