@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmarks.results_io import write_json, write_text
 
 SHAPES = ["10000x64", "20000x300", "30000x384", "50000x1024"]
 RATIOS = [10.0, 20.0, 40.0]
@@ -149,11 +150,8 @@ def main() -> None:
                 # Re-read before writing: several grid runs (different shapes) may share one results file.
                 results = json.loads(json_path.read_text()) if json_path.is_file() else []
                 results.append(row)
-                json_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = json_path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                os.replace(tmp, json_path)
-                args.out.with_suffix(".md").write_text(markdown(results))
+                write_json(json_path, results)
+                write_text(args.out.with_suffix(".md"), markdown(results))
 
 
 def cut_before(results: list[dict], method: str, shape: str, ratio: float) -> dict | None:

@@ -53,6 +53,7 @@ import embcompress
 from embcompress import hf
 from embcompress.budget import config_for_budget
 from embcompress.config import parse_spec
+from benchmarks.results_io import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["dpq", "codes", "memcom", "tt", "distilled"]
@@ -271,7 +272,7 @@ def write_report(results: dict, out: Path) -> None:
     lines += ["", "Target (10x: cosine >= 0.97, both accuracies within one point of the original): "
               + (", ".join(r["method"] for r in target) + (" meets it." if len(target) == 1 else " meet it.")
                  if target else "not met by any method.")]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     try:
         import matplotlib
 

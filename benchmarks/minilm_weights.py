@@ -32,6 +32,7 @@ from benchmarks.minilm import Evaluator, bbc_articles, by_length, rt_snippets, s
 from embcompress import hf
 from embcompress.budget import config_for_budget
 from embcompress.planner import weighted_relative_error
+from benchmarks.results_io import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["pq", "dpq", "codes", "lowrank"]
@@ -52,10 +53,7 @@ def token_counts(tokenizer, texts: list[str], rows: int) -> torch.Tensor:
 
 
 def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
+    write_json(out.with_suffix(".json"), results)
     orig, setup = results["original"], results["setup"]
     lines = ["# MiniLM word table: plain vs token-count weighted post hoc fits", "",
              f"Counts: {setup['count_tokens']:,} tokens of {setup['count_texts']:,} training-split texts (BBC + RT, "
@@ -79,7 +77,7 @@ def write(results: dict, out: Path) -> None:
     missing = [f"{m} {r:g}x" for r in setup.get("ratios", []) for m in setup.get("methods", []) if (m, r) not in done]
     if missing:
         lines += ["", f"Not measured (the run was stopped at the session's end): {', '.join(missing)}."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from benchmarks.results_io import write_json, write_text
 
 BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
@@ -589,10 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_memory:
             report["memory"] = bench_memory(args.rows, args.dim, args.bags, args.bag_length, methods, args.steps)
     report["load_average_end"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "perf.json", report, indent=2)
     text = markdown(report)
-    (args.out / "perf.md").write_text(text)
+    write_text(args.out / "perf.md", text)
     print(text)
     return 0
 

@@ -32,6 +32,7 @@ from embcompress.config import SpecError
 from embcompress.data import load_table
 from embcompress.evaluate import quality_report
 from embcompress.posthoc import compress_table
+from benchmarks.results_io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["codes", "dpq", "dpq:variant=vq", "tt", "memcom", "distilled", "pq", "lowrank", "qr", "hash",
@@ -162,8 +163,7 @@ def main() -> None:
                 if (r["method"], r["budget_bits"]) not in rerun]
         results = _merge_in_order(kept, results)
         args.bits = sorted({r["budget_bits"] for r in results}, reverse=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_json(args.out.with_suffix(".json"), results, indent=2)
     full = quality_report(table.weight, table.weight, table.words, sample=0)  # the uncompressed table's scores
     lines = [f"# Post hoc compression of GloVe 6B 50d ({rows:,} x {dim})", "",
              f"Budgets count every stored byte (codes, codebooks, cores, scalars). Full table: WS353 {full.get('ws353', math.nan):.3f}, "
@@ -174,7 +174,7 @@ def main() -> None:
     for bits in args.bits:
         lines += [f"## {bits} bits per row ({rows * bits // 8:,} bytes)", "",
                   _markdown([r for r in results if r["budget_bits"] == bits]), ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    write_text(args.out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from benchmarks.results_io import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = {"big": 10_000_000, "mid": 1_000_000, "small": 100_000}
@@ -114,7 +115,7 @@ def worker(rank: int, world: int, port: int, method: str, rows: dict[str, int], 
                      for table, option in per.items()}
         result = {"rank": rank, "peak_bytes": _peak_rss(), "import_peak_bytes": start_rss, "step_seconds": times,
                   "sharding": shardings}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        write_json(Path(out_dir, f"rank{rank}.json"), result, indent=None)
     finally:
         dist.destroy_process_group()
 
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown_only:
         report = json.loads((args.out / "scale.json").read_text())
         report["on_paper"] = on_paper()
-        (args.out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "scale.md").write_text(markdown(report))
+        write_json(args.out / "scale.json", report, indent=2)
+        write_text(args.out / "scale.md", markdown(report))
         return 0
     rows = dict(zip(TABLES, (int(v) for v in args.rows.split(","))))
     report: dict[str, Any] = {"rows": rows, "dim": DIM, "batch": args.batch, "ids": args.ids, "steps": args.steps,
@@ -248,10 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     report["on_paper"] = on_paper()
     report["import_peak_bytes"] = min(r["import_peak_bytes"] for per in report["results"].values()
                                       for r in per.values() if "import_peak_bytes" in r)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "scale.json", report, indent=2)
     text = markdown(report)
-    (args.out / "scale.md").write_text(text)
+    write_text(args.out / "scale.md", text)
     print(text)
     return 0
 

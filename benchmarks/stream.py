@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks.results_io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 CLUSTERS = 256
@@ -134,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"VmHWM {report['peak_rss_bytes'] / 2**20:,.0f} MiB, "
                       f"time -v {report['time_max_rss_bytes'] / 2**20:,.0f} MiB, "
                       f"{report['rows_per_second']:,.0f} rows/s", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{args.out}.md").write_text(markdown(results))
+    write_json(RESULTS / f"{args.out}.json", results, indent=2)
+    write_text(RESULTS / f"{args.out}.md", markdown(results))
     print(f"wrote {RESULTS / args.out}.json and .md")
     return 0
 

@@ -31,6 +31,7 @@ from benchmarks.tasks.datasets import lm_corpus
 from embcompress.budget import config_for_budget
 from embcompress.config import SpecError
 from embcompress.tied_logits import CompressedLogits, fit_output_aware, hidden_second_moment, output_metric
+from benchmarks.results_io import write_json, write_text
 
 TABLE = "model.embed_tokens"
 
@@ -211,7 +212,7 @@ def run(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
                        "logit_rel_mse": logit_error(approx, weight, moment),
                        "weighted_logit_rel_mse": logit_error(approx, weight, moment, counts)}
                 if method in ("pq", "dpq"):
-                    row["cross_group_share"] = cross_group_share(approx, weight, moment, getattr(config, "groups"), counts)
+                    row["cross_group_share"] = cross_group_share(approx, weight, moment, config.groups, counts)
                 if variant == "plain" and method != "scalar" and ratio == 10:
                     row["head_speed"] = head_speed(frozen, weight)
                 results.append(row)
@@ -267,9 +268,7 @@ def _cross_terms(results: list[dict]) -> str:
 def write(results: list[dict], args: argparse.Namespace, rows: int, dim: int) -> None:
     payload = {"model": {"vocab": rows, "hidden": dim, "layers": args.layers, "train_steps": args.steps,
                          "eval_tokens": args.eval_tokens, "output_weight": args.output_weight}, "results": results}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, args.out.with_suffix(".json"))
+    write_json(args.out.with_suffix(".json"), payload)
     methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     lines = [f"# Tied-head Llama-style LM ({rows} x {dim} tied table, {args.layers} layers, {args.steps} training "
              f"steps on the offline LM text): validation perplexity after post hoc compression", "",
@@ -302,7 +301,7 @@ def write(results: list[dict], args: argparse.Namespace, rows: int, dim: int) ->
     missing = [f"{r:g}x" for r in args.ratios if r not in measured]
     if missing:
         lines += ["", f"Not measured (the run was stopped at the session's end): {', '.join(missing)}."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from .experiments import EXPERIMENTS, SIZES, Comparison, settings
 from .run import ORDER, _jsonable, load_results
 from .stats import MEASURES, decisive_size, paired_bootstrap, verdict
+from benchmarks.results_io import write_json, write_text
 
 README_BEGIN = "<!-- claims-table:begin -->"
 README_END = "<!-- claims-table:end -->"
@@ -229,13 +230,10 @@ def write_report(out_dir: Path, size: str = "full") -> Path:
     _plot(claims, out_dir)
     if (out_dir / "claims.png").exists():
         lines += ["![loss intervals per comparison](claims.png)", ""]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "readme_section.md").write_text("\n".join(readme) + "\n")
-    (out_dir / "comparisons.json").write_text(json.dumps(
-        [c for per in claims.values() for r in per.values() for c in r["comparisons"]], indent=1))
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    write_text(out_dir / "readme_section.md", "\n".join(readme) + "\n")
+    write_json(out_dir / "comparisons.json", [c for per in claims.values() for r in per.values()
+                                               for c in r["comparisons"]])
+    return write_text(out_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _plot(claims: dict[str, Any], out_dir: Path) -> None:
@@ -274,7 +272,7 @@ def update_readme(readme: Path, section: Path) -> bool:
         return False
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(head + README_BEGIN + "\n" + section.read_text() + README_END + tail)
+    write_text(readme, head + README_BEGIN + "\n" + section.read_text() + README_END + tail)
     return True
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .experiments import EXPERIMENTS, SIZES, Cell, cell_record, settings
+from benchmarks.results_io import write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ORDER = ["memcom", "dpq", "codes", "distill", "tt"]  # the report's order
@@ -53,11 +54,8 @@ def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_results(out_dir: Path, records: dict[str, dict[str, Any]], claim: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     items = sorted((r for r in records.values() if r["claim"] == claim), key=lambda r: r["key"])
-    tmp = out_dir / f"{claim}.json.tmp"
-    tmp.write_text(json.dumps(items, indent=0))
-    tmp.replace(out_dir / f"{claim}.json")
+    write_json(out_dir / f"{claim}.json", items, indent=0)
 
 
 def _worker_init() -> None:
@@ -164,10 +162,7 @@ def measure(size: str, claims: list[str], out_dir: Path, jobs: int) -> list[dict
         cell = next(c for c in firsts.values() if c.key() == record["key"])
         old = json.loads(path.read_text()) if path.exists() else []
         keep = [p for p in old if (p["claim"], p["dataset"], p["arm"]) != (cell.claim, cell.dataset, cell.arm)]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(keep + [entry(cell, record)], key=_plan_order), indent=1))
-        tmp.replace(path)
+        write_json(path, sorted(keep + [entry(cell, record)], key=_plan_order))
 
     run(list(firsts.values()), out_dir, jobs, max_batches=MEASURE_BATCHES, on_record=save)
     return json.loads(path.read_text()) if path.exists() else []
