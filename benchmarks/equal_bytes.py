@@ -363,11 +363,11 @@ def short_spec(spec: str) -> str:
 
 def write(out: Path, results: list[dict[str, Any]], references: dict[str, dict[str, float]],
           setup: dict[str, Any]) -> None:
-    from embcompress.io import atomic_write_bytes
+    from benchmarks.results_io import write_json, write_text
 
     payload = {"setup": setup, "references": references, "summary": summary(results, references), "runs": results}
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(payload, indent=1) + "\n").encode())
-    atomic_write_bytes(out.with_suffix(".md"), (markdown(results, references, setup) + "\n").encode())
+    write_json(out.with_suffix(".json"), payload)
+    write_text(out.with_suffix(".md"), markdown(results, references, setup) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
