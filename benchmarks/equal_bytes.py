@@ -302,7 +302,8 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
              f"in its own 1-thread process (CPU s = fit + encoding every row); FAISS trains on {TRAIN_ROWS:,} rows. "
              f"Our fit options: {json.dumps(FIT_OPTIONS)} (else the library's defaults). Load average at start "
              f"{setup.get('load', '-')}.", "",
-             *([f"Kept from earlier runs with other fit options: {stale}.", ""] if (stale := stale_fits(results)) else []),
+             *([f"Kept from earlier runs with other fit options: {stale}.", ""]
+               if (stale := stale_fits(results)) else []),
              *([f"Cut from this run: {setup['cut']}", ""] if setup.get("cut") else []),
              "## Summary: our best vs FAISS's best", "",
              "| table | ratio | ours | FAISS | bytes (ours / FAISS) | rel MSE (ours / FAISS) | error reduction | "
@@ -316,7 +317,8 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
                      f"{s['ours_rel_mse']:.4f} / {s['faiss_rel_mse']:.4f} | "
                      f"{100 * s['rel_mse_reduction']:+.1f}% | {down} | {s['ours_cpu_seconds']:.0f} / "
                      f"{s['faiss_cpu_seconds']:.0f} |")
-    lines += ["", "Error reduction = 1 - (our rel MSE / FAISS's): positive where we win.", ""]
+    lines += ["", "Error reduction = 1 - (our rel MSE / FAISS's): positive where we win.", "",
+              f"Where FAISS's best is ahead of ours: {faiss_ahead(summary(results, references))}.", ""]
     for table in TABLES:
         rows = [r for r in results if r["table"] == table]
         if not rows:
@@ -340,6 +342,19 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
                  for r in rows if r.get("tried")]
         lines += ["", "Settings tried (relative MSE; the least kept): " + "; ".join(tried) + "." if tried else "", ""]
     return "\n".join(lines)
+
+
+def faiss_ahead(entries: list[dict[str, Any]]) -> str:
+    """Every (table, ratio, measure) of the summary where FAISS's best beats ours (all measures: higher is
+    better, but relative MSE), or "nowhere"."""
+    ahead = []
+    for s in entries:
+        where = f"{s['table']} {s['ratio']:g}x"
+        if s["rel_mse_reduction"] < 0:
+            ahead.append(f"{where} rel MSE {s['faiss_rel_mse']:.4f} vs ours {s['ours_rel_mse']:.4f}")
+        ahead += [f"{where} {name} {s[f'faiss_{key}']:.3f} vs ours {s[f'ours_{key}']:.3f}"
+                  for name, key in DOWNSTREAM[s["table"]] if s.get(f"delta_{key}", 0) < 0]
+    return "; ".join(ahead) or "nowhere"
 
 
 def stale_fits(results: list[dict[str, Any]]) -> str:

@@ -55,3 +55,13 @@ def test_report_names_only_rows_fitted_with_other_effective_options(monkeypatch)
             {"table": "minilm", "ratio": 10.0, "method": "dpq", "fit": {}},
             {"table": "minilm", "ratio": 10.0, "method": "faiss-pq"}]
     assert E.stale_fits(runs) == 'glove 40x codes {"polish": 2}'
+
+
+def test_report_lists_every_measure_where_faiss_is_ahead():
+    entries = [{"table": "glove", "ratio": 40.0, "rel_mse_reduction": 0.05, "faiss_rel_mse": 0.35, "ours_rel_mse": 0.33,
+                "ours_simlex": 0.13, "faiss_simlex": 0.15, "delta_simlex": -0.02, "delta_ws353": 0.05},
+               {"table": "minilm", "ratio": 20.0, "rel_mse_reduction": -0.01, "faiss_rel_mse": 0.19,
+                "ours_rel_mse": 0.192}]
+    assert E.faiss_ahead(entries) == ("glove 40x SimLex 0.150 vs ours 0.130; "
+                                      "minilm 20x rel MSE 0.1900 vs ours 0.1920")
+    assert E.faiss_ahead([{**entries[0], "delta_simlex": 0.0}]) == "nowhere"
