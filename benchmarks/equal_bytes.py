@@ -29,6 +29,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell", nargs=4, metavar=("TABLE", "RATIO", "METHOD", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # A stopped run (SIGTERM) unwinds, so the fit's child is killed and its temporary folder removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.cell:
         run_cell(args.cell[0], float(args.cell[1]), args.cell[2], Path(args.cell[3]), args.width)
         return 0
