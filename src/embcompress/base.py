@@ -187,15 +187,17 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         checked against the method's ``Fit`` (a misspelt name is an error naming the valid ones);
         the resolved settings are kept in :attr:`fit_settings`. ``row_weights`` (V,) weighs each
         row's error (token counts) for the methods that take it (:func:`row_weighted_methods`);
-        a tensor, not a setting, so it is not recorded.
+        a tensor, not a setting, so it is not recorded. Uniform weights are the unweighted objective
+        and take the unweighted fit (the same draws, the same result).
         """
         resolved = self.Fit.parse(settings, **options)
         if getattr(resolved, "seed", 0) is None:  # drawn now, so the table records a seed that reproduces it
             resolved = resolved.replace(seed=int(torch.randint(0, 2**31 - 1, ())))
-        if row_weights is None:
+        weights = None if row_weights is None else self._check_row_weights(row_weights)
+        if weights is None or bool((weights == weights[0]).all()):  # uniform weights: the unweighted objective
             used = self._fit(weight, resolved, progress)
         else:
-            used = self._fit_weighted(weight, resolved, progress, self._check_row_weights(row_weights))
+            used = self._fit_weighted(weight, resolved, progress, weights)
         self.fit_settings = used.to_dict()
         return self
 

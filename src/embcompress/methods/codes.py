@@ -336,7 +336,7 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
 
         With ``row_weights`` w the fit minimizes sum_i w_i ||e_i||^2: the residual k-means and every
         least-squares codebook solve weigh rows by w (a row's best codes do not depend on w), and the
-        sample keeps each row's weight. Uniform weights take the unweighted path (the same result).
+        sample keeps each row's weight.
         ``procedure="autoencoder"`` (the paper's, an unweighted reconstruction) takes no weights.
         """
         weight = self._check_fit_weight(weight).detach().float().cpu()
@@ -346,8 +346,6 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
         assert seed is not None  # fit() draws it
         generator = torch.Generator().manual_seed(seed)
-        if row_weights is not None and bool((row_weights == row_weights[0]).all()):
-            row_weights = None
         if settings.procedure == "autoencoder":
             if row_weights is not None:
                 raise ValueError("codes: procedure=autoencoder (the paper's fit) takes no row_weights; "

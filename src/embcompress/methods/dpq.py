@@ -391,14 +391,11 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
         refined table reconstructs worse than the start, the start is kept.
 
         With ``row_weights`` w every stage minimizes sum_i w_i ||e_i||^2: weighted k-means, batches
-        drawn with probability proportional to w, weighted value means and error. Uniform weights
-        are the unweighted objective and take the unweighted path (the same draws, the same result).
+        drawn with probability proportional to w, weighted value means and error.
         """
         weight = self._check_fit_weight(weight)
         steps, seed = settings.steps, settings.seed
         assert seed is not None  # fit() draws it
-        if row_weights is not None and bool((row_weights == row_weights[0]).all()):
-            row_weights = None
         sample = settings.sample or fit_sample(self.codewords)
         start_codes = self._start_from_kmeans(weight, settings.iters, seed, sample, row_weights)
         if steps <= 0:
