@@ -112,6 +112,17 @@ def test_budget_with_calibration_measures_candidates_under_the_logit_metric():
         assert torch.isfinite(model(calibration[0]).logits).all()
 
 
+def test_calibration_from_a_generator_is_read_once_for_both_the_metric_and_the_row_counts():
+    batches = [torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    tables = []
+    for calibration in (batches, (b for b in batches)):
+        model = _anisotropic_llama()
+        torch.manual_seed(0)
+        embcompress.compress_(model, "pq:groups=8,codewords=16", calibration=calibration)
+        tables.append(model.model.embed_tokens.materialize())
+    torch.testing.assert_close(tables[1], tables[0], rtol=0, atol=0)
+
+
 def test_calibration_errors_name_the_problem():
     model = torch.nn.Sequential(torch.nn.Embedding(50, 8))
     with pytest.warns(UserWarning, match="no table is tied to an output layer"):

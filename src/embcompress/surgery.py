@@ -43,7 +43,8 @@ from .base import CompressedEmbedding
 from .config import FitConfig, MethodConfig, SpecError, parse_spec
 from .io import ArtifactError, build_trainable, json_ready, read_folder_bundle, write_folder_bundle
 from .registry import get_method, list_methods
-from .tied_logits import fit_output_aware_module, head_second_moments, output_metric, supports_output_aware
+from .tied_logits import (calibration_batches, fit_output_aware_module, head_second_moments, output_metric,
+                          supports_output_aware)
 from .validation import MAX_DIM, MAX_ROWS, check_bag, json_choice, json_int, json_int_list, json_object
 
 __all__ = [
@@ -418,8 +419,10 @@ def compress_(
             continue
         resolved = {n: _resolve_spec(n, spec_or_mapping, used_keys) for n in names}
         kept.append((members, resolved))
-    metrics = _calibration_metrics(model, kept, holders, calibration, output_weight) \
-        if calibration is not None and init == "pretrained" and not untie else {}
+    metrics: dict[str, torch.Tensor] = {}
+    if calibration is not None and init == "pretrained" and not untie:
+        calibration = calibration_batches(calibration)  # read once: the metrics and the counts both use it
+        metrics = _calibration_metrics(model, kept, holders, calibration, output_weight)
     if metrics:  # a tied table's rows are weighted by how often the calibration inputs read them
         row_weights = dict(row_weights or {})
         for members, _ in kept:
@@ -467,20 +470,29 @@ def _table_row_weights(names: list[str], config: MethodConfig,
 
 
 def _tied_heads(members: list[tuple[str, nn.Module]], holders: dict[int, list[tuple[str, nn.Module, str]]]
-                ) -> list[nn.Module]:
-    """The Linear layers that hold this table's weight Parameter as their own (tied output layers)."""
+                ) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of the Linear layers that hold this table's weight Parameter as their own (tied
+    output layers). Every other holder must be one: anything else would be silently cut off from
+    the compressed table."""
     member_ids = {id(m) for _, m in members}
-    weight = cast(nn.Embedding, members[0][1]).weight
-    heads = {id(h): h for _, h, attr in holders.get(id(weight), [])
-             if id(h) not in member_ids and isinstance(h, nn.Linear) and attr == "weight"}
-    return list(heads.values())
+    heads: list[tuple[str, nn.Linear]] = []
+    for holder_name, holder, attr in holders.get(id(cast(nn.Embedding, members[0][1]).weight), []):
+        if id(holder) in member_ids:
+            continue
+        if isinstance(holder, nn.Linear) and attr == "weight":
+            heads.append((holder_name, holder))
+            continue
+        raise ValueError(f"the weight of {members[0][0]!r} is also held as {holder_name}.{attr} by a "
+                         f"{type(holder).__name__}, which compress_ cannot rewire; skip this table in the "
+                         "mapping, or make that module use the embedding module instead of its weight")
+    return heads
 
 
 def _calibration_metrics(model: nn.Module, kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
                          holders: dict[int, list[tuple[str, nn.Module, str]]], calibration: Any,
                          output_weight: float) -> dict[str, torch.Tensor]:
     """First name of each table tied to an output layer -> its row-error metric from the calibration inputs."""
-    tied = {members[0][0]: _tied_heads(members, holders) for members, _ in kept}
+    tied = {members[0][0]: list({id(h): h for _, h in _tied_heads(members, holders)}.values()) for members, _ in kept}
     tied = {name: heads for name, heads in tied.items() if heads}
     if not tied:
         warnings.warn("calibration= was given but no table is tied to an output layer; it is not used", stacklevel=3)
@@ -490,10 +502,9 @@ def _calibration_metrics(model: nn.Module, kept: list[tuple[list[tuple[str, nn.M
             for name, heads in tied.items()}
 
 
-def _calibration_counts(calibration: Any, rows: int) -> torch.Tensor | None:
+def _calibration_counts(batches: list[Any], rows: int) -> torch.Tensor | None:
     """Add-one smoothed counts of the calibration token ids (rows a model reads often count more), or
     None when the ids do not index a table of ``rows`` rows."""
-    batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
     ids = [b["input_ids"] if isinstance(b, dict) else b for b in batches]
     ids = [t.reshape(-1).long().cpu() for t in ids if isinstance(t, torch.Tensor) and not t.is_floating_point()]
     if not ids or any(bool((t < 0).any() or (t >= rows).any()) for t in ids if t.numel()):
@@ -545,20 +556,7 @@ def _replace_group(model: nn.Module, members: list[tuple[str, nn.Module]], confi
     first = cast(Union[nn.Embedding, nn.EmbeddingBag], members[0][1])
     weight = first.weight
     padding_idx = first.padding_idx
-    member_ids = {id(m) for _, m in members}
-
-    # Every other holder of this Parameter must be a tied Linear head; anything else would be
-    # silently cut off from the compressed table.
-    heads: list[tuple[str, nn.Linear]] = []
-    for holder_name, holder, attr in holders.get(id(weight), []):
-        if id(holder) in member_ids:
-            continue
-        if isinstance(holder, nn.Linear) and attr == "weight":
-            heads.append((holder_name, holder))
-            continue
-        raise ValueError(f"the weight of {members[0][0]!r} is also held as {holder_name}.{attr} by a "
-                         f"{type(holder).__name__}, which compress_ cannot rewire; skip this table in the "
-                         "mapping, or make that module use the embedding module instead of its weight")
+    heads = _tied_heads(members, holders)
 
     for name, module in members:
         for option in _DROPPED_EMBEDDING_OPTIONS:

@@ -49,7 +49,8 @@ from .registry import get_method
 #: block-diagonally per group so the product structure survives the change of space.
 _CONCAT_METHODS = {"pq": "groups", "dpq": "groups"}
 
-__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "head_second_moments", "output_metric",
+__all__ = ["CompressedLogits", "compressed_logits", "hidden_second_moment", "calibration_batches",
+           "head_second_moments", "output_metric",
            "metric_factor",
            "fit_output_aware", "fit_output_aware_module", "map_rows_", "metric_relative_error",
            "supports_output_aware"]
@@ -135,6 +136,15 @@ def hidden_second_moment(hidden_batches: Iterable[torch.Tensor]) -> torch.Tensor
     return (total / count).float()
 
 
+def calibration_batches(calibration: Any) -> list[Any]:
+    """The calibration inputs as a list of batches: one tensor or dict is one batch; any other iterable
+    (a generator too) is read once, so every later pass sees the same batches."""
+    batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty; pass token-id batches (batch, seq) or dicts of model inputs")
+    return batches
+
+
 @torch.no_grad()
 def head_second_moments(model: nn.Module, heads: Iterable[nn.Module], calibration: Any) -> dict[int, torch.Tensor]:
     """id(head) -> second moment of the hidden states that reach ``head`` while ``model`` reads ``calibration``.
@@ -155,9 +165,7 @@ def head_second_moments(model: nn.Module, heads: Iterable[nn.Module], calibratio
         sums[key] = h.t() @ h if key not in sums else sums[key] + h.t() @ h
         counts[key] = counts.get(key, 0) + h.shape[0]
 
-    batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else list(calibration)
-    if not batches:
-        raise ValueError("calibration is empty; pass token-id batches (batch, seq) or dicts of model inputs")
+    batches = calibration_batches(calibration)
     handles = [head.register_forward_pre_hook(hook) for head in heads]
     was_training = model.training
     model.eval()
