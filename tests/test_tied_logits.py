@@ -1,5 +1,7 @@
 """Tied output layers: logits from the compressed form, and output-aware (hidden-state weighted) fits."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +161,13 @@ def test_compress_model_cli_calibrates_tied_tables_on_texts(tmp_path, capsys):
     assert main(["-q", "compress-model", str(tmp_path / "bare"), "--ratio", "6", "--calibration", str(texts),
                  "-o", str(tmp_path / "x")]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+    (tmp_path / "binary.txt").write_bytes(b"w1 w2\n\xff\xfe\x00 w3\n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for bad, message in ((tmp_path / "binary.txt", "is not UTF-8 text"), (tmp_path / "blank.txt", "no non-empty lines"),
+                         (tmp_path, "is a directory"), (Path("/dev/zero"), "a device, FIFO or socket"),
+                         (tmp_path / "missing.txt", "no --calibration text at")):
+        assert main(["-q", "compress-model", str(folder), "--ratio", "6", "--calibration", str(bad),
+                     "-o", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()

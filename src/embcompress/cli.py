@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .config import FitLike, SpecError, parse_spec
-from .io import ArtifactError, atomic_write_bytes, check_output_path, load, read_header, save
+from .io import ArtifactError, _regular_file, atomic_write_bytes, check_output_path, load, read_header, save
 from .progress import set_progress
 from .registry import get_method, list_methods
 
@@ -229,19 +229,20 @@ def cmd_compress_model(args: argparse.Namespace) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only
     if not (args.folder / "config.json").is_file():
         raise FileNotFoundError(f"{args.folder} has no config.json; give a Hugging Face model folder")
+    budget = {k: v for k, v in _budget(args).items() if v is not None}
+    if not budget:
+        raise ValueError("give a budget: --ratio, --bits-per-row or --bytes (for all tables together)")
+    fit_options = {"steps": args.steps} if args.steps else None
+    skip = {name: "skip" for name in args.skip or []}
+    # The arguments are checked before the model loads (a large model takes a while to load).
+    calibration = _calibration_ids(transformers, args.folder, args.calibration, args.calibration_lines) \
+        if args.calibration else None
     config = transformers.AutoConfig.from_pretrained(str(args.folder), local_files_only=True)
     # A causal LM is loaded with its head, so a head tied to the token table stays tied (and is
     # computed from the compressed table); load_pretrained needs the same class.
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = loader.from_pretrained(str(args.folder), local_files_only=True)
-    budget = {k: v for k, v in _budget(args).items() if v is not None}
-    if not budget:
-        raise ValueError("give a budget: --ratio, --bits-per-row or --bytes (for all tables together)")
-    fit_options = {"steps": args.steps} if args.steps else None
-    skip = {name: "skip" for name in args.skip or []}
-    calibration = _calibration_ids(transformers, args.folder, args.calibration, args.calibration_lines) \
-        if args.calibration else None
     report = compress_(model, skip or None, budget=budget, methods=args.methods, fit_options=fit_options,
                        calibration=calibration)
     save_pretrained(model, args.output)
@@ -261,7 +262,18 @@ def _calibration_ids(transformers: Any, folder: Path, path: Path, lines: int) ->
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder} has no tokenizer to read --calibration texts with ({exc}); save the "
                          "model's tokenizer into the folder") from None
-    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()][:lines]
+    _regular_file(path, "--calibration text")  # a device or FIFO would never end
+    texts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as handle:  # only the lines used are read (at most 64 KiB each)
+            for line in iter(lambda: handle.readline(65536), ""):
+                if line.strip():
+                    texts.append(line.rstrip("\r\n"))
+                    if len(texts) == lines:
+                        break
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--calibration {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "give a UTF-8 text file, one text per line") from None
     if not texts:
         raise ValueError(f"--calibration {path} has no non-empty lines; give one text per line")
     ids = [tokenizer(t, truncation=True, max_length=128, return_tensors="pt")["input_ids"] for t in texts]
