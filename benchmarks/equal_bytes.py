@@ -56,6 +56,10 @@ TRAIN_ROWS = 65536  # FAISS's own default training subsample for PQ-style codecs
 # 400k rows: the default's start and least-squares rounds already run on a 65,536-row sample, but its four
 # polish rounds run over all 400k rows (1,099 CPU s at 20x), so one polish round (about 190 CPU s at 20x).
 FIT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {"glove": {"codes": {"polish": 1}}}
+# Our budget rules may choose settings whose default fit takes up to this many times the library's default
+# bound (config_for_budget's fit_time; only codes' number of books depends on it), the order of the CPU time
+# FAISS's RQ, OPQ and LSQ take on these tables: at 1.0 codes leaves a third of GloVe's 10x budget unused.
+FIT_TIME = 4.0
 
 
 # -- tables and fits (run in the cell's own process) -----------------------------------------------
@@ -156,13 +160,14 @@ def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int,
         configs = []
         for codewords in (256, 128, 64, 32, 16, 8, 4, 2):
             try:
-                configs.append(config_for_budget(f"pq:codewords={codewords}", rows, dim, bytes=budget))
+                configs.append(config_for_budget(f"pq:codewords={codewords}", rows, dim, bytes=budget,
+                                                 fit_time=FIT_TIME))
             except SpecError:
                 continue
         most = max((c.groups * bits_for(c.codewords) for c in configs), default=0)
         configs = [c for c in configs if c.groups * bits_for(c.codewords) >= SCAN_SHARE * most]
         return best_fit([lambda c=c: fit_config(c, table, weight) for c in configs], weight)
-    return fit_config(config_for_budget(method, rows, dim, bytes=budget), table, weight)
+    return fit_config(config_for_budget(method, rows, dim, bytes=budget, fit_time=FIT_TIME), table, weight)
 
 
 def fit_config(config: Any, table: str, weight: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
@@ -301,7 +306,9 @@ def markdown(results: list[dict[str, Any]], references: dict[str, dict[str, floa
              "setting with the most code bits per row within the budget (codes as FAISS stores them, whole bytes "
              "per row; fp32 codebooks; OPQ's d x d rotation). Best of each side chosen by relative MSE. Every fit "
              f"in its own 1-thread process (CPU s = fit + encoding every row); FAISS trains on {TRAIN_ROWS:,} rows. "
-             f"Our fit options: {json.dumps(FIT_OPTIONS)} (else the library's defaults). Load average at start "
+             f"Our fit options: {json.dumps(FIT_OPTIONS)} (else the library's defaults); our budget rules may "
+             f"choose settings whose default fit takes up to {FIT_TIME:g}x the library's default bound "
+             "(`config_for_budget(fit_time=...)`; only codes' books depend on it). Load average at start "
              f"{setup.get('load', '-')}.", "",
              *([f"Kept from earlier runs with other fit options: {stale}.", ""]
                if (stale := stale_fits(results)) else []),

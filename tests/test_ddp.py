@@ -13,6 +13,7 @@ Checks, after a few SGD steps on the same global batch:
 import datetime
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -69,6 +70,7 @@ def worker(rank, port, out_dir):
                 model.eval()(ids[0, half])
             states[name] = model.module.state_dict()
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -77,6 +79,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def exit_after(target, *args) -> None:
+    """Run ``target(*args)`` in a spawned worker, then leave without interpreter finalization.
+
+    Threads that gloo, TorchRec or FBGEMM leave behind can abort the finalization (CI once saw a rank
+    end by SIGABRT, "terminate called without an active exception", after its process group was
+    destroyed), failing a run whose work was done. An exception in ``target`` still fails the worker.
+    """
+    target(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_processes(procs: list, timeout: float, what: str) -> None:
@@ -95,7 +110,7 @@ def run_ddp():
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         port = free_port()
-        procs = [ctx.Process(target=worker, args=(r, port, out_dir)) for r in range(2)]
+        procs = [ctx.Process(target=exit_after, args=(worker, r, port, out_dir)) for r in range(2)]
         run_processes(procs, timeout=90, what="DDP worker")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 

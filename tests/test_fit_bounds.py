@@ -11,6 +11,7 @@ import embcompress.kmeans as kmeans_module
 import embcompress.methods.codes as codes_module
 import embcompress.methods.dpq as dpq_module
 import embcompress.methods.pq as pq_module
+from embcompress import get_method
 from embcompress.budget import config_for_budget
 from embcompress.kmeans import MIN_FIT_ROWS, POINTS_PER_CENTROID, SEED_POINTS_PER_CENTROID, fit_sample, kmeans
 
@@ -87,6 +88,22 @@ def test_codes_budget_rule_keeps_books_within_the_fit_work_bound(ratio, shape):
     work = codes_module.fit_work(rows, dim, config.books, config.codewords)
     assert config.books <= codes_module.max_books(rows, dim, config.codewords)
     assert work <= codes_module.MAX_FIT_WORK or config.books == 1, (config, work)
+
+
+def test_codes_fit_time_raises_the_books_cap_until_the_budget_binds():
+    """GloVe's 400,000 x 50 at 10x: the default bound leaves a third of the budget unused; twice the fit time
+    buys the books the bytes allow, and more fit time changes nothing. Other methods ignore it."""
+    rows, dim = 400_000, 50
+    default, doubled, more = (config_for_budget("codes", rows, dim, ratio=10, fit_time=t) for t in (1, 2, 8))
+    assert (default.books, default.codewords) == (14, 128)
+    assert doubled.books > default.books and doubled == more
+    size = get_method("codes").expected_bytes(doubled, rows, dim)
+    assert 0.95 * rows * dim * 4 / 10 < size <= rows * dim * 4 / 10
+    assert codes_module.fit_work(rows, dim, doubled.books, doubled.codewords) <= 2 * codes_module.MAX_FIT_WORK
+    assert config_for_budget("pq", rows, dim, ratio=10, fit_time=8) == config_for_budget("pq", rows, dim, ratio=10)
+    for bad in (0, -1.0, float("nan"), float("inf"), "4"):
+        with pytest.raises(ValueError, match="fit_time must be a positive finite number"):
+            config_for_budget("codes", rows, dim, ratio=10, fit_time=bad)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

@@ -30,7 +30,7 @@ import embcompress  # noqa: E402
 from embcompress.config import SpecError  # noqa: E402
 from embcompress.integrations.torchrec import (CompressedEmbeddingBagCollection,  # noqa: E402
                                                CompressedEmbeddingCollection, compressed_tables)
-from test_ddp import free_port, run_processes  # noqa: E402
+from test_ddp import exit_after, free_port, run_processes  # noqa: E402
 
 D, DENSE, BATCH, STEPS, LR = 8, 4, 16, 3, 0.1
 ROWS = {"item": 300, "user": 200, "cat": 100, "page": 260}
@@ -242,6 +242,7 @@ def worker(rank, world, port, out_dir, kind="bag"):
                       os.path.join(out_dir, "result.safetensors"))
             for name, table in tables.items():
                 embcompress.save(table.export(), os.path.join(out_dir, f"{name}.safetensors"))
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -252,8 +253,8 @@ def test_sharded_training_matches_one_process_and_exports(kind):
     with tempfile.TemporaryDirectory() as single, tempfile.TemporaryDirectory() as sharded:
         ctx = mp.get_context("spawn")
         ports = free_port(), free_port()
-        procs = [ctx.Process(target=worker, args=(0, 1, ports[0], single, kind))]
-        procs += [ctx.Process(target=worker, args=(rank, 2, ports[1], sharded, kind)) for rank in range(2)]
+        procs = [ctx.Process(target=exit_after, args=(worker, 0, 1, ports[0], single, kind))]
+        procs += [ctx.Process(target=exit_after, args=(worker, rank, 2, ports[1], sharded, kind)) for rank in range(2)]
         run_processes(procs, timeout=150, what="TorchRec worker")
         one, two = (load_file(os.path.join(d, "result.safetensors")) for d in (single, sharded))
         torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)

@@ -154,11 +154,14 @@ class CompressedEmbedding(nn.Module, Generic[C]):
         raise NotImplementedError
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: C) -> list[C]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: C,
+                          fit_time: float = 1.0) -> list[C]:
         """Configs to consider for a byte budget, best-quality-first among equal sizes.
 
         ``base`` carries the fields the user fixed; vary the size knobs. ``embcompress.budget``
-        keeps the largest candidate that fits.
+        keeps the largest candidate that fits. ``fit_time``: how many times the default post hoc
+        fit's time bound (about two CPU minutes) a candidate's default fit may take, for methods
+        whose fit time grows with the setting (``codes``); the others ignore it.
         """
         raise NotImplementedError
 

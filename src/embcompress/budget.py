@@ -42,15 +42,22 @@ def budget_bytes(num_embeddings: int, embedding_dim: int, *, bytes: int | None =
 
 def config_for_budget(spec: "str | MethodConfig", num_embeddings: int, embedding_dim: int, *,
                       bytes: int | None = None, bits_per_row: float | None = None,
-                      ratio: float | None = None) -> MethodConfig:
-    """The method's config with the most bytes within the budget (fields set in ``spec`` are kept)."""
+                      ratio: float | None = None, fit_time: float = 1.0) -> MethodConfig:
+    """The method's config with the most bytes within the budget (fields set in ``spec`` are kept).
+
+    ``fit_time`` lets methods whose default fit grows with the setting (``codes``: with the number of
+    books) choose settings whose fit may take that many times the default bound of about two CPU
+    minutes; at the default 1.0 a wide table may be left part of its budget.
+    """
+    if not (isinstance(fit_time, numbers.Real) and math.isfinite(fit_time) and fit_time > 0):
+        raise ValueError(f"fit_time must be a positive finite number, got {fit_time!r}; e.g. fit_time=4")
     base = parse_spec(spec)
     fixed = _explicit_keys(spec)
     cls = get_method(base.method)
     limit = budget_bytes(num_embeddings, embedding_dim, bytes=bytes, bits_per_row=bits_per_row, ratio=ratio)
     best: MethodConfig | None = None
     best_bytes, smallest = -1, None
-    for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base):
+    for candidate in cls.budget_candidates(num_embeddings, embedding_dim, base, fit_time=fit_time):
         if any(getattr(candidate, key) != getattr(base, key) for key in fixed):
             continue  # the user fixed this field in the spec
         try:

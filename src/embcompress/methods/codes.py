@@ -184,7 +184,8 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
                 + itemsize * config.books * config.codewords * embedding_dim)
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: CodesConfig) -> list[CodesConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: CodesConfig,
+                          fit_time: float = 1.0) -> list[CodesConfig]:
         """Every M for one codebook size K per codebook precision; the largest that fits wins.
 
         K is the largest power of two (8..256) whose codebook costs at most 1/16 of the codes it
@@ -196,8 +197,9 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         default fit. With an earlier quick fit, 11x128 gave 0.136 where 9x256 fp16 (72 code bits) gave 0.146.
         40 bits/row -> 6x64 fp32 (36 code bits, 1.88 MB): 0.359 with :meth:`quick_fit_options`.
 
-        Books are capped by :func:`max_books` so the default fit stays within about two minutes at
-        every shape (the fit grows with rows x d x books x (K + 300), :func:`fit_work`); where the cap
+        Books are capped by :func:`max_books` so the default fit stays within about two minutes
+        (``fit_time`` times that) at every shape (the fit grows with rows x d x books x (K + 300),
+        :func:`fit_work`); where the cap
         binds, larger K (up to 256) is offered too, each under its own cap: at 20,000 x 300 and 10x the
         rule once picked 195 books of 8 codewords, a fit that had not finished after 15 minutes. Wide
         tables then use only part of the budget (50,000 x 1,024 at 10x: one book of 256, 186x). Smaller
@@ -208,12 +210,12 @@ class CompositionalCodeEmbedding(QueryTableMixin, CompressedEmbedding[CodesConfi
         for dtype in ("float16", "float32"):
             k = max(MIN_CODEWORDS, preferred_codewords(num_embeddings, embedding_dim, _DTYPES[dtype].itemsize))
             uncapped = max(1, min(256, 16 * embedding_dim // bits_for(k)))
-            most = min(uncapped, max_books(num_embeddings, embedding_dim, k))
+            most = min(uncapped, max_books(num_embeddings, embedding_dim, k, fit_time))
             out += [base.replace(books=m, codewords=k, codebook_dtype=dtype) for m in range(1, most + 1)]
             floor = cls.expected_bytes(out[-most], num_embeddings, embedding_dim)
             larger = k * 2
             while most < uncapped and larger <= 256:  # the cap binds: buy bits with larger codebooks instead
-                cap = min(uncapped, max_books(num_embeddings, embedding_dim, larger))
+                cap = min(uncapped, max_books(num_embeddings, embedding_dim, larger, fit_time))
                 out += [base.replace(books=m, codewords=larger, codebook_dtype=dtype) for m in range(1, cap + 1)]
                 larger *= 2
             for small in (2, 4):
@@ -528,9 +530,9 @@ def fit_work(num_embeddings: int, embedding_dim: int, books: int, codewords: int
     return min(num_embeddings, 65536) * embedding_dim * books * (codewords + BOOK_OVERHEAD)
 
 
-def max_books(num_embeddings: int, embedding_dim: int, codewords: int) -> int:
-    """Most books whose default post hoc fit stays within :data:`MAX_FIT_WORK` (at least 1)."""
-    return max(1, int(MAX_FIT_WORK // fit_work(num_embeddings, embedding_dim, 1, codewords)))
+def max_books(num_embeddings: int, embedding_dim: int, codewords: int, fit_time: float = 1.0) -> int:
+    """Most books whose default post hoc fit stays within ``fit_time`` x :data:`MAX_FIT_WORK` (at least 1)."""
+    return max(1, int(fit_time * MAX_FIT_WORK // fit_work(num_embeddings, embedding_dim, 1, codewords)))
 
 
 def preferred_codewords(num_embeddings: int, embedding_dim: int, itemsize: int = 4,

@@ -179,7 +179,8 @@ class DPQEmbedding(QueryTableMixin, CompressedEmbedding[DPQConfig]):
                 + 4 * stored * config.codewords * width)
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: DPQConfig) -> list[DPQConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: DPQConfig,
+                          fit_time: float = 1.0) -> list[DPQConfig]:
         # Small K first: among configs of equal size the first wins, and the paper found small K
         # with large D beats large K with small D (Section 3.3).
         return [base.replace(groups=g, codewords=2 ** b) for b in range(1, 9)

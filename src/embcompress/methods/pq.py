@@ -72,7 +72,8 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
                 + 4 * config.codewords * embedding_dim)
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig) -> list[PQConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig,
+                          fit_time: float = 1.0) -> list[PQConfig]:
         # Byte-aligned 8- and 4-bit codes first (the usual PQ settings; the first of equal size wins),
         # then every other width: codes are bit-packed across the row, so 7- or 5-bit codes use a budget
         # the aligned ones leave idle (GloVe 400k x 50 at 20x: 10 x 128 in 3.5 MB where 10 x 64 took 3.0 MB).

@@ -82,7 +82,8 @@ class QuotientRemainderEmbedding(CompressedEmbedding[QRConfig]):
         return 4 * (math.ceil(num_embeddings / config.buckets) + config.buckets) * width
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: QRConfig) -> list[QRConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: QRConfig,
+                          fit_time: float = 1.0) -> list[QRConfig]:
         # Bytes are symmetric in m and V/m; keep the paper's side (a small remainder table, m <= sqrt(V)),
         # whose byte sizes fall in steps of at most ~1% (dense m up to 128).
         return [base.replace(buckets=m) for m in bucket_grid(math.isqrt(num_embeddings - 1) + 1)]

@@ -73,7 +73,8 @@ class ScalarEmbedding(CompressedEmbedding[ScalarConfig]):
         return num_embeddings * (per_row + 4)  # values + fp32 scale
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: ScalarConfig) -> list[ScalarConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: ScalarConfig,
+                          fit_time: float = 1.0) -> list[ScalarConfig]:
         """Per-row 4/8/16 bits and every width x block (32, 64, 128) x offset; the largest that fits wins."""
         out = [base.replace(bits=bits, block=0, offset=False) for bits in (4, 8, 16)]
         out += [base.replace(bits=bits, block=block, offset=offset) for bits in (2, 3, 4, 8)

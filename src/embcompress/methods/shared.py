@@ -94,7 +94,8 @@ class HashedRowsTable(CompressedEmbedding[HC]):
         return {"hash": self.hash.to_dict()}
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: HC) -> list[HC]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: HC,
+                          fit_time: float = 1.0) -> list[HC]:
         return [base.replace(buckets=m) for m in bucket_grid(num_embeddings)]
 
 
@@ -149,7 +150,8 @@ class FactorsTable(CompressedEmbedding[FC]):
         return 4 * (num_embeddings * config.rank + config.rank * embedding_dim + bias)
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: FC) -> list[FC]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: FC,
+                          fit_time: float = 1.0) -> list[FC]:
         return [base.replace(rank=r) for r in range(1, min(num_embeddings, embedding_dim) + 1)]
 
     def activated_codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:

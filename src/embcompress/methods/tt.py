@@ -282,7 +282,8 @@ class TensorTrainEmbedding(CompressedEmbedding[TTConfig]):
         return 4 * _params(vocab, dims, config.rank)
 
     @classmethod
-    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: TTConfig) -> list[TTConfig]:
+    def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: TTConfig,
+                          fit_time: float = 1.0) -> list[TTConfig]:
         """Every rank up to the first that no longer compresses, for the user's number of cores.
 
         Core counts are not mixed: sizes of different core counts interleave, and the largest
