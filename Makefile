@@ -79,9 +79,11 @@ bench-fit: $(STAMP)
 	$(PY) -m benchmarks.fit_grid
 
 # Quality at equal TOTAL bytes on GloVe 50d and MiniLM's table at 10x/20x/40x: our methods vs FAISS PQ, OPQ,
-# RQ, LSQ (benchmarks/results/equal_bytes.json and .md; resumable: rerunning fits only the missing cells).
+# RQ, LSQ (benchmarks/results/equal_bytes.json and .md; resumable: rerunning fits only the missing cells),
+# then the seed noise of MiniLM's close calls (both sides' chosen settings refitted with 5 seeds each).
 bench-equal-bytes: $(STAMP)
 	nice -n 10 $(PY) -m benchmarks.equal_bytes
+	nice -n 10 $(PY) -m benchmarks.equal_bytes_seeds
 
 # Tied-head decoder LM: perplexity from 4x to 30x per method beside block-wise scalar (benchmarks/results/tied_lm.*).
 bench-tied-lm: $(STAMP)

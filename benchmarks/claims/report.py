@@ -162,6 +162,11 @@ def _plan_table(out_dir: Path, size: str) -> list[str]:
               "ends most cells sooner. Epoch seconds are measured over a few batches at one torch thread "
               "on the shared 2-core machine (load from other jobs included), times the batches of an epoch; "
               "build seconds are the post hoc fits (cached and reused by every seed)."]
+    ran = [r for r in load_results(out_dir).values() if r.get("size") == size and r.get("status") == "ok"]
+    if ran:
+        spent = sum(r.get("cpu_seconds") or 0.0 for r in ran)
+        lines.append(f"Spent: {spent / 3600:.1f} CPU hours over the {len(ran)} cells run (each cell's recorded "
+                     "CPU seconds).")
     if stale:
         lines.append(f"Rows marked * ({stale}) were measured at other settings than the current ones (the first "
                      "sizing, which these measurements cut to fit the budget: see each setting record); "
