@@ -70,6 +70,27 @@ def test_compress_with_a_budget_replaces_every_table_within_it():
         embcompress.compress_(torch.nn.Sequential(torch.nn.Embedding(10, 4)), {"0": "pq"}, budget="4x")
 
 
+def test_fit_time_reaches_every_budget_rule_the_planner_asks(monkeypatch):
+    import embcompress.planner as planner
+
+    asked = []
+    real = planner.config_for_budget
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("fit_time"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "config_for_budget", recording)
+    model = torch.nn.Sequential(torch.nn.Embedding(200, 16))
+    embcompress.compress_(model, budget="6x", methods=["scalar", "pq"], fit_time=3)
+    assert asked and set(asked) == {3}
+    with pytest.raises(ValueError, match="fit_time= sizes the settings the planner chooses for budget="):
+        embcompress.compress_(torch.nn.Sequential(torch.nn.Embedding(10, 4)), "pq", fit_time=3)
+    with pytest.raises(ValueError, match="fit_time must be a positive finite number"):
+        embcompress.compress_(torch.nn.Sequential(torch.nn.Embedding(50, 8)), budget="4x", methods=["pq"],
+                              fit_time=0)
+
+
 def tiny_llama(vocab=300, hidden=32, seed=0):
     """A tied-head Llama-style decoder built from a config (no download)."""
     transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install 'embcompress[hf]'")
@@ -98,6 +119,11 @@ def test_compress_model_cli_writes_what_load_pretrained_reads(tmp_path, capsys):
     assert logits.shape == (2, 9, 300) and torch.isfinite(logits).all()
     assert main(["-q", "compress-model", str(tmp_path / "llama"), "-o", str(tmp_path / "x")]) == 2
     assert "give a budget" in capsys.readouterr().err
+    assert main(["-q", "compress-model", str(tmp_path / "llama"), "--ratio", "5", "--fit-time", "-2",
+                 "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--fit-time" in err and "positive finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 WEIGHTED_SPECS = ["pq:groups=4,codewords=8", "lowrank:rank=3", "dpq:groups=4,codewords=8",

@@ -244,7 +244,7 @@ def cmd_compress_model(args: argparse.Namespace) -> int:
     loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = loader.from_pretrained(str(args.folder), local_files_only=True)
     report = compress_(model, skip or None, budget=budget, methods=args.methods, fit_options=fit_options,
-                       calibration=calibration)
+                       calibration=calibration, fit_time=args.fit_time)
     save_pretrained(model, args.output)
     if args.json:
         print(json.dumps({**report.to_dict(), "output": str(args.output), "model_class": loader.__name__}, indent=2))
@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="candidate methods (default: scalar lowrank pq dpq codes)")
     p.add_argument("--skip", nargs="+", help="module names to leave uncompressed (e.g. position embeddings)")
     p.add_argument("--steps", type=int, help="override the methods' number of fitting steps")
+    p.add_argument("--fit-time", type=positive_float, default=1.0,
+                   help="let the chosen settings' fits take this many times the default bound of about two CPU "
+                        "minutes per table (codes then gets more books on narrow tables)")
     p.add_argument("--calibration", type=Path, metavar="TEXT_FILE",
                    help="texts (one per line) read by the model through its tokenizer: a table tied to an output "
                         "layer is fitted and measured for its logits (hidden-state metric) and weighted by token "

@@ -210,11 +210,12 @@ def _measure(method: str, config: MethodConfig, weight: torch.Tensor, weights: t
 
 def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str], *,
                   weights: torch.Tensor | None = None, sample_rows: int | None = 8192, quick: bool = True,
-                  ladder: Sequence[float] = LADDER, seed: int = 0,
-                  metric: torch.Tensor | None = None) -> tuple[list[Candidate], dict[str, str]]:
+                  ladder: Sequence[float] = LADDER, seed: int = 0, metric: torch.Tensor | None = None,
+                  fit_time: float = 1.0) -> tuple[list[Candidate], dict[str, str]]:
     """Every method at every ladder size around ``target_bytes``: measured candidates and the methods
     that could not run (with the reason). With ``metric`` (d, d) the error is measured under it and
-    fits that can are output-aware (see the module docstring)."""
+    fits that can are output-aware (see the module docstring). ``fit_time``: as in
+    :func:`embcompress.budget.config_for_budget`."""
     rows, dim = weight.shape
     candidates: list[Candidate] = []
     rejected: dict[str, str] = {}
@@ -225,7 +226,8 @@ def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str
         fitted: set[str] = set()
         for step in ladder:
             try:
-                config = config_for_budget(method, rows, dim, bytes=max(1, int(target_bytes * step)))
+                config = config_for_budget(method, rows, dim, bytes=max(1, int(target_bytes * step)),
+                                           fit_time=fit_time)
             except SpecError as exc:
                 rejected.setdefault(method, str(exc).split(";")[0])
                 continue
@@ -280,7 +282,8 @@ def allocate(fronts: Mapping[str, Sequence[Candidate]], importance: Mapping[str,
 def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None, ratio: float | None = None,
                 bits_per_row: float | None = None, methods: Sequence[str] | None = None,
                 weights: Mapping[str, torch.Tensor] | None = None, sample_rows: int | None = 8192,
-                quick: bool = True, seed: int = 0, metrics: Mapping[str, torch.Tensor] | None = None) -> Plan:
+                quick: bool = True, seed: int = 0, metrics: Mapping[str, torch.Tensor] | None = None,
+                fit_time: float = 1.0) -> Plan:
     """Choose a method and a size for every table so that all of them together fit the budget.
 
     Args:
@@ -294,6 +297,9 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         metrics: name -> (d, d) row-error metric for tables that are tied output layers
             (``tied_logits.output_metric``): their error is input + logit error, and the methods
             with an output-aware fit are measured with it.
+        fit_time: how many times the default fit-time bound (about two CPU minutes per table) the
+            chosen settings' default fits may take (see :func:`embcompress.budget.config_for_budget`;
+            ``codes`` gets more books on narrow tables).
     """
     if not tables:
         raise ValueError("no tables to plan; pass at least one name -> weight")
@@ -314,7 +320,7 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         target = int(target_share * weight.shape[0] * weight.shape[1] * 4)
         metric = None if metrics is None else metrics.get(name)
         candidates, rejected = measure_table(weight, target, methods, weights=row_weights, sample_rows=sample_rows,
-                                             quick=quick, seed=seed, metric=metric)
+                                             quick=quick, seed=seed, metric=metric, fit_time=fit_time)
         if not candidates:
             raise SpecError(f"no method among {methods} fits table {name!r} {tuple(weight.shape)} near {target:,} B: "
                             f"{rejected}; raise the budget or add methods")

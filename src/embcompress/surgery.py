@@ -338,6 +338,7 @@ def compress_(
     row_weights: Mapping[str, torch.Tensor] | None = None,
     calibration: Any = None,
     output_weight: float = 8.0,
+    fit_time: float = 1.0,
 ) -> CompressionReport:
     """Replace the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` in place.
 
@@ -370,6 +371,9 @@ def compress_(
             names the table, its rows are weighted by the add-one smoothed counts of the calibration
             token ids. The head keeps computing its logits from the compressed table.
         output_weight: the logit error's weight in that metric (with ``calibration``).
+        fit_time: with ``budget``, how many times the default fit-time bound (about two CPU minutes
+            per table) the chosen settings' fits may take (``codes`` gets more books on narrow tables;
+            see :func:`embcompress.budget.config_for_budget`).
 
     Returns:
         A :class:`CompressionReport`; ``print(report)`` shows a table.
@@ -382,6 +386,9 @@ def compress_(
     """
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    if budget is None and fit_time != 1.0:
+        raise ValueError("fit_time= sizes the settings the planner chooses for budget=; give budget= too, or "
+                         "size a spec yourself with embcompress.budget.config_for_budget(..., fit_time=...)")
     if budget is not None:
         _check_budget_mapping(spec_or_mapping, init)
         # Every table the mapping does not skip resolves to a placeholder the planner then replaces.
@@ -432,7 +439,7 @@ def compress_(
                 if counts is not None:
                     row_weights[names[0]] = counts
     if budget is not None:
-        report.plan = _plan_tables(kept, budget, methods, row_weights, metrics)
+        report.plan = _plan_tables(kept, budget, methods, row_weights, metrics, fit_time)
 
     for members, resolved in kept:
         names = [n for n, _ in members]
@@ -525,7 +532,7 @@ def _check_budget_mapping(spec_or_mapping: Any, init: str) -> None:
 
 def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]], budget: Any,
                  methods: Sequence[str] | None, row_weights: Mapping[str, torch.Tensor] | None,
-                 metrics: Mapping[str, torch.Tensor] | None = None) -> Any:
+                 metrics: Mapping[str, torch.Tensor] | None = None, fit_time: float = 1.0) -> Any:
     """Run the planner over the tables the mapping does not skip; their resolved configs become its choices."""
     from .planner import parse_budget, plan_budget  # the planner sits above surgery's per-table work
 
@@ -541,7 +548,7 @@ def _plan_tables(kept: list[tuple[list[tuple[str, nn.Module]], dict[str, Any]]],
     tables = {name: cast(nn.Embedding, members[0][1]).weight.detach().float().cpu()
               for name, members in planned.items()}
     plan = plan_budget(tables, methods=methods, weights=weights or None, metrics=metrics or None,
-                       **parse_budget(budget))
+                       fit_time=fit_time, **parse_budget(budget))
     for members, resolved in kept:
         if members[0][0] in planned:
             config = parse_spec(plan.specs[members[0][0]])
