@@ -6,7 +6,8 @@ total bytes fit the budget: ours through ``config_for_budget`` (codes, codebooks
 FAISS's PQ, OPQ+PQ, residual (RQ) and LSQ additive quantizers at the setting with the most code bits
 per row whose codes (``sa_code_size`` bytes per row, as FAISS stores them) plus fp32 codebooks plus
 the OPQ rotation fit the same budget (ties go to the wider code; 2-8 bits per code). PQ (ours and
-FAISS's) and RQ are fitted at each code width's largest setting and the best is kept.
+FAISS's) and RQ are fitted at each code width's largest setting and the best is kept; ours both plain
+and with ``rotation=pca`` (its d x d fp16 basis counted, so fewer code bits).
 
 The best of ours and the best of FAISS's are chosen by relative MSE (the reconstruction objective
 every fit minimizes), then compared on it and on the table's own downstream measure:
@@ -156,16 +157,18 @@ def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int,
     from embcompress.config import SpecError
 
     rows, dim = weight.shape
-    if method == "pq" and scan:  # every code width's largest PQ within the budget, the best by relative MSE
+    if method == "pq" and scan:  # each code width's largest PQ, plain and rotated, the best by relative MSE
         configs = []
-        for codewords in (256, 128, 64, 32, 16, 8, 4, 2):
-            try:
-                configs.append(config_for_budget(f"pq:codewords={codewords}", rows, dim, bytes=budget,
-                                                 fit_time=FIT_TIME))
-            except SpecError:
-                continue
-        most = max((c.groups * bits_for(c.codewords) for c in configs), default=0)
-        configs = [c for c in configs if c.groups * bits_for(c.codewords) >= SCAN_SHARE * most]
+        for rotation in ("none", "pca"):  # the rotation's d x d fp16 bytes leave fewer code bits
+            sized = []
+            for codewords in (256, 128, 64, 32, 16, 8, 4, 2):
+                try:
+                    sized.append(config_for_budget(f"pq:codewords={codewords},rotation={rotation}", rows, dim,
+                                                   bytes=budget, fit_time=FIT_TIME))
+                except SpecError:
+                    continue
+            most = max((c.groups * bits_for(c.codewords) for c in sized), default=0)
+            configs += [c for c in sized if c.groups * bits_for(c.codewords) >= SCAN_SHARE * most]
         return best_fit([lambda c=c: fit_config(c, table, weight) for c in configs], weight)
     return fit_config(config_for_budget(method, rows, dim, bytes=budget, fit_time=FIT_TIME), table, weight)
 
@@ -380,7 +383,8 @@ def stale_fits(results: list[dict[str, Any]]) -> str:
 def short_spec(spec: str) -> str:
     """The spec's shape fields (and a float16 codebook), without the training-only defaults."""
     method, _, fields = spec.partition(":")
-    keep = [f for f in fields.split(",") if f.split("=")[0] in SHAPE_FIELDS or f == "codebook_dtype=float16"]
+    keep = [f for f in fields.split(",") if f.split("=")[0] in SHAPE_FIELDS or f in ("codebook_dtype=float16",
+                                                                                    "rotation=pca")]
     return f"{method}:{','.join(keep)}" if fields else spec
 
 

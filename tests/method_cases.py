@@ -19,5 +19,6 @@ CASES: dict[str, list[tuple[str, float]]] = {
     # add/concat rows are additive in (quotient, remainder): with 16 buckets a linear head cannot fit the
     # random labels of test_training_lowers_the_loss (loss floor ~1.28) and concat's LS optimum is 0.938.
     "qr": [("qr:buckets=16", 0.9), ("qr:buckets=64,combine=add", 0.9), ("qr:buckets=64,combine=concat", 0.9)],
-    "pq": [("pq:groups=4,codewords=16", 0.5), ("pq:groups=6,codewords=5", 0.6)],
+    "pq": [("pq:groups=4,codewords=16", 0.5), ("pq:groups=6,codewords=5", 0.6),
+           ("pq:groups=4,codewords=16,rotation=pca", 0.5)],
 }

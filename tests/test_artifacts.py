@@ -91,7 +91,7 @@ def test_post_hoc_artifact_tells_how_it_was_made(tmp_path, capsys):
     path = embcompress.save(result.frozen, tmp_path / "pq.emb")
     header, _ = read_header(path)
     # The resolved fit settings: every field of pq's Fit, the drawn seed included.
-    assert header["spec"] == "pq:groups=2,codewords=5" and header["fit"] == result.module.fit_settings
+    assert header["spec"] == "pq:groups=2,codewords=5,rotation=none" and header["fit"] == result.module.fit_settings
     assert header["fit"]["iters"] == 3 and set(header["fit"]) == {"steps", "iters", "sample", "seed"}
     loaded = embcompress.load(path)
     assert loaded.spec == header["spec"] and loaded.fit_settings == header["fit"]

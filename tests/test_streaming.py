@@ -39,6 +39,7 @@ def table_file(tmp_path):
 # fit does, in passes, and must match it.
 CASES = [
     ("pq:groups=4,codewords=16", {"iters": 10}, 0.05),
+    ("pq:groups=4,codewords=16,rotation=pca", {"iters": 10}, 0.05),  # the basis from the sample, then every row
     ("dpq:variant=vq,groups=4,codewords=16", {"steps": 10}, 0.05),
     # codes: least-squares codebooks fit to the sample alone (in memory: to every row); 5.8% worse here
     ("codes:books=3,codewords=16", {"rounds": 1, "beam": 2, "polish": 1, "search": 1}, 0.10),

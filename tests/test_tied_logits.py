@@ -13,6 +13,7 @@ from helpers import synthetic_table
 
 
 @pytest.mark.parametrize("spec, path", [("pq:groups=4,codewords=8", "codebook-scores"),
+                                        ("pq:groups=4,codewords=8,rotation=pca", "codebook-scores"),
                                         ("dpq:groups=6,codewords=8", "codebook-scores"),
                                         ("codes:books=3,codewords=8", "codebook-scores"),
                                         ("lowrank:rank=5", "factors"), ("distilled:rank=4", "factors"),

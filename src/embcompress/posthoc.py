@@ -4,7 +4,7 @@
     >>> table = load_table("glove-6b-50d", limit=2000)
     >>> result = compress_table(table, "pq", bits_per_row=80, fit_options="iters=5", neighbours=False, analogy=False)
     >>> result.report["spec"], round(result.report["ratio"], 1), 0 < result.report["rel_mse"] < 1
-    ('pq:groups=10,codewords=32', 21.2, True)
+    ('pq:groups=10,codewords=32,rotation=none', 21.2, True)
 """
 
 from __future__ import annotations

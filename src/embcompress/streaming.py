@@ -288,17 +288,25 @@ class _CodebookEncoder(_Encoder):
         self.fitted, self.rows = fitted, rows
         self.books, self.bits, self.combine = fitted.books, fitted.bits, fitted.combine
         self.codebooks = fitted.codebooks.float()  # the stored values (fp16 ones decode in float32)
+        # pq with rotation=pca codes rows @ R and decodes codewords @ R^T (R as stored, fp16 values)
+        self.rotation = None if fitted.rotation is None else fitted.rotation.float()
         settings = fitted.fit_settings or {}  # codes: the beam and search of its own fit's last stages
         self.beam = int(settings.get("beam", 8))
         self.search = int(settings.get("search", 4))
         self.generator = torch.Generator().manual_seed(int(settings.get("seed") or 0))
 
     def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return {"codebooks": (self.fitted.codebooks.dtype, tuple(self.fitted.codebooks.shape)),
-                "packed": (torch.uint8, (packed_size(self.rows, self.books, self.bits),))}
+        out = {"codebooks": (self.fitted.codebooks.dtype, tuple(self.fitted.codebooks.shape)),
+               "packed": (torch.uint8, (packed_size(self.rows, self.books, self.bits),))}
+        if self.fitted.rotation is not None:
+            out["rotation"] = (self.fitted.rotation.dtype, tuple(self.fitted.rotation.shape))
+        return out
 
     def fixed(self) -> dict[str, torch.Tensor]:
-        return {"codebooks": self.fitted.codebooks}
+        out = {"codebooks": self.fitted.codebooks}
+        if self.fitted.rotation is not None:
+            out["rotation"] = self.fitted.rotation
+        return out
 
     def _codes(self, rows: torch.Tensor) -> torch.Tensor:
         books, codebooks = self.books, self.codebooks
@@ -314,8 +322,13 @@ class _CodebookEncoder(_Encoder):
         return local_search_codes(rows, codes, codebooks, iters=self.search, generator=self.generator)
 
     def encode(self, rows: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if self.rotation is not None:
+            rows = rows @ self.rotation
         codes = self._codes(rows)
-        return {"packed": pack_codes(codes, self.bits)}, decode_codes(codes, self.codebooks, self.combine)
+        decoded = decode_codes(codes, self.codebooks, self.combine)
+        if self.rotation is not None:
+            decoded = decoded @ self.rotation.t()
+        return {"packed": pack_codes(codes, self.bits)}, decoded
 
     def metadata(self) -> dict[str, Any]:
         return self.fitted.metadata()

@@ -95,6 +95,8 @@ class CompressedLogits(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).float()
         f = self.frozen
         if isinstance(f, FrozenCodebook):  # the codebook-scores path
+            if f.rotation is not None:  # rows are coded rows @ R^T, so h . row = (h @ R) . coded row
+                h = h @ f.rotation.float()
             books = f.codebooks.float()
             if books.shape[0] == 1 and f.books > 1:
                 books = books.expand(f.books, -1, -1)
@@ -243,14 +245,17 @@ def map_rows_(module: CompressedEmbedding, inverse: torch.Tensor) -> CompressedE
 
 
 #: What fit_output_aware takes, for error messages.
-OUTPUT_AWARE_HINT = "output-aware fits take pq, dpq (variant=sx, shared=false), codes, lowrank or distilled"
+OUTPUT_AWARE_HINT = ("output-aware fits take pq (rotation=none), dpq (variant=sx, shared=false), codes, lowrank "
+                     "or distilled")
 
 
 def supports_output_aware(config: MethodConfig) -> bool:
     """Whether :func:`fit_output_aware` can fit this config (an exact change of space exists)."""
     if config.method == "dpq":
         return getattr(config, "variant", "") == "sx" and not getattr(config, "shared", True)
-    return config.method in ("pq", "codes", "lowrank", "distilled")
+    if config.method == "pq":  # a rotated basis is not the per-group space the metric is blocked in
+        return getattr(config, "rotation", "none") == "none"
+    return config.method in ("codes", "lowrank", "distilled")
 
 
 def fit_output_aware_module(weight: torch.Tensor, spec: "str | MethodConfig", metric: torch.Tensor, *,

