@@ -47,6 +47,18 @@ def test_axes_are_dealt_so_each_groups_variance_product_is_even():
     assert abs(float(products[0] - products[1])) < 0.2 and float(products.sum()) == pytest.approx(28 * 0.6931, rel=0.05)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_the_strongest_axes_go_one_to_a_group_at_any_scale(scale):
+    """Variances far below 1 once made every log negative and piled the strongest axes into one group."""
+    spread = 2.0 ** -torch.arange(12.0)
+    weight = torch.randn(5000, 12, generator=torch.Generator().manual_seed(2)) * spread * scale
+    basis = balanced_pca_rotation(weight, groups=3)
+    variances = (weight @ basis).var(0).view(3, 4)
+    strongest = variances.max(1).values.sort(descending=True).values
+    torch.testing.assert_close(strongest, (spread[:3] * scale) ** 2, rtol=0.1, atol=0)
+    torch.testing.assert_close(basis.abs(), balanced_pca_rotation(weight / scale, groups=3).abs(), rtol=0, atol=1e-3)
+
+
 def test_rotated_bags_and_fine_tuning_match_the_decoded_rows():
     weight = correlated_table()
     table = PQ.from_pretrained(weight, "pq:groups=4,codewords=16,rotation=pca", progress=False)

@@ -145,12 +145,17 @@ def balanced_pca_rotation(weight: torch.Tensor, groups: int, row_weights: torch.
     centered = weight.double() - (w.double() @ weight.double())
     covariance = centered.t() @ (centered * w.double().unsqueeze(1))
     variances, axes = torch.linalg.eigh(covariance)
+    # Variances in units of the smallest (floored), so every log is >= 0 and an emptier group always has
+    # the smaller product: the strongest axes go one to a group before any group takes a second.
+    # (With variances below 1 the logs turn negative and the greedy would pile the strongest axes
+    # into one group.)
+    unit = max(float(variances.min()), float(variances.max()) * 1e-12, 1e-300)
     width = dim // groups
     dealt: list[list[int]] = [[] for _ in range(groups)]
     log_product = [0.0] * groups
     for axis in torch.argsort(variances, descending=True).tolist():
         group = min((g for g in range(groups) if len(dealt[g]) < width), key=lambda g: log_product[g])
         dealt[group].append(axis)
-        log_product[group] += math.log(max(float(variances[axis]), 1e-30))
+        log_product[group] += math.log(max(float(variances[axis]), unit) / unit)
     order = torch.tensor([axis for group in dealt for axis in group])
     return axes[:, order].float().half().float()
