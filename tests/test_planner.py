@@ -70,6 +70,17 @@ def test_compress_with_a_budget_replaces_every_table_within_it():
         embcompress.compress_(torch.nn.Sequential(torch.nn.Embedding(10, 4)), {"0": "pq"}, budget="4x")
 
 
+def test_specs_with_fixed_fields_are_candidates_of_their_own():
+    g = torch.Generator().manual_seed(4)  # variance in directions that cut across every group of 4 dims
+    table = torch.randn(3000, 3, generator=g) @ torch.randn(3, 16, generator=g)
+    table += 0.05 * torch.randn(3000, 16, generator=g)
+    plan = plan_budget({"t": table}, ratio=6, methods=["pq", "pq:rotation=pca"], quick=True)
+    assert plan.tables[0].choice.method == "pq:rotation=pca" and "rotation=pca" in plan.specs["t"]
+    assert set(plan.tables[0].why_others_lost()) == {"pq"}
+    with pytest.raises(embcompress.SpecError, match="rotation='spin' is not one of none, pca"):
+        plan_budget({"t": table}, ratio=6, methods=["pq:rotation=spin"])
+
+
 def test_fit_time_reaches_every_budget_rule_the_planner_asks(monkeypatch):
     import embcompress.planner as planner
 

@@ -33,8 +33,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .budget import budget_bytes, config_for_budget
-from .config import MethodConfig, SpecError
-from .registry import get_method, list_methods
+from .config import MethodConfig, SpecError, parse_spec
+from .registry import get_method
 from .tied_logits import fit_output_aware_module, metric_relative_error, supports_output_aware
 
 __all__ = ["DEFAULT_METHODS", "Candidate", "TablePlan", "Plan", "plan_budget", "weighted_relative_error",
@@ -194,7 +194,7 @@ def _sample(weight: torch.Tensor, weights: torch.Tensor | None, rows: int | None
 def _measure(method: str, config: MethodConfig, weight: torch.Tensor, weights: torch.Tensor | None,
              fit_options: Mapping[str, Any], full_shape: tuple[int, int],
              metric: torch.Tensor | None = None) -> Candidate:
-    cls = get_method(method)
+    cls = get_method(config.method)
     fit_weights = weights if cls.TAKES_ROW_WEIGHTS else None
     start = time.perf_counter()
     if metric is not None and supports_output_aware(config):
@@ -221,7 +221,7 @@ def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str
     rejected: dict[str, str] = {}
     sample, sample_weights = _sample(weight, weights, sample_rows, seed)
     for method in methods:
-        cls = get_method(method)
+        cls = get_method(parse_spec(method).method)
         options = cls.quick_fit_options() if quick else {}
         fitted: set[str] = set()
         for step in ladder:
@@ -234,7 +234,7 @@ def measure_table(weight: torch.Tensor, target_bytes: int, methods: Sequence[str
             if config.to_spec() in fitted:
                 continue
             fitted.add(config.to_spec())
-            local = method in ROW_LOCAL
+            local = config.method in ROW_LOCAL
             candidates.append(_measure(method, config, sample if local else weight,
                                        sample_weights if local else weights, options, (rows, dim), metric))
         if any(c.method == method for c in candidates):
@@ -290,7 +290,8 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
         tables: name -> (V, d) weight.
         bytes / ratio / bits_per_row: one budget for all tables together (ratio against fp32,
             bits per row over the rows of all tables).
-        methods: candidate method names (default :data:`DEFAULT_METHODS`).
+        methods: candidate method names, or specs with fields fixed (``"pq:rotation=pca"``; the
+            budget sizes the rest), each measured as its own candidate (default :data:`DEFAULT_METHODS`).
         weights: name -> (V,) row weights (token counts); rows read often count more in the error.
         sample_rows: row-local methods are measured on a fit to this many sampled rows (None = all).
         quick: measure with each method's quick fit options (the final fit is the caller's).
@@ -304,10 +305,8 @@ def plan_budget(tables: Mapping[str, torch.Tensor], *, bytes: int | None = None,
     if not tables:
         raise ValueError("no tables to plan; pass at least one name -> weight")
     methods = list(methods or DEFAULT_METHODS)
-    known = set(list_methods())
     for method in methods:
-        if method not in known:
-            get_method(method)  # raises the unknown-method error with a suggestion
+        parse_spec(method)  # a name or a spec with fixed fields; raises the error with a suggestion
     rows = sum(w.shape[0] for w in tables.values())
     dense = sum(w.shape[0] * w.shape[1] * 4 for w in tables.values())
     limit = total_budget(rows, dense, bytes=bytes, ratio=ratio, bits_per_row=bits_per_row)

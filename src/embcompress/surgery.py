@@ -359,7 +359,8 @@ def compress_(
         budget: one byte budget for all tables together (``"10x"``, ``"4MB"``, ``"80bpr"``, an int
             of bytes, or ``{"ratio": 10}``): :func:`embcompress.planner.plan_budget` chooses each
             table's method and size by measured quality; ``spec_or_mapping`` may then only skip tables.
-        methods: candidate methods for ``budget`` (default ``planner.DEFAULT_METHODS``).
+        methods: candidate methods for ``budget``: names or specs with fields fixed, e.g.
+            ``["pq", "pq:rotation=pca", "codes"]`` (default ``planner.DEFAULT_METHODS``).
         row_weights: module name -> (V,) row weights (token counts) for the planner's quality measure
             and the fits that take them.
         calibration: inputs for the model (token-id tensors (batch, seq), a list of them, or dicts
