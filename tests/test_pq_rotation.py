@@ -6,7 +6,7 @@ import torch
 import embcompress
 from embcompress import ArtifactError
 from embcompress.methods.pq import balanced_pca_rotation
-from embcompress.tied_logits import OUTPUT_AWARE_HINT, fit_output_aware, output_metric
+from embcompress.tied_logits import fit_output_aware, metric_relative_error, output_metric
 
 from test_io_safety import forge
 
@@ -80,11 +80,16 @@ def test_a_forged_rotation_is_refused(tmp_path):
         embcompress.load(path)
 
 
-def test_output_aware_fits_refuse_a_rotated_basis_and_name_what_they_take():
+def test_output_aware_fits_put_the_whole_metric_into_the_basis():
+    """The block-diagonal metric of plain pq drops cross-group terms; a rotated basis takes all of it."""
     weight = correlated_table()
-    metric = output_metric(torch.eye(24))
-    with pytest.raises(ValueError, match="rotation=none"):
-        fit_output_aware(weight, "pq:groups=4,codewords=16,rotation=pca", metric)
-    assert "pq (rotation=none)" in OUTPUT_AWARE_HINT
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(24, 24, generator=g)
+    metric = output_metric(mix @ mix.t() / 24)  # couples every pair of dims
+    spec = "pq:groups=4,codewords=16,rotation=pca"
+    plain = PQ.from_pretrained(weight, spec, fit="seed=0", progress=False).export().materialize()
+    aware = fit_output_aware(weight, spec, metric, fit="seed=0", progress=False)
+    assert aware.rotation is not None and aware.num_bytes() == PQ.expected_bytes(embcompress.parse_spec(spec), 600, 24)
+    assert metric_relative_error(aware.materialize(), weight, metric) < metric_relative_error(plain, weight, metric)
     with pytest.raises(embcompress.SpecError, match="rotation='random' is not one of none, pca"):
         embcompress.parse_spec("pq:rotation=random")

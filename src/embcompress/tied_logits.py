@@ -231,6 +231,10 @@ def map_rows_(module: CompressedEmbedding, inverse: torch.Tensor) -> CompressedE
             module.bias.copy_(module.bias @ inverse)
     elif isinstance(module, CompositionalCodeEmbedding) and module.state == "fixed":
         module.codebooks.copy_(module.codebooks @ inverse)
+    elif isinstance(module, ProductQuantizedEmbedding) and module.rotation is not None:
+        # rows = codewords @ R^T, so rows @ inverse = codewords @ (inverse^T R)^T: the basis takes the whole
+        # map (any inverse, not only a block-diagonal one), rounded to fp16 as the artifact stores it.
+        module.rotation.copy_((inverse.t() @ module.rotation).half().float())
     elif isinstance(module, (ProductQuantizedEmbedding, DPQEmbedding)):
         # SX's codes come from the query and keys, which stay in the fitted space: only the
         # deployed values move (VQ's keys ARE its values, so its codes would move with them).
@@ -245,17 +249,14 @@ def map_rows_(module: CompressedEmbedding, inverse: torch.Tensor) -> CompressedE
 
 
 #: What fit_output_aware takes, for error messages.
-OUTPUT_AWARE_HINT = ("output-aware fits take pq (rotation=none), dpq (variant=sx, shared=false), codes, lowrank "
-                     "or distilled")
+OUTPUT_AWARE_HINT = "output-aware fits take pq, dpq (variant=sx, shared=false), codes, lowrank or distilled"
 
 
 def supports_output_aware(config: MethodConfig) -> bool:
     """Whether :func:`fit_output_aware` can fit this config (an exact change of space exists)."""
     if config.method == "dpq":
         return getattr(config, "variant", "") == "sx" and not getattr(config, "shared", True)
-    if config.method == "pq":  # a rotated basis is not the per-group space the metric is blocked in
-        return getattr(config, "rotation", "none") == "none"
-    return config.method in ("codes", "lowrank", "distilled")
+    return config.method in ("pq", "codes", "lowrank", "distilled")
 
 
 def fit_output_aware_module(weight: torch.Tensor, spec: "str | MethodConfig", metric: torch.Tensor, *,
@@ -266,13 +267,14 @@ def fit_output_aware_module(weight: torch.Tensor, spec: "str | MethodConfig", me
     (see :func:`output_metric`); :func:`fit_output_aware` returns its export.
 
     The table is fitted in the space W T (T T^T = A; block-diagonal per group for product
-    quantizers, whose cross-group terms are dropped), then mapped back with T^-1
-    (:func:`map_rows_`), which keeps the deployed format: codebooks and bases are linear in the rows.
+    quantizers, whose cross-group terms are dropped, except pq with ``rotation=pca``, whose basis
+    takes the whole T^-1), then mapped back with T^-1 (:func:`map_rows_`), which keeps the deployed
+    format: codebooks, bases and rotations are linear in the rows.
     """
     config = parse_spec(spec)
     if not supports_output_aware(config):
         raise ValueError(f"{config.to_spec()}: {OUTPUT_AWARE_HINT}")
-    if config.method in _CONCAT_METHODS:
+    if config.method in _CONCAT_METHODS and getattr(config, "rotation", "none") == "none":
         forward, inverse = _block_diagonal(metric, getattr(config, _CONCAT_METHODS[config.method]))
     else:
         forward, inverse = metric_factor(metric)
