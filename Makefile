@@ -92,6 +92,7 @@ bench-tied-lm: $(STAMP)
 # MiniLM word table at 10x and 30x, plain vs token-count weighted fits (benchmarks/results/minilm_weights.*).
 bench-minilm-weights: $(STAMP)
 	$(PY) -m benchmarks.minilm_weights
+	$(PY) -m benchmarks.minilm_weights --methods pq:rotation=pca --ratios 20 40 --out benchmarks/results/minilm_weights_pq_pca
 
 # Peak memory per process and step time of a 10M/1M/100k x 64 DLRM on TorchRec (1 and 2 gloo
 # processes), dense tables vs each method: benchmarks/results/scale.json and scale.md.
