@@ -11,6 +11,9 @@ that the products of their variances come out even: the closed-form solution of 
 quantization for Gaussian data (Ge, He, Ke, Sun; CVPR 2013, "eigenvalue allocation"). It decorrelates
 the groups, which plain PQ assumes, at the cost of a d x d fp16 matrix in the artifact (counted in
 the budget): on MiniLM's 30,522 x 384 token table at 20x it cut relative MSE from 0.190 to 0.175.
+The axes follow the bulk of the rows; where a few frequent rows matter most (token tables), fit with
+their counts as ``row_weights`` (unweighted, MiniLM's sentence cosine fell from 0.963 to 0.934 at 20x;
+weighted it reached 0.967).
 """
 
 from __future__ import annotations
