@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="a Hugging Face model folder (config.json + safetensors)")
     _add_budget(p)
     p.add_argument("--methods", nargs="+", help="candidate methods, names or specs with fields fixed "
-                                                "(default: scalar lowrank pq dpq codes; e.g. pq:rotation=pca)")
+                                                "(default: scalar lowrank pq pq:rotation=pca dpq codes)")
     p.add_argument("--skip", nargs="+", help="module names to leave uncompressed (e.g. position embeddings)")
     p.add_argument("--steps", type=int, help="override the methods' number of fitting steps")
     p.add_argument("--fit-time", type=positive_float, default=1.0,

@@ -42,8 +42,9 @@ __all__ = ["DEFAULT_METHODS", "Candidate", "TablePlan", "Plan", "plan_budget", "
 
 log = logging.getLogger(__name__)
 
-#: Methods tried when none are named: the ones whose post hoc fits are fast at every shape.
-DEFAULT_METHODS = ("scalar", "lowrank", "pq", "dpq", "codes")
+#: Methods tried when none are named: the ones whose post hoc fits are fast at every shape (pq in the
+#: table's balanced principal axes too: on correlated tables it halves the error at equal bytes).
+DEFAULT_METHODS = ("scalar", "lowrank", "pq", "pq:rotation=pca", "dpq", "codes")
 #: Methods whose rows are encoded independently (per-row codes over shared codebooks / bases), so a fit
 #: to a row sample measures the quality the full fit reaches; hashed and tensor-train tables are fitted whole.
 ROW_LOCAL = frozenset({"scalar", "lowrank", "distilled", "pq", "dpq", "codes"})
