@@ -373,14 +373,15 @@ def stale_fits(results: list[dict[str, Any]]) -> str:
     """Our cached rows whose fit options differ from today's FIT_OPTIONS (named with the options they ran)."""
     import embcompress
 
-    def settings(method: str, options: dict[str, Any]) -> Any:
-        library = embcompress.parse_spec(FIXED_SPECS.get(method, method)).method
-        return embcompress.get_method(library).Fit(**options)  # defaults filled in: equal settings compare equal
+    def library(row: str) -> str:  # "pq-pca" -> "pq"
+        return embcompress.parse_spec(FIXED_SPECS.get(row, row)).method
+
+    def settings(row: str, options: dict[str, Any]) -> Any:
+        return embcompress.get_method(library(row)).Fit(**options)  # defaults filled in: equal settings compare equal
 
     return "; ".join(f"{r['table']} {r['ratio']:g}x {r['method']} {json.dumps(r['fit'])}" for r in results
                      if "fit" in r and settings(r["method"], r["fit"])
-                     != settings(r["method"], FIT_OPTIONS.get(r["table"], {}).get(
-                         embcompress.parse_spec(FIXED_SPECS.get(r["method"], r["method"])).method, {})))
+                     != settings(r["method"], FIT_OPTIONS.get(r["table"], {}).get(library(r["method"]), {})))
 
 
 def short_spec(spec: str) -> str:
