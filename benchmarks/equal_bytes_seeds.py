@@ -7,7 +7,7 @@ MSE of each side, the relative error reduction 1 - ours / FAISS's, and a 95% Wel
 two sides' seeds are independent). Reads the chosen specs from benchmarks/results/equal_bytes.json.
 
     python -m benchmarks.equal_bytes_seeds                         # MiniLM at 10x, 20x, 40x, 5 seeds each
-    python -m benchmarks.equal_bytes_seeds --tables glove --ratios 40 --seeds 3
+    python -m benchmarks.equal_bytes_seeds --tables glove --ratios 20 40   # the published GloVe rows
 """
 
 from __future__ import annotations
