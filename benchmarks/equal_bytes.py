@@ -26,6 +26,7 @@ the machine is shared. Rows are cached in the JSON: a rerun fits only the missin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -137,14 +138,22 @@ def relative_mse(approx: torch.Tensor, weight: torch.Tensor) -> float:
     return float((approx - weight).pow(2).sum() / (weight - weight.mean(0)).pow(2).sum())
 
 
-def faiss_codec(weight: torch.Tensor, factory: str, total: int, bits: float) -> tuple[np.ndarray, dict[str, Any]]:
+def faiss_codec(weight: torch.Tensor, factory: str, total: int, bits: float,
+                seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train and apply one FAISS codec; ``seed`` (None: FAISS's default clustering seed, training draw 0)
+    sets the training draw and the PQ / RQ clustering seed (benchmarks/equal_bytes_seeds.py)."""
     import faiss
 
     faiss.omp_set_num_threads(1)
     rows, dim = weight.shape
     x = np.ascontiguousarray(weight.numpy())
-    train = x[np.random.default_rng(0).permutation(rows)[:TRAIN_ROWS]]
+    train = x[np.random.default_rng(0 if seed is None else seed).permutation(rows)[:TRAIN_ROWS]]
     index = faiss.index_factory(dim, factory)
+    if seed is not None:
+        quantizer = faiss.downcast_index(index.index if hasattr(index, "chain") else index)
+        for part in ("pq", "rq"):
+            if hasattr(quantizer, part):
+                getattr(quantizer, part).cp.seed = seed
     index.train(train)
     codes = index.sa_encode(x)
     if codes.shape[1] != math.ceil(bits / 8):
@@ -174,12 +183,20 @@ def fit_ours(method: str, table: str, weight: torch.Tensor, budget: int,
     return fit_config(config_for_budget(spec, rows, dim, bytes=budget, fit_time=FIT_TIME), table, weight)
 
 
-def fit_config(config: Any, table: str, weight: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_config(config: Any, table: str, weight: torch.Tensor,
+               seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit ``config`` with the table's FIT_OPTIONS; ``seed`` (None: drawn from torch's generator) also
+    seeds the fit where its method takes a seed (benchmarks/equal_bytes_seeds.py)."""
     import embcompress
 
     rows = weight.shape[0]
-    options = FIT_OPTIONS.get(table, {}).get(config.method, {})
-    module = embcompress.get_method(config.method).from_pretrained(weight, config, fit=options, progress=False)
+    method = embcompress.get_method(config.method)
+    options = dict(FIT_OPTIONS.get(table, {}).get(config.method, {}))
+    if seed is not None:
+        torch.manual_seed(seed)
+        if "seed" in {f.name for f in dataclasses.fields(method.Fit)}:
+            options["seed"] = seed
+    module = method.from_pretrained(weight, config, fit=options, progress=False)
     frozen = module.export()
     stored = frozen.stored_tensors()
     per_row = sum(t.numel() * t.element_size() for name, t in stored.items()

@@ -23,37 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import embcompress
 from benchmarks import equal_bytes
 from benchmarks.results_io import write_json, write_text
-
-
-def fit_ours(spec: str, table: str, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    import embcompress
-
-    config = embcompress.parse_spec(spec)
-    method = embcompress.get_method(config.method)
-    options = dict(equal_bytes.FIT_OPTIONS.get(table, {}).get(config.method, {}))
-    if "seed" in {f.name for f in method.Fit.__dataclass_fields__.values()}:
-        options["seed"] = seed
-    torch.manual_seed(seed)
-    module = method.from_pretrained(weight, config, fit=options, progress=False)
-    return module.export().materialize()
-
-
-def fit_faiss(factory: str, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-    x = np.ascontiguousarray(weight.numpy())
-    train = x[np.random.default_rng(seed).permutation(x.shape[0])[:equal_bytes.TRAIN_ROWS]]
-    index = faiss.index_factory(x.shape[1], factory)
-    quantizer = faiss.downcast_index(index.index if hasattr(index, "chain") else index)
-    if hasattr(quantizer, "pq"):
-        quantizer.pq.cp.seed = seed
-    elif hasattr(quantizer, "rq"):
-        quantizer.rq.cp.seed = seed
-    index.train(train)
-    return torch.from_numpy(index.sa_decode(index.sa_encode(x)))
 
 
 def welch_interval(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
@@ -70,14 +42,14 @@ def welch_interval(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, 
     return diff / scale, (diff - half) / scale, (diff + half) / scale
 
 
-def chosen_specs(results: list[dict[str, Any]], table: str, ratio: float) -> tuple[str, str]:
-    """(our best spec, FAISS's best spec) of a cell, by relative MSE, from the equal-bytes results."""
+def chosen_rows(results: list[dict[str, Any]], table: str, ratio: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our best row, FAISS's best row) of a cell, by relative MSE, from the equal-bytes results."""
     rows = [r for r in results if r["table"] == table and r["ratio"] == ratio and "rel_mse" in r]
     if not rows:
         raise SystemExit(f"no equal-bytes results for {table} {ratio:g}x; run python -m benchmarks.equal_bytes first")
     ours = min((r for r in rows if not r["method"].startswith("faiss-")), key=lambda r: r["rel_mse"])
     theirs = min((r for r in rows if r["method"].startswith("faiss-")), key=lambda r: r["rel_mse"])
-    return ours["spec"], theirs["spec"]
+    return ours, theirs
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -115,16 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     for table in args.tables:
         weight, _ = equal_bytes.load_weight(table)
         for ratio in args.ratios:
-            ours_spec, faiss_spec = chosen_specs(results, table, ratio)
-            row: dict[str, Any] = {"table": table, "ratio": ratio, "ours": ours_spec, "faiss": faiss_spec,
+            ours, theirs = chosen_rows(results, table, ratio)
+            config = embcompress.parse_spec(ours["spec"])
+            row: dict[str, Any] = {"table": table, "ratio": ratio, "ours": ours["spec"], "faiss": theirs["spec"],
                                    "ours_rel_mse": [], "faiss_rel_mse": [], "ours_cpu": [], "faiss_cpu": []}
             for seed in range(args.seeds):
                 for side in ("ours", "faiss"):
                     cpu = time.process_time()
-                    approx = (fit_ours(ours_spec, table, weight, seed) if side == "ours"
-                              else fit_faiss(faiss_spec, weight, seed))
+                    approx, _ = (equal_bytes.fit_config(config, table, weight, seed) if side == "ours" else
+                                 equal_bytes.faiss_codec(weight, theirs["spec"], theirs["bytes"], theirs["code_bits"],
+                                                         seed))
                     row[f"{side}_cpu"].append(round(time.process_time() - cpu, 1))
-                    row[f"{side}_rel_mse"].append(equal_bytes.relative_mse(approx, weight))
+                    row[f"{side}_rel_mse"].append(equal_bytes.relative_mse(torch.from_numpy(approx), weight))
                 print(json.dumps({k: row[k] for k in ("table", "ratio", "ours_rel_mse", "faiss_rel_mse")}), flush=True)
             rows = [r for r in rows if (r["table"], r["ratio"]) != (table, ratio)] + [row]
             write_json(json_path, rows)
