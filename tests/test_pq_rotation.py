@@ -75,8 +75,13 @@ def test_a_forged_rotation_is_refused(tmp_path):
     path = embcompress.save(PQ.from_pretrained(correlated_table(), "pq:groups=4,codewords=16,rotation=pca",
                                                progress=False).export(), tmp_path / "t.emb")
     assert embcompress.load(path).rotation is not None
+    good = path.read_bytes()
     forge(path, change_tensors=lambda t: t.update(rotation=t["rotation"][:12].clone()))
     with pytest.raises(ArtifactError, match=r"rotation must be a float \(24, 24\) matrix"):
+        embcompress.load(path)
+    path.write_bytes(good)
+    forge(path, change_tensors=lambda t: t.update(rotation=t["rotation"].clone().fill_diagonal_(float("nan"))))
+    with pytest.raises(ArtifactError, match="'rotation' holds 24 NaN or infinite values"):
         embcompress.load(path)
 
 

@@ -393,9 +393,8 @@ class FrozenCodebook(FrozenEmbedding):
     def check_stored(self, chunk_rows: int = 1 << 16) -> None:
         """Every stored code < K. With K a power of two every bit field is a valid code; otherwise a
         field >= K would read a neighbouring codeword (or past the table) in one path and be
-        clamped in another. One vectorized unpack per chunk of rows. A stored rotation must be finite."""
-        if self.rotation is not None and not bool(torch.isfinite(self.rotation).all()):
-            raise ValueError("the stored rotation has non-finite values; the file is damaged")
+        clamped in another. One vectorized unpack per chunk of rows. (Non-finite values, a rotation's
+        included, are refused for every format when the file is read.)"""
         if self.codewords == 1 << self.bits:
             return
         for start in range(0, self.num_embeddings, chunk_rows):
