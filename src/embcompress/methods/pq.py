@@ -51,8 +51,6 @@ class PQConfig(MethodConfig):
     def validate(self) -> None:
         if self.groups < 1 or not 2 <= self.codewords <= 65536:
             raise SpecError(f"pq: need groups >= 1, 2 <= codewords <= 65536; got {self}")
-        if self.rotation not in ("none", "pca"):
-            raise SpecError(f"pq: rotation must be 'none' or 'pca', got {self.rotation!r}")
 
 
 @dataclass(frozen=True)
